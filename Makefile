@@ -1,0 +1,63 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+DEPS_STAMP := $(VENV)/.deps-stamp
+EDITABLE_STAMP := $(VENV)/.editable-stamp
+# Strict editable installs link files one by one, so a new module needs a re-install: depend on
+# the package directories, whose modification time changes when files are added or removed.
+PKG_DIRS := $(shell find kubetune operator trainer -type d -not -name __pycache__ 2>/dev/null)
+EXAMPLE ?= manifests/examples/quickstart.yaml
+
+.PHONY: setup dev-install run test test-unit lint format crds bench clean
+
+setup: $(EDITABLE_STAMP)
+
+# torch first (the CPU build on local disk), then deepspeed without build isolation (its setup
+# imports torch), then everything else resolved against the pinned set in constraints.txt.
+$(DEPS_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
+	$(PIP) install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=strict
+	touch $@
+
+$(EDITABLE_STAMP): $(DEPS_STAMP) $(PKG_DIRS)
+	$(PIP) install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	touch $@
+
+dev-install:
+	$(PIP) install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	touch $(EDITABLE_STAMP)
+
+run: setup
+	$(VENV)/bin/kubetune run $(EXAMPLE)
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-unit: setup
+	$(PY) -m pytest -q -m unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy kubetune operator trainer
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/kubetune crds --check
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+crds: setup
+	$(VENV)/bin/kubetune crds
+
+bench: setup
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,30 @@
+"""The kubetune API (kubetune.io/v1alpha1): pydantic models that are the single source of truth
+for the CRDs, the operator, the runtimes and local mode."""
+
+from kubetune.api.resources import (
+    API_VERSION,
+    GROUP,
+    KINDS,
+    VERSION,
+    CompressJob,
+    CompressJobSpec,
+    FineTuneJob,
+    FineTuneJobSpec,
+    KubetuneResource,
+)
+from kubetune.api.status import Condition, ConditionType, Phase
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KINDS",
+    "VERSION",
+    "CompressJob",
+    "CompressJobSpec",
+    "Condition",
+    "ConditionType",
+    "FineTuneJob",
+    "FineTuneJobSpec",
+    "KubetuneResource",
+    "Phase",
+]

@@ -1,0 +1,169 @@
+"""Building blocks shared by every kubetune API type.
+
+Each cross-field rule is declared once, as a :class:`CelRule` holding both the CEL expression
+that the Kubernetes API server evaluates (emitted into the CRD as ``x-kubernetes-validations``)
+and a Python predicate with the same meaning, evaluated by pydantic. Local mode and
+``kubetune validate`` therefore reject exactly what the API server would; the test suite
+evaluates both sides on the same documents to keep them twins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """A validation rule with a CEL expression for the API server and its Python twin.
+
+    ``field`` names the offending field relative to the object the rule sits on (it becomes
+    the CRD rule's ``fieldPath`` and the last part of the error path in pydantic errors).
+    ``transition`` rules compare ``self`` with ``oldSelf`` and only apply to updates.
+    """
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+    field: str | None = None
+    reason: str = "FieldValueInvalid"
+
+    def to_crd(self) -> dict[str, str]:
+        rule = {"rule": self.cel, "message": self.message}
+        if self.field:
+            rule["fieldPath"] = "." + self.field
+        if self.reason != "FieldValueInvalid":
+            rule["reason"] = self.reason
+        return rule
+
+
+class KubeModel(BaseModel):
+    """A Kubernetes-style object: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=False,
+        use_attribute_docstrings=False,
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cel_rule_twins(self) -> KubeModel:
+        for rule in type(self).cel_rules:
+            if not rule.check(self):
+                raise PydanticCustomError(
+                    "cel_rule",
+                    "{message}",
+                    {"message": rule.message, "field": rule.field or "", "rule": rule.cel},
+                )
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as it appears in a manifest: camelCase keys, unset fields omitted."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --- Scalar types with readable errors and structural CRD schemas ------------------------------
+
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+QUANTITY_PATTERN = _QUANTITY.pattern
+
+
+def _quantity_to_str(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _check_quantity(value: str) -> str:
+    if not _QUANTITY.match(value):
+        raise PydanticCustomError(
+            "quantity",
+            "{value!r} is not a Kubernetes quantity; use a number with an optional suffix such as "
+            "500m, 2, 1.5, 8Gi or 100M",
+            {"value": value},
+        )
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+"""A Kubernetes resource quantity (``500m``, ``8Gi``, ``2``)."""
+
+URI_SCHEMES_READ = ("s3", "file", "hf")
+URI_SCHEMES_WRITE = ("s3", "file")
+_URI_PATTERNS = {
+    "s3": r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?",
+    "file": r"file:///.*",
+    "hf": r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s]+)?",
+}
+_URI_HELP = {
+    "s3": "s3://bucket/prefix",
+    "file": "file:///absolute/path",
+    "hf": "hf://org/name[@revision]",
+}
+
+
+def uri_pattern(schemes: tuple[str, ...]) -> str:
+    return "^(" + "|".join(_URI_PATTERNS[s] for s in schemes) + ")$"
+
+
+def _uri_checker(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    compiled = re.compile(uri_pattern(schemes))
+    allowed = ", ".join(_URI_HELP[s] for s in schemes)
+
+    def check(value: str) -> str:
+        if not compiled.match(value):
+            scheme = value.split("://", 1)[0] if "://" in value else ""
+            why = (
+                f"scheme {scheme!r} is not supported here"
+                if scheme and scheme not in schemes
+                else "it is not a well-formed URI"
+            )
+            raise PydanticCustomError(
+                "uri",
+                "{value!r}: {why}; allowed: {allowed}",
+                {"value": value, "why": why, "allowed": allowed},
+            )
+        return value
+
+    return check
+
+
+def _uri_type(schemes: tuple[str, ...]) -> Any:
+    return Annotated[
+        str,
+        AfterValidator(_uri_checker(schemes)),
+        WithJsonSchema({"type": "string", "pattern": uri_pattern(schemes)}),
+    ]
+
+
+SourceURI = _uri_type(URI_SCHEMES_READ)
+"""Where to read a model or data from: ``s3://``, ``file://`` or ``hf://``."""
+
+OutputURI = _uri_type(URI_SCHEMES_WRITE)
+"""Where to write artifacts: ``s3://`` or ``file://`` (a hub is never written to)."""
+
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"

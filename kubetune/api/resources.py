@@ -1,0 +1,327 @@
+"""The two custom resources: FineTuneJob and CompressJob (kubetune.io/v1alpha1)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from kubetune.api.base import DNS_LABEL_PATTERN, CelRule, KubeModel, SourceURI
+from kubetune.api.spec import (
+    Checkpointing,
+    DataFormat,
+    Dataset,
+    DeepSpeed,
+    Hyperparameters,
+    JobSpecBase,
+    Method,
+    ModelSource,
+    Task,
+    TaskType,
+)
+from kubetune.api.status import CompressJobStatus, FineTuneJobStatus
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class ObjectMeta(KubeModel):
+    """The parts of metav1.ObjectMeta kubetune reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63)
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+_FORMAT_MATCHES_TASK = CelRule(
+    "self.task.type == 'sequence-classification' ? self.dataset.format == 'classification' : "
+    "self.dataset.format != 'classification'",
+    "dataset.format must be classification for sequence-classification, and one of text, instruction, "
+    "chat for causal-lm",
+    lambda s: (
+        (s.dataset.format == DataFormat.classification) == (s.task.type == TaskType.sequence_classification)
+    ),
+    field="dataset.format",
+)
+
+
+class FineTuneJobSpec(JobSpecBase):
+    """What to fine-tune, on which data, how, and where the results go."""
+
+    model: ModelSource = Field(description="The base model.")
+    task: Task = Field(default_factory=Task, description="What the model learns to do.")
+    dataset: Dataset = Field(description="Training (and evaluation) data.")
+    method: Method = Field(default_factory=Method, description="Full fine-tuning or LoRA.")
+    hyperparameters: Hyperparameters = Field(description="Optimisation settings.")
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed ZeRO settings.")
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoint policy.")
+
+    cel_rules = (_FORMAT_MATCHES_TASK,)
+
+
+# Fields of the spec that define the training run. Changing them after the run started would
+# silently mix two runs in one output, so the API server refuses it (see the transition rule).
+TRAINING_FIELDS = (
+    "model",
+    "task",
+    "dataset",
+    "method",
+    "hyperparameters",
+    "deepspeed",
+    "checkpoint",
+    "output",
+)
+
+
+def _started(obj: Any) -> bool:
+    return obj.status is not None and obj.status.start_time is not None
+
+
+def _immutable_rule(fields: tuple[str, ...]) -> CelRule:
+    camel = [to_camel(f) for f in fields]
+    same = " && ".join(f"self.spec.{f} == oldSelf.spec.{f}" for f in camel)
+    return CelRule(
+        f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || ({same})",
+        f"spec.{{{', '.join(camel)}}} cannot change once the job has started; create a new job instead "
+        "(serve, suspend, maxRestarts, activeDeadlineSeconds and ttlSecondsAfterFinished may change)",
+        lambda pair: (
+            not _started(pair[1]) or all(getattr(pair[0].spec, f) == getattr(pair[1].spec, f) for f in fields)
+        ),
+        reason="FieldValueForbidden",
+    )
+
+
+class KubetuneResource(KubeModel):
+    """Common shape of both kinds."""
+
+    kind_name: ClassVar[str]
+    plural: ClassVar[str]
+    short_name: ClassVar[str]
+    update_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+    def check_update(self, old: KubetuneResource) -> None:
+        """Raise ValueError when changing ``old`` into ``self`` breaks a transition rule."""
+        for rule in type(self).update_rules:
+            if not rule.check((self, old)):
+                raise ValueError(rule.message)
+
+
+class FineTuneJob(KubetuneResource):
+    """Fine-tunes a model with DeepSpeed and optionally serves it."""
+
+    kind_name = "FineTuneJob"
+    plural = "finetunejobs"
+    short_name = "ftj"
+
+    kind: Literal["FineTuneJob"]
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    update_rules = (_immutable_rule(TRAINING_FIELDS),)
+
+
+class ModelReference(KubeModel):
+    """The model to compress: a URI, or the result of a FineTuneJob in the same namespace."""
+
+    uri: SourceURI | None = Field(None, description="Directory holding the model.")
+    from_fine_tune_job: Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)] | None = Field(
+        None, description="Name of a FineTuneJob in this namespace; waits until it has Succeeded."
+    )
+
+    cel_rules = (
+        CelRule(
+            "has(self.uri) != has(self.fromFineTuneJob)",
+            "set exactly one of uri and fromFineTuneJob",
+            lambda m: (m.uri is not None) != (m.from_fine_tune_job is not None),
+            field="uri",
+        ),
+    )
+
+
+class QuantizationMethod(StrEnum):
+    gptq = "gptq"
+    rtn = "rtn"
+    smoothquant = "smoothquant"
+    torchao = "torchao"
+
+
+class QuantizationScheme(StrEnum):
+    w4a16 = "W4A16"
+    w8a16 = "W8A16"
+    w8a8 = "W8A8"
+    fp8 = "FP8"
+    int8_weight_only = "INT8_WEIGHT_ONLY"
+    int8_dynamic = "INT8_DYNAMIC"
+
+
+_TORCHAO_SCHEMES = ("INT8_WEIGHT_ONLY", "INT8_DYNAMIC")
+
+
+class Quantization(KubeModel):
+    """Post-training quantization (llm-compressor recipes, or torchao for CPU)."""
+
+    method: QuantizationMethod = Field(
+        QuantizationMethod.gptq,
+        description="gptq: calibrated, error-compensating; rtn: round-to-nearest; smoothquant: "
+        "activation smoothing then GPTQ W8A8; torchao: int8 for CPU inference.",
+    )
+    scheme: QuantizationScheme = Field(
+        QuantizationScheme.w4a16,
+        description="W4A16/W8A16 weight-only, W8A8 weights and activations, FP8 (GPUs with FP8 support); "
+        "INT8_WEIGHT_ONLY/INT8_DYNAMIC with torchao.",
+    )
+    group_size: int = Field(128, ge=8, le=8192, description="Weights sharing one scale (W4A16).")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"], description="Modules left unquantized (names or re: patterns)."
+    )
+
+    cel_rules = (
+        CelRule(
+            "(self.method == 'torchao') == (self.scheme in ['INT8_WEIGHT_ONLY', 'INT8_DYNAMIC'])",
+            "method torchao takes scheme INT8_WEIGHT_ONLY or INT8_DYNAMIC, and those schemes need method torchao",
+            lambda q: (q.method == QuantizationMethod.torchao) == (q.scheme in _TORCHAO_SCHEMES),
+            field="scheme",
+        ),
+        CelRule(
+            "self.method != 'smoothquant' || self.scheme == 'W8A8'",
+            "method smoothquant takes scheme W8A8",
+            lambda q: q.method != QuantizationMethod.smoothquant or q.scheme == QuantizationScheme.w8a8,
+            field="scheme",
+        ),
+    )
+
+
+class PruningMethod(StrEnum):
+    sparsegpt = "sparsegpt"
+    wanda = "wanda"
+    magnitude = "magnitude"
+
+
+class SparsityPattern(StrEnum):
+    unstructured = "unstructured"
+    two_four = "2:4"
+
+
+class Pruning(KubeModel):
+    """Weight pruning (llm-compressor), applied before quantization when both are set."""
+
+    method: PruningMethod = Field(PruningMethod.sparsegpt, description="Pruning algorithm.")
+    sparsity: float = Field(0.5, gt=0, lt=1, description="Fraction of weights set to zero, in (0, 1).")
+    pattern: SparsityPattern = Field(
+        SparsityPattern.unstructured, description="unstructured, or 2:4 semi-structured (sparsity 0.5)."
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.pattern != '2:4' || self.sparsity == 0.5",
+            "pattern 2:4 means exactly 50% sparsity; set sparsity to 0.5",
+            lambda p: p.pattern != SparsityPattern.two_four or p.sparsity == 0.5,
+            field="sparsity",
+        ),
+    )
+
+
+class Student(KubeModel):
+    """The smaller model trained against the teacher."""
+
+    uri: SourceURI | None = Field(None, description="An existing student model.")
+    layer_stride: Annotated[int, Field(ge=2, le=64)] | None = Field(
+        None, description="Derive the student from the teacher by keeping every k-th layer."
+    )
+
+    cel_rules = (
+        CelRule(
+            "has(self.uri) != has(self.layerStride)",
+            "set exactly one of uri and layerStride",
+            lambda s: (s.uri is not None) != (s.layer_stride is not None),
+            field="uri",
+        ),
+    )
+
+
+class Distillation(KubeModel):
+    """Knowledge distillation into a smaller student, trained with DeepSpeed."""
+
+    student: Student = Field(description="The student model.")
+    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature for the KD loss.")
+    kd_weight: float = Field(
+        0.5, ge=0, le=1, description="Weight of the KD loss; 1 - kdWeight weighs the hard-label loss."
+    )
+    hyperparameters: Hyperparameters = Field(description="Optimisation settings for the student.")
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed ZeRO settings.")
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoint policy.")
+
+
+class Calibration(KubeModel):
+    """Calibration samples taken from dataset.train for GPTQ, SmoothQuant and SparseGPT."""
+
+    samples: int = Field(128, ge=1, le=100_000, description="Number of calibration sequences.")
+    max_seq_length: int = Field(512, ge=8, le=131_072, description="Tokens per calibration sequence.")
+
+
+class CompressJobSpec(JobSpecBase):
+    """What to compress, how, and on which data to calibrate and evaluate."""
+
+    model: ModelReference = Field(description="The model to compress.")
+    task: Task = Field(default_factory=Task, description="The model's task (decides the quality metrics).")
+    dataset: Dataset = Field(
+        description="train: calibration and distillation data; eval or evalFraction: held-out data "
+        "for the before/after evaluation."
+    )
+    distillation: Distillation | None = Field(None, description="Distil into a smaller student first.")
+    pruning: Pruning | None = Field(None, description="Then prune.")
+    quantization: Quantization | None = Field(None, description="Then quantize.")
+    calibration: Calibration = Field(default_factory=Calibration, description="Calibration data size.")
+
+    cel_rules = (
+        CelRule(
+            "has(self.distillation) || has(self.pruning) || has(self.quantization)",
+            "set at least one compression step: distillation, pruning or quantization",
+            lambda s: s.distillation is not None or s.pruning is not None or s.quantization is not None,
+            field="quantization",
+        ),
+        _FORMAT_MATCHES_TASK,
+    )
+
+
+COMPRESS_FIELDS = (
+    "model",
+    "task",
+    "dataset",
+    "distillation",
+    "pruning",
+    "quantization",
+    "calibration",
+    "output",
+)
+
+
+class CompressJob(KubetuneResource):
+    """Compresses a model (quantization, pruning, distillation), reports before/after, optionally serves."""
+
+    kind_name = "CompressJob"
+    plural = "compressjobs"
+    short_name = "cj"
+
+    kind: Literal["CompressJob"]
+    spec: CompressJobSpec
+    status: CompressJobStatus | None = None
+
+    update_rules = (_immutable_rule(COMPRESS_FIELDS),)
+
+
+KINDS: dict[str, type[FineTuneJob] | type[CompressJob]] = {
+    "FineTuneJob": FineTuneJob,
+    "CompressJob": CompressJob,
+}

@@ -1,0 +1,424 @@
+"""Spec building blocks shared by FineTuneJob and CompressJob."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from kubetune.api.base import (
+    DNS_LABEL_PATTERN,
+    CelRule,
+    KubeModel,
+    OutputURI,
+    Quantity,
+    SourceURI,
+)
+
+
+class TaskType(StrEnum):
+    causal_lm = "causal-lm"
+    sequence_classification = "sequence-classification"
+
+
+class Task(KubeModel):
+    """What the model learns to do."""
+
+    type: TaskType = Field(
+        TaskType.causal_lm,
+        description="causal-lm trains next-token prediction; sequence-classification trains a "
+        "classification head on top of the encoder or decoder.",
+    )
+    num_labels: Annotated[int, Field(ge=2, le=100_000)] | None = Field(
+        None, description="Number of classes; required for sequence-classification."
+    )
+    labels: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None,
+        max_length=100_000,
+        description="Optional class names in id order; dataset labels may then be given by name.",
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.type == 'sequence-classification' ? has(self.numLabels) : "
+            "!has(self.numLabels) && !has(self.labels)",
+            "numLabels is required for sequence-classification, and numLabels/labels are only "
+            "allowed with sequence-classification",
+            lambda t: (
+                (t.num_labels is not None)
+                if t.type == TaskType.sequence_classification
+                else (t.num_labels is None and t.labels is None)
+            ),
+            field="numLabels",
+        ),
+        CelRule(
+            "!has(self.labels) || !has(self.numLabels) || size(self.labels) == self.numLabels",
+            "labels must list exactly numLabels names",
+            lambda t: t.labels is None or t.num_labels is None or len(t.labels) == t.num_labels,
+            field="labels",
+        ),
+    )
+
+
+class ModelSource(KubeModel):
+    """The base model: a Hugging Face format directory (config, weights, tokenizer)."""
+
+    uri: SourceURI = Field(
+        description="Directory holding the model: s3://bucket/prefix, file:///path or hf://org/name."
+    )
+
+
+class DataFormat(StrEnum):
+    text = "text"
+    instruction = "instruction"
+    chat = "chat"
+    classification = "classification"
+
+
+class FileFormat(StrEnum):
+    auto = "auto"
+    jsonl = "jsonl"
+    csv = "csv"
+    parquet = "parquet"
+
+
+class DataLocation(KubeModel):
+    """A data file, or a prefix whose files are all read."""
+
+    uri: SourceURI = Field(description="A file or a prefix of files (all read, in lexical order).")
+
+
+class DataFields(KubeModel):
+    """Names of the record fields the formats read."""
+
+    text: str = Field("text", min_length=1, description="Text field (text and classification formats).")
+    prompt: str = Field("prompt", min_length=1, description="Prompt field (instruction format).")
+    response: str = Field("response", min_length=1, description="Response field (instruction format).")
+    messages: str = Field(
+        "messages",
+        min_length=1,
+        description="List of {role, content} messages (chat format); loss is computed on assistant turns only.",
+    )
+    label: str = Field("label", min_length=1, description="Label field: class name or id (classification).")
+
+
+class Dataset(KubeModel):
+    """Training data and how to read it."""
+
+    train: DataLocation = Field(description="Training data.")
+    eval: DataLocation | None = Field(None, description="Held-out evaluation data.")
+    eval_fraction: Annotated[float, Field(gt=0, le=0.5)] | None = Field(
+        None, description="Fraction of the training records held out for evaluation when eval is not given."
+    )
+    format: DataFormat = Field(
+        DataFormat.text,
+        description="text: plain text; instruction: prompt/response pairs; chat: messages rendered with "
+        "the tokenizer's chat template; classification: text with a label.",
+    )
+    file_format: FileFormat = Field(
+        FileFormat.auto, description="File format; auto picks by extension (.jsonl, .json, .csv, .parquet)."
+    )
+    fields: DataFields = Field(default_factory=DataFields, description="Record field names.")
+
+    cel_rules = (
+        CelRule(
+            "!(has(self.eval) && has(self.evalFraction))",
+            "set either eval or evalFraction, not both",
+            lambda d: not (d.eval is not None and d.eval_fraction is not None),
+            field="evalFraction",
+        ),
+    )
+
+
+class MethodType(StrEnum):
+    full = "full"
+    lora = "lora"
+
+
+class LoraSettings(KubeModel):
+    """Low-rank adaptation settings (peft)."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: int = Field(16, ge=1, le=4096, description="Scaling numerator: the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names (or 'all-linear') that receive adapters.",
+    )
+
+
+class Method(KubeModel):
+    """Which weights are trained."""
+
+    type: MethodType = Field(MethodType.lora, description="full trains every weight; lora trains adapters.")
+    lora: LoraSettings | None = Field(None, description="LoRA settings; only with type lora.")
+    merge_adapter: bool | None = Field(
+        None,
+        description="Also write the adapter merged into the base weights as <output>/model "
+        "(only with type lora; defaults to true).",
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.type == 'lora' || (!has(self.lora) && !has(self.mergeAdapter))",
+            "lora and mergeAdapter are only allowed with method type lora",
+            lambda m: m.type == MethodType.lora or (m.lora is None and m.merge_adapter is None),
+            field="lora",
+        ),
+    )
+
+    @property
+    def merges(self) -> bool:
+        return self.type == MethodType.lora and self.merge_adapter is not False
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LRScheduler(StrEnum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+class Hyperparameters(KubeModel):
+    """Optimisation settings. Exactly one of epochs and maxSteps."""
+
+    epochs: Annotated[float, Field(gt=0, le=1000)] | None = Field(None, description="Passes over the data.")
+    max_steps: Annotated[int, Field(ge=1, le=100_000_000)] | None = Field(
+        None, description="Optimizer steps to run."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: LRScheduler = Field(LRScheduler.linear, description="Learning rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    per_device_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per process per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-steps per optimizer step.")
+    max_seq_length: int = Field(
+        512, ge=8, le=1_048_576, description="Tokens per sequence; longer are truncated."
+    )
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and dropout.")
+    precision: Precision = Field(
+        Precision.auto, description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm (0 disables).")
+    eval_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Evaluate every N steps (default: at the end of each epoch and of training)."
+    )
+    logging_every_steps: int = Field(
+        10, ge=1, le=100_000, description="Log and report progress every N steps."
+    )
+
+    cel_rules = (
+        CelRule(
+            "has(self.epochs) != has(self.maxSteps)",
+            "set exactly one of epochs and maxSteps",
+            lambda h: (h.epochs is not None) != (h.max_steps is not None),
+            field="maxSteps",
+        ),
+    )
+
+
+class DeepSpeed(KubeModel):
+    """DeepSpeed ZeRO settings."""
+
+    zero_stage: int = Field(
+        2, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer states, 2 +gradients, 3 +parameters."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Extra DeepSpeed configuration merged over the generated one "
+        "(see the DeepSpeed config reference).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
+    )
+
+    cel_rules = (
+        CelRule(
+            "!self.offloadParams || self.zeroStage == 3",
+            "offloadParams requires zeroStage 3",
+            lambda d: not d.offload_params or d.zero_stage == 3,
+            field="offloadParams",
+        ),
+        CelRule(
+            "!self.offloadOptimizer || self.zeroStage >= 1",
+            "offloadOptimizer requires zeroStage 1, 2 or 3",
+            lambda d: not d.offload_optimizer or d.zero_stage >= 1,
+            field="offloadOptimizer",
+        ),
+    )
+
+
+class Toleration(KubeModel):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists matches all taints.")
+    operator: str = Field("Equal", pattern="^(Equal|Exists)$", description="Equal or Exists.")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: str | None = Field(
+        None, pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$", description="Taint effect to match."
+    )
+    toleration_seconds: int | None = Field(None, ge=0, description="For NoExecute: how long to stay bound.")
+
+
+class ContainerResources(KubeModel):
+    """Container resource requests and limits."""
+
+    requests: dict[str, Quantity] | None = Field(
+        None, description="Minimum resources, e.g. cpu: 4, memory: 32Gi."
+    )
+    limits: dict[str, Quantity] | None = Field(None, description="Maximum resources.")
+
+
+class Resources(KubeModel):
+    """Where and on what the workload runs."""
+
+    workers: int = Field(1, ge=1, le=1024, description="Pods (torchrun nodes) in the training gang.")
+    gpus_per_worker: int = Field(0, ge=0, le=64, description="GPUs per pod (nvidia.com/gpu).")
+    processes_per_worker: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        None, description="Training processes per pod; defaults to gpusPerWorker, or 1 without GPUs."
+    )
+    requests: dict[str, Quantity] | None = Field(None, description="Container requests, e.g. cpu, memory.")
+    limits: dict[str, Quantity] | None = Field(None, description="Container limits.")
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods must match.")
+    tolerations: list[Toleration] | None = Field(None, description="Taints the pods tolerate.")
+    image: str | None = Field(None, min_length=1, description="Override of the trainer image.")
+    scratch_size: Quantity = Field("50Gi", description="Size limit of the emptyDir scratch volume.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+
+    cel_rules = (
+        CelRule(
+            "!has(self.processesPerWorker) || self.gpusPerWorker == 0 || "
+            "self.processesPerWorker == self.gpusPerWorker",
+            "processesPerWorker must equal gpusPerWorker when GPUs are requested (one process per GPU)",
+            lambda r: (
+                r.processes_per_worker is None
+                or r.gpus_per_worker == 0
+                or r.processes_per_worker == r.gpus_per_worker
+            ),
+            field="processesPerWorker",
+        ),
+    )
+
+    @property
+    def processes(self) -> int:
+        return self.processes_per_worker or self.gpus_per_worker or 1
+
+
+class Checkpointing(KubeModel):
+    """When checkpoints are written to <output>/checkpoints and how many are kept."""
+
+    every_steps: int = Field(100, ge=1, le=10_000_000, description="Save a checkpoint every N steps.")
+    keep_last: int = Field(
+        2, ge=1, le=1000, description="Committed checkpoints to keep (older ones deleted)."
+    )
+
+
+class Output(KubeModel):
+    """Where artifacts go: <uri>/model, /adapter, /checkpoints, /metrics.json, /logs."""
+
+    uri: OutputURI = Field(description="Prefix for all artifacts: s3://bucket/prefix or file:///path.")
+
+
+class SecretKeyNames(KubeModel):
+    """A reference to a Secret holding S3 credentials; the operator never reads its values."""
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=253, description="Secret name (same namespace).")
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", min_length=1, description="Key of the access key id in the Secret."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", min_length=1, description="Key of the secret access key in the Secret."
+    )
+    session_token_key: str | None = Field(None, description="Optional key of a session token in the Secret.")
+
+
+class AddressingStyle(StrEnum):
+    auto = "auto"
+    path = "path"
+    virtual = "virtual"
+
+
+class Storage(KubeModel):
+    """How to reach S3-compatible storage (AWS S3, MinIO, Ceph, R2...)."""
+
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="Endpoint URL for non-AWS servers, e.g. http://minio.storage:9000.",
+    )
+    region: str | None = Field(None, min_length=1, description="Region name.")
+    addressing_style: AddressingStyle = Field(
+        AddressingStyle.auto, description="Bucket addressing: path-style suits most MinIO setups."
+    )
+    secret_ref: SecretKeyNames | None = Field(
+        None,
+        description="Secret with the keys; omit to use the pod's own identity (IRSA, workload identity).",
+    )
+
+
+class ServeRuntime(StrEnum):
+    builtin = "builtin"
+    vllm = "vllm"
+
+
+class Serve(KubeModel):
+    """Serving of the result once the job succeeds."""
+
+    enabled: bool = Field(False, description="Create a serving Deployment and Service on success.")
+    runtime: ServeRuntime = Field(
+        ServeRuntime.builtin,
+        description="builtin: kubetune's OpenAI-compatible server (CPU or GPU); vllm: vLLM (GPU).",
+    )
+    replicas: int = Field(1, ge=0, le=1000, description="Serving pods.")
+    gpus: int = Field(0, ge=0, le=64, description="GPUs per serving pod.")
+    requests: dict[str, Quantity] | None = Field(None, description="Container requests.")
+    limits: dict[str, Quantity] | None = Field(None, description="Container limits.")
+    image: str | None = Field(None, min_length=1, description="Override of the serving image.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests batched into one forward pass.")
+
+    cel_rules = (
+        CelRule(
+            "self.runtime != 'vllm' || self.gpus >= 1",
+            "the vllm runtime needs gpus >= 1",
+            lambda s: s.runtime != ServeRuntime.vllm or s.gpus >= 1,
+            field="gpus",
+        ),
+    )
+
+
+class JobSpecBase(KubeModel):
+    """Fields shared by FineTuneJob and CompressJob specs: lifecycle, placement, storage, serving."""
+
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Gang restarts after retriable failures (resume from the newest checkpoint).",
+    )
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Fail with reason DeadlineExceeded after this long running (paused while suspended).",
+    )
+    suspend: bool = Field(
+        False, description="Suspend: no pods run; resuming continues from the last checkpoint."
+    )
+    queue_name: str | None = Field(
+        None, pattern=DNS_LABEL_PATTERN, max_length=63, description="Kueue LocalQueue to admit the workload."
+    )
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Delete the job's children this long after it finishes (artifacts are kept)."
+    )
+    storage: Storage = Field(default_factory=Storage, description="Object storage access.")
+    resources: Resources = Field(default_factory=Resources, description="Pods, processes and placement.")
+    serve: Serve = Field(default_factory=Serve, description="Serving of the result.")
+    output: Output = Field(description="Where artifacts are written.")

@@ -1,0 +1,41 @@
+"""Entry point of every workload container: ``python -m kubetune.trainer <command> ...``.
+
+Each command lives in its own module and is imported only when chosen, so ``serve`` never pays
+for DeepSpeed's import and ``validate`` can run on a small CPU pod.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "finetune": ("kubetune.trainer.finetune", "Fine-tune a model from a run plan (launched by torchrun)."),
+    "validate": ("kubetune.trainer.validate", "Check that a plan's model and data are reachable and well-formed."),
+    "compress": ("kubetune.trainer.compress", "Quantize, prune or distill a model from a run plan."),
+    "serve": ("kubetune.trainer.serve", "Serve a model over an OpenAI-compatible HTTP API."),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m kubetune.trainer <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    result: int = module.main(rest)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
