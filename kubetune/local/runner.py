@@ -1,0 +1,289 @@
+"""``kubetune run``: a FineTuneJob or CompressJob executed on this machine, no cluster needed.
+
+Same validation as the API server, same run plan as the operator, same runtime entry points as
+the pods: only the process launcher differs (local processes instead of an Indexed Job).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from kubetune.api import CompressJob, FineTuneJob
+from kubetune.api.spec import TaskType
+from kubetune.errors import EXIT_INVALID_INPUT, EXIT_OK, EXIT_STORAGE
+from kubetune.local import launcher, processes
+from kubetune.local.display import ProgressFile, TrainingProgress, flatten, summary_table
+from kubetune.plan import (
+    METRICS_FILE,
+    MODEL_DIR,
+    REPORT_FILE,
+    RunPlan,
+    finetune_model_uri,
+    plan_compress,
+    plan_finetune,
+)
+
+LOCAL_NAMESPACE = "local"
+EXAMPLE_PROMPT_ANNOTATION = "kubetune.io/example-prompt"
+DEFAULT_PROMPT = "The"
+
+
+@dataclass
+class RunOptions:
+    workdir: Path
+    serve: bool = True
+    exit_after_serve_check: bool = False
+    port: int | None = None
+    accelerator: str = "auto"
+    verbose: bool = False
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    plan: RunPlan | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    server_url: str | None = None
+    answer: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def detect_accelerator(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "cuda" if shutil.which("nvidia-smi") else "cpu"
+
+
+class LocalRunner:
+    """Runs the jobs of one manifest file in order (a CompressJob may use an earlier FineTuneJob)."""
+
+    def __init__(self, options: RunOptions, console: Console | None = None) -> None:
+        self.options = options
+        self.console = console or Console()
+        self.accelerator = detect_accelerator(options.accelerator)
+        self.finished: dict[str, FineTuneJob] = {}
+
+    # --- plans ----------------------------------------------------------------------------
+
+    def plan_for(self, job: FineTuneJob | CompressJob) -> RunPlan:
+        if isinstance(job, FineTuneJob):
+            return plan_finetune(job, namespace=LOCAL_NAMESPACE)
+        model = job.spec.model
+        if model.uri is not None:
+            model_uri = model.uri
+        else:
+            upstream = self.finished.get(model.from_fine_tune_job or "")
+            if upstream is None:
+                raise LookupError(
+                    f"spec.model.fromFineTuneJob: FineTuneJob {model.from_fine_tune_job!r} has not run in this "
+                    "invocation; put it before the CompressJob in the same file, or use spec.model.uri"
+                )
+            model_uri = finetune_model_uri(upstream)
+        return plan_compress(job, model_uri=model_uri, namespace=LOCAL_NAMESPACE)
+
+    # --- one job --------------------------------------------------------------------------
+
+    def run(self, job: FineTuneJob | CompressJob) -> RunOutcome:
+        name = job.metadata.name or "job"
+        kind = type(job).kind_name
+        try:
+            plan = self.plan_for(job)
+        except LookupError as exc:
+            self.console.print(f"[red]{kind}/{name}: {exc}")
+            return RunOutcome(EXIT_INVALID_INPUT)
+        run_dir = self.options.workdir / f"{kind.lower()}-{name}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan_path = run_dir / "plan.json"
+        plan_path.write_text(plan.to_json())
+        progress_path = run_dir / "progress.jsonl"
+        progress_path.unlink(missing_ok=True)
+        env = launcher.runtime_env(accelerator=self.accelerator, progress_file=progress_path, scratch=run_dir)
+        logs = run_dir / "logs"
+        outcome = RunOutcome(EXIT_OK, plan)
+        self.console.rule(f"{kind} {name}")
+        self.console.print(f"plan: {plan_path}   logs: {logs}   output: {plan.output_uri}")
+
+        started = time.monotonic()
+        with self.console.status("validating model and data..."):
+            result = processes.run_gang(
+                [launcher.validate_process(plan_path, env)], logs, on_tick=lambda: None
+            )
+        outcome.timings["validate"] = time.monotonic() - started
+        if result.exit_code != 0:
+            return self._failed(outcome, result, "validation")
+        self.console.print(f"[green]✓[/] model and data valid ({outcome.timings['validate']:.1f}s)")
+
+        started = time.monotonic()
+        command = "finetune" if plan.kind == "finetune" else "compress"
+        trains = plan.kind == "finetune" or (plan.compression is not None and plan.compression.distillation)
+        if trains:
+            specs = launcher.training_processes(
+                plan,
+                plan_path,
+                command=command,
+                scratch=run_dir,
+                master_port=free_port(),
+                env=env,
+                cpu_threads=launcher.cpu_threads_per_process(plan.world.size),
+            )
+        else:
+            specs = [launcher.single_process(plan_path, command=command, scratch=run_dir, env=env)]
+        follower = ProgressFile(progress_path)
+        label = "training" if plan.kind == "finetune" else "compressing"
+        with TrainingProgress(self.console, label) as bar:
+
+            def tick() -> None:
+                if follower.poll() is not None:
+                    bar.update(follower.latest)
+
+            result = processes.run_gang(specs, logs, on_tick=tick)
+        outcome.timings[label] = time.monotonic() - started
+        if result.exit_code != 0:
+            return self._failed(outcome, result, label)
+        self._summarise(plan, outcome)
+        if isinstance(job, FineTuneJob):
+            self.finished[name] = job
+        if self.options.serve and job.spec.serve.enabled:
+            return self._serve(job, plan, run_dir, env, outcome)
+        return outcome
+
+    def _failed(self, outcome: RunOutcome, result: processes.GangResult, stage: str) -> RunOutcome:
+        proc = result.failed
+        what = {EXIT_INVALID_INPUT: "invalid input", EXIT_STORAGE: "storage error"}.get(
+            result.exit_code, "failure"
+        )
+        self.console.print(f"[red]✗ {stage} failed ({what}, exit code {result.exit_code})")
+        if proc is not None:
+            self.console.print(f"[dim]last lines of {proc.log_path}:[/]")
+            self.console.print(proc.tail(), markup=False, highlight=False)
+        if result.exit_code not in (EXIT_INVALID_INPUT, EXIT_STORAGE):
+            self.console.print("run the same command again to resume from the newest committed checkpoint")
+        outcome.exit_code = result.exit_code or 1
+        return outcome
+
+    def _summarise(self, plan: RunPlan, outcome: RunOutcome) -> None:
+        from kubetune.storage import StorageConfig, open_store
+
+        config = StorageConfig(endpoint=plan.storage.endpoint, region=plan.storage.region)
+        results_uri = plan.output(METRICS_FILE if plan.kind == "finetune" else REPORT_FILE)
+        try:
+            results = json.loads(open_store(results_uri, config).read_bytes(results_uri))
+        except Exception as exc:  # the summary is a courtesy; the run itself succeeded
+            self.console.print(f"[yellow]could not read {results_uri}: {exc}")
+            results = {}
+        rows: dict[str, Any] = {k: v for k, v in flatten(results).items() if isinstance(v, int | float | str)}
+        rows.update({f"time.{k}": f"{v:.1f}s" for k, v in outcome.timings.items()})
+        rows["artifacts"] = plan.output_uri
+        self.console.print(summary_table("results", rows))
+
+    # --- serving --------------------------------------------------------------------------
+
+    def _serve(
+        self,
+        job: FineTuneJob | CompressJob,
+        plan: RunPlan,
+        run_dir: Path,
+        env: dict[str, str],
+        outcome: RunOutcome,
+    ) -> RunOutcome:
+        port = self.options.port or free_port()
+        name = job.metadata.name or "model"
+        spec = launcher.serve_process(
+            plan,
+            port=port,
+            scratch=run_dir,
+            env=env,
+            served_name=name,
+            max_batch_size=job.spec.serve.max_batch_size,
+        )
+        base = f"http://127.0.0.1:{port}"
+        with processes.background(spec, run_dir / "logs") as server:
+            with self.console.status(f"starting the server for {plan.output(MODEL_DIR)}..."):
+                ready = wait_ready(base, server)
+            if not ready:
+                self.console.print(
+                    f"[red]✗ the server did not become ready; last lines of {server.log_path}:"
+                )
+                self.console.print(server.tail(), markup=False, highlight=False)
+                outcome.exit_code = server.popen.poll() or 1
+                return outcome
+            outcome.server_url = f"{base}/v1"
+            self.console.print(f"[green]✓[/] serving [bold]{name}[/] at {outcome.server_url}")
+            prompt = (job.metadata.annotations or {}).get(EXAMPLE_PROMPT_ANNOTATION, DEFAULT_PROMPT)
+            path, body = example_request(plan, name, prompt)
+            self.console.print("example request:")
+            self.console.print(
+                f"  curl -s {base}{path} -H 'Content-Type: application/json' -d '{json.dumps(body)}'",
+                markup=False,
+                highlight=False,
+            )
+            answer = post_json(base + path, body)
+            outcome.answer = extract_answer(answer)
+            self.console.print(f"answer: [bold]{outcome.answer}[/]")
+            if self.options.exit_after_serve_check:
+                return outcome
+            self.console.print("serving until Ctrl-C")
+            try:
+                server.popen.wait()
+            except KeyboardInterrupt:
+                self.console.print("stopping the server")
+        return outcome
+
+
+def wait_ready(base: str, server: processes.RunningProcess, timeout: float = 600.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.popen.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def example_request(plan: RunPlan, model: str, prompt: str) -> tuple[str, dict[str, Any]]:
+    if plan.task.type == TaskType.sequence_classification:
+        return "/v1/classifications", {"model": model, "input": prompt}
+    return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0}
+
+
+def post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+    except urllib.error.HTTPError as exc:
+        return {"error": exc.read().decode(errors="replace")}
+
+
+def extract_answer(response: dict[str, Any]) -> str:
+    if response.get("choices"):
+        choice = response["choices"][0]
+        text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
+        return str(text).strip() or "(empty)"
+    if "data" in response:
+        return json.dumps(response["data"])
+    return json.dumps(response)
