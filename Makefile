@@ -34,6 +34,7 @@ dev-install:
 	touch $(EDITABLE_STAMP)
 
 run: setup
+	$(VENV)/bin/kubetune quickstart-data
 	$(VENV)/bin/kubetune run $(EXAMPLE)
 
 test: setup
