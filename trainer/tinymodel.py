@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -98,7 +98,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         show_progress=False,
     )
     backend.train_from_iterator(_non_empty(corpus), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -141,9 +141,11 @@ def build_tiny_causal_lm(
             num_key_value_heads=num_heads,
             max_position_embeddings=max_position,
             tie_word_embeddings=False,
-            **ids,
+            bos_token_id=ids.bos,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.pad,
         )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=len(tokenizer),
@@ -151,15 +153,17 @@ def build_tiny_causal_lm(
             n_layer=num_layers,
             n_head=num_heads,
             n_positions=max_position,
-            **ids,
+            bos_token_id=ids.bos,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.pad,
         )
-        model = GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel(config)  # type: ignore[no-untyped-call]
     else:
         raise ValueError(f"arch={arch!r} is not supported; allowed: 'llama', 'gpt2'")
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos_token_id"],
-        eos_token_id=[ids["eos_token_id"], tokenizer.convert_tokens_to_ids(IM_END)],
-        pad_token_id=ids["pad_token_id"],
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        bos_token_id=ids.bos,
+        eos_token_id=[ids.eos, _token_id(tokenizer, IM_END)],
+        pad_token_id=ids.pad,
     )
     return _save(out_dir, model, tokenizer, max_position)
 
@@ -191,7 +195,8 @@ def build_tiny_classifier(
         raise ValueError(f"labels has {len(names)} names but num_labels={num_labels}")
     tokenizer = build_tokenizer(corpus, vocab_size)
     ids = _special_ids(tokenizer)
-    label_maps = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    id2label = dict(enumerate(names))
+    label2id = {name: i for i, name in enumerate(names)}
     config: PreTrainedConfig
     model: PreTrainedModel
     torch.manual_seed(seed)
@@ -204,11 +209,14 @@ def build_tiny_classifier(
             num_attention_heads=num_heads,
             num_key_value_heads=num_heads,
             max_position_embeddings=max_position,
-            num_labels=num_labels,
-            **label_maps,
-            **ids,
+            id2label=id2label,
+            label2id=label2id,
+            bos_token_id=ids.bos,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.pad,
         )
-        model = LlamaForSequenceClassification(config)
+        config.num_labels = num_labels
+        model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
     elif arch == "bert":
         config = BertConfig(
             vocab_size=len(tokenizer),
@@ -217,19 +225,21 @@ def build_tiny_classifier(
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             max_position_embeddings=max_position,
-            num_labels=num_labels,
-            **label_maps,
-            **ids,
+            id2label=id2label,
+            label2id=label2id,
+            bos_token_id=ids.bos,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.pad,
         )
-        model = BertForSequenceClassification(config)
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)  # type: ignore[no-untyped-call]
         backend = tokenizer.backend_tokenizer
-        bos, eos = ids["bos_token_id"], ids["eos_token_id"]
         backend.post_processor = processors.TemplateProcessing(
             single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
             pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
-            special_tokens=[(BOS_TOKEN, bos), (EOS_TOKEN, eos)],
+            special_tokens=[(BOS_TOKEN, ids.bos), (EOS_TOKEN, ids.eos)],
         )
-        tokenizer = PreTrainedTokenizerFast(
+        tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
             tokenizer_object=backend,
             bos_token=BOS_TOKEN,
             eos_token=EOS_TOKEN,
@@ -246,15 +256,29 @@ def build_tiny_classifier(
     return _save(out_dir, model, tokenizer, max_position)
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    return {
-        "bos_token_id": int(tokenizer.convert_tokens_to_ids(BOS_TOKEN)),
-        "eos_token_id": int(tokenizer.convert_tokens_to_ids(EOS_TOKEN)),
-        "pad_token_id": int(tokenizer.convert_tokens_to_ids(PAD_TOKEN)),
-    }
+class _SpecialIds(NamedTuple):
+    bos: int
+    eos: int
+    pad: int
 
 
-def _save(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, max_position: int) -> Path:
+def _special_ids(tokenizer: PreTrainedTokenizerFast) -> _SpecialIds:
+    return _SpecialIds(
+        bos=_token_id(tokenizer, BOS_TOKEN),
+        eos=_token_id(tokenizer, EOS_TOKEN),
+        pad=_token_id(tokenizer, PAD_TOKEN),
+    )
+
+
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(token_id, int), f"{token!r} must map to a single id"
+    return token_id
+
+
+def _save(
+    out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, max_position: int
+) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.model_max_length = max_position
