@@ -1,0 +1,5 @@
+"""Shared fixtures, one module per area; each is re-exported here so every test can name them."""
+
+from tests.s3server import s3_bucket, s3_fault_proxy, s3_server
+
+__all__ = ["s3_bucket", "s3_fault_proxy", "s3_server"]
