@@ -14,7 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -74,8 +82,10 @@ class KubeModel(BaseModel):
 
 # --- Scalar types with readable errors and structural CRD schemas ------------------------------
 
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
-QUANTITY_PATTERN = _QUANTITY.pattern
+# The grammar of resource.Quantity (k8s.io/apimachinery), as controller-gen emits it for CRDs:
+# a signed decimal with an optional binary (Ki..Ei), decimal (n..E) or exponent suffix.
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+_QUANTITY = re.compile(QUANTITY_PATTERN)
 
 
 def _quantity_to_str(value: object) -> object:
@@ -90,20 +100,26 @@ def _check_quantity(value: str) -> str:
     if not _QUANTITY.match(value):
         raise PydanticCustomError(
             "quantity",
-            "{value!r} is not a Kubernetes quantity; use a number with an optional suffix such as "
+            # pydantic formats templates with str.format-like {name} only (no !r), so the
+            # quoting is done here.
+            "{value} is not a Kubernetes quantity; use a number with an optional suffix such as "
             "500m, 2, 1.5, 8Gi or 100M",
-            {"value": value},
+            {"value": repr(value)},
         )
     return value
 
 
+MAX_QUANTITY_LENGTH = 64
+
 Quantity = Annotated[
     str,
     BeforeValidator(_quantity_to_str),
+    StringConstraints(max_length=MAX_QUANTITY_LENGTH),
     AfterValidator(_check_quantity),
     WithJsonSchema(
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "maxLength": MAX_QUANTITY_LENGTH,
             "pattern": QUANTITY_PATTERN,
             "x-kubernetes-int-or-string": True,
         }
@@ -129,9 +145,14 @@ def uri_pattern(schemes: tuple[str, ...]) -> str:
     return "^(" + "|".join(_URI_PATTERNS[s] for s in schemes) + ")$"
 
 
+def uri_help(schemes: tuple[str, ...]) -> str:
+    """The accepted URI forms, for error messages: ``s3://bucket/prefix, file:///absolute/path``."""
+    return ", ".join(_URI_HELP[s] for s in schemes)
+
+
 def _uri_checker(schemes: tuple[str, ...]) -> Callable[[str], str]:
     compiled = re.compile(uri_pattern(schemes))
-    allowed = ", ".join(_URI_HELP[s] for s in schemes)
+    allowed = uri_help(schemes)
 
     def check(value: str) -> str:
         if not compiled.match(value):
@@ -143,19 +164,23 @@ def _uri_checker(schemes: tuple[str, ...]) -> Callable[[str], str]:
             )
             raise PydanticCustomError(
                 "uri",
-                "{value!r}: {why}; allowed: {allowed}",
-                {"value": value, "why": why, "allowed": allowed},
+                "{value}: {why}; allowed: {allowed}",
+                {"value": repr(value), "why": why, "allowed": allowed},
             )
         return value
 
     return check
 
 
+MAX_URI_LENGTH = 2048
+
+
 def _uri_type(schemes: tuple[str, ...]) -> Any:
     return Annotated[
         str,
+        StringConstraints(max_length=MAX_URI_LENGTH),
         AfterValidator(_uri_checker(schemes)),
-        WithJsonSchema({"type": "string", "pattern": uri_pattern(schemes)}),
+        WithJsonSchema({"type": "string", "maxLength": MAX_URI_LENGTH, "pattern": uri_pattern(schemes)}),
     ]
 
 
@@ -166,4 +191,8 @@ OutputURI = _uri_type(URI_SCHEMES_WRITE)
 """Where to write artifacts: ``s3://`` or ``file://`` (a hub is never written to)."""
 
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Service names (and so every job name, since children are named after the job) must be
+# RFC 1035 labels: a letter first.
+DNS_1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kubetune.api.base import DNS_LABEL_PATTERN, CelRule, KubeModel, SourceURI
+from kubetune.api.base import DNS_1035_LABEL_PATTERN, DNS_LABEL_PATTERN, CelRule, KubeModel, SourceURI
 from kubetune.api.spec import (
     Checkpointing,
     DataFormat,
@@ -28,17 +29,51 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 
+# Longest job names whose every child name stays a DNS label (<= 63 characters). The binding one
+# is the hostname of the last pod of the last attempt of the gang, "<job>-train-r1000-1023" and
+# "<job>-compress-r1000-1023" (maxRestarts <= 1000, workers <= 1024); see the operator's render.
+MAX_NAME_LENGTH: dict[str, int] = {"FineTuneJob": 46, "CompressJob": 43}
+_LONGEST_CHILD = {"FineTuneJob": "<name>-train-r1000-1023", "CompressJob": "<name>-compress-r1000-1023"}
+
+
 class ObjectMeta(KubeModel):
-    """The parts of metav1.ObjectMeta kubetune reads; everything else passes through."""
+    """The parts of metav1.ObjectMeta kubetune reads; everything else passes through.
+
+    The name's shape is checked by the resource's CEL rules (see ``KubetuneResource``), exactly
+    as the API server checks it, so local mode accepts the same names a cluster does."""
 
     model_config = ConfigDict(extra="allow")
 
-    name: str | None = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63)
-    namespace: str | None = None
-    uid: str | None = None
-    generation: int | None = None
-    labels: dict[str, str] | None = None
-    annotations: dict[str, str] | None = None
+    name: str | None = Field(None, min_length=1, max_length=253, description="Name of the job.")
+    namespace: str | None = Field(None, description="Namespace of the job.")
+    uid: str | None = Field(None, description="Unique id assigned by the API server.")
+    generation: int | None = Field(None, description="Spec generation assigned by the API server.")
+    labels: dict[str, str] | None = Field(None, description="Labels.")
+    annotations: dict[str, str] | None = Field(None, description="Annotations.")
+
+
+_DNS_1035_LABEL = re.compile(DNS_1035_LABEL_PATTERN)
+
+
+def name_rules(kind: str) -> tuple[CelRule, ...]:
+    """The rules on a job's own name (root-level CEL rules, where ``self`` is the object)."""
+    limit = MAX_NAME_LENGTH[kind]
+    return (
+        CelRule(
+            f"!has(self.metadata.name) || size(self.metadata.name) <= {limit}",
+            f"{kind} names must be at most {limit} characters: children are named after the job "
+            f"and the longest, the pod hostname {_LONGEST_CHILD[kind]}, must fit in 63",
+            lambda r: r.metadata.name is None or len(r.metadata.name) <= limit,
+            field="metadata.name",
+        ),
+        CelRule(
+            f"!has(self.metadata.name) || self.metadata.name.matches('{DNS_1035_LABEL_PATTERN}')",
+            f"{kind} names must be DNS-1035 labels: lowercase letters, digits and '-', starting with "
+            "a letter and ending with a letter or digit (the job's Services are named after it)",
+            lambda r: r.metadata.name is None or _DNS_1035_LABEL.match(r.metadata.name) is not None,
+            field="metadata.name",
+        ),
+    )
 
 
 _FORMAT_MATCHES_TASK = CelRule(
@@ -85,9 +120,27 @@ def _started(obj: Any) -> bool:
     return obj.status is not None and obj.status.start_time is not None
 
 
-def _immutable_rule(fields: tuple[str, ...]) -> CelRule:
+def _always_present(spec: type[KubeModel], field: str) -> bool:
+    """Whether the API server always has a value for ``spec.<field>`` (required or defaulted)."""
+    info = spec.model_fields[field]
+    return info.is_required() or info.default_factory is not None or info.default is not None
+
+
+def _immutable_rule(spec: type[KubeModel], fields: tuple[str, ...]) -> CelRule:
+    comparisons = []
+    for field in fields:
+        f = to_camel(field)
+        if _always_present(spec, field):
+            comparisons.append(f"self.spec.{f} == oldSelf.spec.{f}")
+        else:
+            # Selecting an absent field is an error in CEL, so optional fields are compared
+            # only when present on both sides.
+            comparisons.append(
+                f"(has(self.spec.{f}) ? has(oldSelf.spec.{f}) && self.spec.{f} == oldSelf.spec.{f} "
+                f": !has(oldSelf.spec.{f}))"
+            )
     camel = [to_camel(f) for f in fields]
-    same = " && ".join(f"self.spec.{f} == oldSelf.spec.{f}" for f in camel)
+    same = " && ".join(comparisons)
     return CelRule(
         f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || ({same})",
         f"spec.{{{', '.join(camel)}}} cannot change once the job has started; create a new job instead "
@@ -128,7 +181,9 @@ class FineTuneJob(KubetuneResource):
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None
 
-    update_rules = (_immutable_rule(TRAINING_FIELDS),)
+    cel_rules = name_rules("FineTuneJob")
+
+    update_rules = (_immutable_rule(FineTuneJobSpec, TRAINING_FIELDS),)
 
 
 class ModelReference(KubeModel):
@@ -182,8 +237,10 @@ class Quantization(KubeModel):
         "INT8_WEIGHT_ONLY/INT8_DYNAMIC with torchao.",
     )
     group_size: int = Field(128, ge=8, le=8192, description="Weights sharing one scale (W4A16).")
-    ignore: list[str] = Field(
-        default_factory=lambda: ["lm_head"], description="Modules left unquantized (names or re: patterns)."
+    ignore: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=lambda: ["lm_head"],
+        max_length=256,
+        description="Modules left unquantized (names or re: patterns).",
     )
 
     cel_rules = (
@@ -318,7 +375,9 @@ class CompressJob(KubetuneResource):
     spec: CompressJobSpec
     status: CompressJobStatus | None = None
 
-    update_rules = (_immutable_rule(COMPRESS_FIELDS),)
+    cel_rules = name_rules("CompressJob")
+
+    update_rules = (_immutable_rule(CompressJobSpec, COMPRESS_FIELDS),)
 
 
 KINDS: dict[str, type[FineTuneJob] | type[CompressJob]] = {

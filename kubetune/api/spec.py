@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from kubetune.api.base import (
     DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
     CelRule,
     KubeModel,
     OutputURI,
@@ -92,15 +93,24 @@ class DataLocation(KubeModel):
 class DataFields(KubeModel):
     """Names of the record fields the formats read."""
 
-    text: str = Field("text", min_length=1, description="Text field (text and classification formats).")
-    prompt: str = Field("prompt", min_length=1, description="Prompt field (instruction format).")
-    response: str = Field("response", min_length=1, description="Response field (instruction format).")
+    text: str = Field(
+        "text", min_length=1, max_length=256, description="Text field (text and classification formats)."
+    )
+    prompt: str = Field(
+        "prompt", min_length=1, max_length=256, description="Prompt field (instruction format)."
+    )
+    response: str = Field(
+        "response", min_length=1, max_length=256, description="Response field (instruction format)."
+    )
     messages: str = Field(
         "messages",
         min_length=1,
+        max_length=256,
         description="List of {role, content} messages (chat format); loss is computed on assistant turns only.",
     )
-    label: str = Field("label", min_length=1, description="Label field: class name or id (classification).")
+    label: str = Field(
+        "label", min_length=1, max_length=256, description="Label field: class name or id (classification)."
+    )
 
 
 class Dataset(KubeModel):
@@ -142,9 +152,10 @@ class LoraSettings(KubeModel):
     r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: int = Field(16, ge=1, le=4096, description="Scaling numerator: the update is scaled by alpha/r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
+        max_length=256,
         description="Module names (or 'all-linear') that receive adapters.",
     )
 
@@ -210,7 +221,7 @@ class Hyperparameters(KubeModel):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm (0 disables).")
-    eval_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+    eval_every_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         None, description="Evaluate every N steps (default: at the end of each epoch and of training)."
     )
     logging_every_steps: int = Field(
@@ -237,6 +248,7 @@ class DeepSpeed(KubeModel):
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
     config: dict[str, Any] | None = Field(
         None,
+        max_length=64,
         description="Extra DeepSpeed configuration merged over the generated one "
         "(see the DeepSpeed config reference).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
@@ -261,22 +273,26 @@ class DeepSpeed(KubeModel):
 class Toleration(KubeModel):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(None, description="Taint key; empty with operator Exists matches all taints.")
-    operator: str = Field("Equal", pattern="^(Equal|Exists)$", description="Equal or Exists.")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
-    effect: str | None = Field(
-        None, pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$", description="Taint effect to match."
+    key: str | None = Field(
+        None, max_length=316, description="Taint key; empty with operator Exists matches all taints."
     )
-    toleration_seconds: int | None = Field(None, ge=0, description="For NoExecute: how long to stay bound.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal or Exists.")
+    value: str | None = Field(None, max_length=63, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="For NoExecute: how long to stay bound."
+    )
 
 
 class ContainerResources(KubeModel):
     """Container resource requests and limits."""
 
     requests: dict[str, Quantity] | None = Field(
-        None, description="Minimum resources, e.g. cpu: 4, memory: 32Gi."
+        None, max_length=32, description="Minimum resources, e.g. cpu: 4, memory: 32Gi."
     )
-    limits: dict[str, Quantity] | None = Field(None, description="Maximum resources.")
+    limits: dict[str, Quantity] | None = Field(None, max_length=32, description="Maximum resources.")
 
 
 class Resources(KubeModel):
@@ -287,13 +303,23 @@ class Resources(KubeModel):
     processes_per_worker: Annotated[int, Field(ge=1, le=64)] | None = Field(
         None, description="Training processes per pod; defaults to gpusPerWorker, or 1 without GPUs."
     )
-    requests: dict[str, Quantity] | None = Field(None, description="Container requests, e.g. cpu, memory.")
-    limits: dict[str, Quantity] | None = Field(None, description="Container limits.")
-    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods must match.")
-    tolerations: list[Toleration] | None = Field(None, description="Taints the pods tolerate.")
-    image: str | None = Field(None, min_length=1, description="Override of the trainer image.")
-    scratch_size: Quantity = Field("50Gi", description="Size limit of the emptyDir scratch volume.")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    requests: dict[str, Quantity] | None = Field(
+        None, max_length=32, description="Container requests, e.g. cpu: 4, memory: 32Gi."
+    )
+    limits: dict[str, Quantity] | None = Field(
+        None, max_length=32, description="Container limits, e.g. memory: 64Gi."
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=64, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] | None = Field(None, max_length=64, description="Taints the pods tolerate.")
+    image: str | None = Field(
+        None, min_length=1, max_length=1024, description="Override of the trainer image."
+    )
+    scratch_size: Quantity = Field(
+        "50Gi", description="Size limit of the emptyDir scratch volume (checkpoints are staged there)."
+    )
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
 
     cel_rules = (
         CelRule(
@@ -332,14 +358,24 @@ class Output(KubeModel):
 class SecretKeyNames(KubeModel):
     """A reference to a Secret holding S3 credentials; the operator never reads its values."""
 
-    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=253, description="Secret name (same namespace).")
+    name: str = Field(
+        pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="Secret name (same namespace)."
+    )
     access_key_id_key: str = Field(
-        "AWS_ACCESS_KEY_ID", min_length=1, description="Key of the access key id in the Secret."
+        "AWS_ACCESS_KEY_ID",
+        min_length=1,
+        max_length=253,
+        description="Key of the access key id in the Secret.",
     )
     secret_access_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", min_length=1, description="Key of the secret access key in the Secret."
+        "AWS_SECRET_ACCESS_KEY",
+        min_length=1,
+        max_length=253,
+        description="Key of the secret access key in the Secret.",
     )
-    session_token_key: str | None = Field(None, description="Optional key of a session token in the Secret.")
+    session_token_key: str | None = Field(
+        None, min_length=1, max_length=253, description="Optional key of a session token in the Secret."
+    )
 
 
 class AddressingStyle(StrEnum):
@@ -354,9 +390,10 @@ class Storage(KubeModel):
     endpoint: str | None = Field(
         None,
         pattern=r"^https?://[^\s/]+(/.*)?$",
+        max_length=2048,
         description="Endpoint URL for non-AWS servers, e.g. http://minio.storage:9000.",
     )
-    region: str | None = Field(None, min_length=1, description="Region name.")
+    region: str | None = Field(None, min_length=1, max_length=64, description="Region name, e.g. us-east-1.")
     addressing_style: AddressingStyle = Field(
         AddressingStyle.auto, description="Bucket addressing: path-style suits most MinIO setups."
     )
@@ -381,9 +418,15 @@ class Serve(KubeModel):
     )
     replicas: int = Field(1, ge=0, le=1000, description="Serving pods.")
     gpus: int = Field(0, ge=0, le=64, description="GPUs per serving pod.")
-    requests: dict[str, Quantity] | None = Field(None, description="Container requests.")
-    limits: dict[str, Quantity] | None = Field(None, description="Container limits.")
-    image: str | None = Field(None, min_length=1, description="Override of the serving image.")
+    requests: dict[str, Quantity] | None = Field(
+        None, max_length=32, description="Container requests of each serving pod."
+    )
+    limits: dict[str, Quantity] | None = Field(
+        None, max_length=32, description="Container limits of each serving pod."
+    )
+    image: str | None = Field(
+        None, min_length=1, max_length=1024, description="Override of the serving image."
+    )
     max_batch_size: int = Field(16, ge=1, le=1024, description="Requests batched into one forward pass.")
 
     cel_rules = (
@@ -405,7 +448,7 @@ class JobSpecBase(KubeModel):
         le=1000,
         description="Gang restarts after retriable failures (resume from the newest checkpoint).",
     )
-    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = Field(
+    active_deadline_seconds: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = Field(
         None,
         description="Fail with reason DeadlineExceeded after this long running (paused while suspended).",
     )
@@ -415,7 +458,7 @@ class JobSpecBase(KubeModel):
     queue_name: str | None = Field(
         None, pattern=DNS_LABEL_PATTERN, max_length=63, description="Kueue LocalQueue to admit the workload."
     )
-    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = Field(
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
         None, description="Delete the job's children this long after it finishes (artifacts are kept)."
     )
     storage: Storage = Field(default_factory=Storage, description="Object storage access.")

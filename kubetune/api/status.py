@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import Field
 
@@ -38,7 +39,7 @@ class Condition(KubeModel):
     """One observation of the job's state (metav1.Condition)."""
 
     type: str = Field(description="Condition type, e.g. Complete, Failed, Running.")
-    status: str = Field(pattern="^(True|False|Unknown)$", description="True, False or Unknown.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(
         pattern="^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024, description="CamelCase reason."
     )
@@ -95,7 +96,12 @@ class JobStatusBase(KubeModel):
 
     phase: Phase | None = Field(None, description="Lifecycle phase.")
     message: str | None = Field(None, description="One-line summary of the current state.")
-    conditions: list[Condition] | None = Field(None, description="Observations of the job's state.")
+    conditions: list[Condition] | None = Field(
+        None,
+        description="Observations of the job's state, one per type.",
+        # One entry per type, so server-side apply merges conditions by type.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     observed_generation: int | None = Field(None, ge=0, description="Spec generation the status reflects.")
     start_time: str | None = Field(None, description="When the workload first started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")

@@ -1,0 +1,367 @@
+"""The API models reject what the API server would reject, naming the field in manifest terms
+and saying what is allowed; they accept and default every shipped example."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api import API_VERSION, CompressJob, FineTuneJob
+from kubetune.api.resources import MAX_NAME_LENGTH
+from kubetune.api.spec import MethodType, TaskType
+from kubetune.api.validation import FieldError, parse_resource, validate_document
+from kubetune.errors import InvalidInputError
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+
+
+def example(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    return doc
+
+
+LORA = example("finetune-lora-causal-lm.yaml")
+CLASSIFIER = example("finetune-full-classification.yaml")
+COMPRESS = example("compress-from-finetune.yaml")
+
+
+def edited(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``base`` with ``a__b__c=value`` set at the document path ``a.b.c`` (``None`` deletes)."""
+    doc = copy.deepcopy(base)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = doc
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return doc
+
+
+# (id, document, field path, words the message must contain)
+INVALID: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
+    ("zeroStage 7", edited(LORA, spec__deepspeed__zeroStage=7), "spec.deepspeed.zeroStage", ("7", "0 to 3")),
+    (
+        "zeroStage -1",
+        edited(LORA, spec__deepspeed__zeroStage=-1),
+        "spec.deepspeed.zeroStage",
+        ("-1", "0 to 3"),
+    ),
+    (
+        "zeroStage text",
+        edited(LORA, spec__deepspeed__zeroStage="two"),
+        "spec.deepspeed.zeroStage",
+        ("integer", "0 to 3"),
+    ),
+    (
+        "unknown method",
+        edited(LORA, spec__method__type="qlora"),
+        "spec.method.type",
+        ("'qlora'", "one of full, lora"),
+    ),
+    (
+        "unknown task",
+        edited(LORA, spec__task__type="seq2seq"),
+        "spec.task.type",
+        ("'seq2seq'", "causal-lm, sequence-classification"),
+    ),
+    (
+        "unknown data format",
+        edited(LORA, spec__dataset__format="alpaca"),
+        "spec.dataset.format",
+        ("one of text, instruction, chat, classification",),
+    ),
+    (
+        "unknown quantization scheme",
+        edited(COMPRESS, spec__quantization__scheme="W3A16"),
+        "spec.quantization.scheme",
+        ("'W3A16'", "W4A16"),
+    ),
+    (
+        "learning rate 0",
+        edited(LORA, spec__hyperparameters__learningRate=0),
+        "spec.hyperparameters.learningRate",
+        ("greater than 0",),
+    ),
+    ("workers 0", edited(LORA, spec__resources__workers=0), "spec.resources.workers", ("1 to 1024",)),
+    (
+        "LoRA dropout 1",
+        edited(LORA, spec__method__lora__dropout=1.0),
+        "spec.method.lora.dropout",
+        ("less than 1",),
+    ),
+    (
+        "evalFraction 0.7",
+        edited(LORA, spec__dataset__evalFraction=0.7),
+        "spec.dataset.evalFraction",
+        ("at most 0.5",),
+    ),
+    (
+        "sparsity 0",
+        edited(COMPRESS, spec__pruning={"sparsity": 0}),
+        "spec.pruning.sparsity",
+        ("greater than 0", "less than 1"),
+    ),
+    (
+        "sparsity 1",
+        edited(COMPRESS, spec__pruning={"sparsity": 1}),
+        "spec.pruning.sparsity",
+        ("less than 1",),
+    ),
+    (
+        "gs:// model",
+        edited(LORA, spec__model__uri="gs://bucket/model"),
+        "spec.model.uri",
+        ("scheme 'gs' is not supported", "s3://bucket/prefix", "hf://org/name"),
+    ),
+    (
+        "hf:// output",
+        edited(LORA, spec__output__uri="hf://org/model"),
+        "spec.output.uri",
+        ("scheme 'hf' is not supported", "s3://bucket/prefix, file:///absolute/path"),
+    ),
+    (
+        "relative file URI",
+        edited(LORA, spec__dataset__train__uri="file://data.jsonl"),
+        "spec.dataset.train.uri",
+        ("not a well-formed URI",),
+    ),
+    (
+        "unknown field",
+        edited(LORA, spec__hyperparameters__lr=0.1),
+        "spec.hyperparameters.lr",
+        ("unknown field", "learningRate"),
+    ),
+    (
+        "snake_case field",
+        edited(LORA, spec__deepspeed__zero_stage=3),
+        "spec.deepspeed.zero_stage",
+        ("unknown field", "zeroStage"),
+    ),
+    ("missing output", edited(LORA, spec__output=None), "spec.output", ("required",)),
+    ("missing model uri", edited(LORA, spec__model={}), "spec.model.uri", ("required",)),
+    ("missing spec", edited(LORA, spec=None), "spec", ("required",)),
+    (
+        "bad quantity",
+        edited(LORA, spec__resources__requests__memory="32GB"),
+        "spec.resources.requests.memory",
+        ("'32GB'", "8Gi"),
+    ),
+    (
+        "bad scratch size",
+        edited(LORA, spec__resources__scratchSize="lots"),
+        "spec.resources.scratchSize",
+        ("quantity",),
+    ),
+    (
+        "bad toleration effect",
+        edited(LORA, spec__resources__tolerations=[{"key": "gpu", "effect": "Never"}]),
+        "spec.resources.tolerations[0].effect",
+        ("NoSchedule, PreferNoSchedule, NoExecute",),
+    ),
+    (
+        "secret name with capitals",
+        edited(LORA, spec__storage__secretRef__name="S3Creds"),
+        "spec.storage.secretRef.name",
+        ("'S3Creds' has the wrong form", "DNS subdomain"),
+    ),
+    (
+        "endpoint without scheme",
+        edited(LORA, spec__storage__endpoint="minio:9000"),
+        "spec.storage.endpoint",
+        ("'minio:9000'", "http:// or https:// URL"),
+    ),
+    (
+        "lora settings with full",
+        edited(LORA, spec__method__type="full", spec__method__mergeAdapter=None),
+        "spec.method.lora",
+        ("only allowed with method type lora",),
+    ),
+    (
+        "epochs and maxSteps",
+        edited(LORA, spec__hyperparameters__maxSteps=100),
+        "spec.hyperparameters.maxSteps",
+        ("exactly one of epochs and maxSteps",),
+    ),
+    (
+        "classification without numLabels",
+        edited(CLASSIFIER, spec__task__numLabels=None, spec__task__labels=None),
+        "spec.task.numLabels",
+        ("numLabels is required",),
+    ),
+    (
+        "offloadParams with ZeRO 2",
+        edited(LORA, spec__deepspeed__offloadParams=True),
+        "spec.deepspeed.offloadParams",
+        ("zeroStage 3",),
+    ),
+    (
+        "eval and evalFraction",
+        edited(LORA, spec__dataset__eval={"uri": "s3://data/eval.jsonl"}),
+        "spec.dataset.evalFraction",
+        ("not both",),
+    ),
+    (
+        "vllm without GPUs",
+        edited(LORA, spec__serve__runtime="vllm", spec__serve__gpus=0),
+        "spec.serve.gpus",
+        ("gpus >= 1",),
+    ),
+    (
+        "format against task",
+        edited(LORA, spec__dataset__format="classification"),
+        "spec.dataset.format",
+        ("must be classification",),
+    ),
+    (
+        "uri and fromFineTuneJob",
+        edited(COMPRESS, spec__model__uri="s3://models/x"),
+        "spec.model.uri",
+        ("exactly one of uri and fromFineTuneJob",),
+    ),
+    (
+        "no compression step",
+        edited(COMPRESS, spec__quantization=None),
+        "spec.quantization",
+        ("at least one compression step",),
+    ),
+    (
+        "2:4 at 70%",
+        edited(COMPRESS, spec__pruning={"pattern": "2:4", "sparsity": 0.7}),
+        "spec.pruning.sparsity",
+        ("0.5",),
+    ),
+    (
+        "torchao with W4A16",
+        edited(COMPRESS, spec__quantization__method="torchao"),
+        "spec.quantization.scheme",
+        ("INT8_WEIGHT_ONLY",),
+    ),
+    (
+        "name too long",
+        edited(LORA, metadata__name="x" * (MAX_NAME_LENGTH["FineTuneJob"] + 1)),
+        "metadata.name",
+        ("FineTuneJob names must be at most 46 characters", "<name>-train-r1000-1023, must fit in 63"),
+    ),
+    (
+        "compress name too long",
+        edited(COMPRESS, metadata__name="x" * (MAX_NAME_LENGTH["CompressJob"] + 1)),
+        "metadata.name",
+        ("CompressJob names must be at most 43 characters",),
+    ),
+    ("name with a dot", edited(LORA, metadata__name="llama.lora"), "metadata.name", ("DNS-1035",)),
+    ("old apiVersion", edited(LORA, apiVersion="kubetune.io/v1"), "apiVersion", ("not served", API_VERSION)),
+    (
+        "unknown kind",
+        edited(LORA, kind="TrainJob"),
+        "kind",
+        ("not a kubetune kind", "FineTuneJob or CompressJob"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("doc", "path", "words"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_document_is_rejected_naming_the_field(
+    doc: dict[str, Any], path: str, words: tuple[str, ...]
+) -> None:
+    resource, errors = validate_document(doc)
+    assert resource is None
+    assert [e.path for e in errors] == [path], [str(e) for e in errors]
+    text = str(errors[0])
+    for word in words:
+        assert word in text
+
+
+def test_there_are_at_least_twenty_invalid_cases() -> None:
+    assert len(INVALID) >= 20
+
+
+def test_error_reads_as_path_problem_and_allowed_values() -> None:
+    _, errors = validate_document(edited(LORA, spec__deepspeed__zeroStage=7))
+    assert errors == [
+        FieldError(
+            "spec.deepspeed.zeroStage", "7 is out of range", "an integer from 0 to 3", type="less_than_equal"
+        )
+    ]
+    assert str(errors[0]) == "spec.deepspeed.zeroStage: 7 is out of range; allowed: an integer from 0 to 3"
+
+
+def test_every_error_of_a_document_is_reported() -> None:
+    doc = edited(LORA, spec__deepspeed__zeroStage=9, spec__method__type="adapter", metadata__name="9lives")
+    _, errors = validate_document(doc)
+    assert sorted(e.path for e in errors) == ["metadata.name", "spec.deepspeed.zeroStage", "spec.method.type"]
+
+
+@pytest.mark.parametrize(
+    "name", ["finetune-lora-causal-lm.yaml", "finetune-full-classification.yaml", "quickstart.yaml"]
+)
+def test_finetune_examples_parse(name: str) -> None:
+    job = parse_resource(example(name))
+    assert isinstance(job, FineTuneJob)
+
+
+def test_defaults_fill_in_what_the_example_leaves_out() -> None:
+    job = FineTuneJob.model_validate(edited(LORA, spec__deepspeed=None, spec__task=None, spec__method=None))
+    assert job.spec.deepspeed.zero_stage == 2
+    assert job.spec.task.type is TaskType.causal_lm
+    assert job.spec.method.type is MethodType.lora
+    assert job.spec.method.merges
+    assert job.spec.resources.scratch_size == "50Gi"
+
+
+def test_numbers_are_accepted_as_quantities() -> None:
+    job = FineTuneJob.model_validate(edited(LORA, spec__resources__requests={"cpu": 4, "memory": "32Gi"}))
+    assert job.spec.resources.requests == {"cpu": "4", "memory": "32Gi"}
+
+
+def test_wire_form_round_trips() -> None:
+    for doc in (LORA, CLASSIFIER, COMPRESS):
+        model = type(parse_resource(doc))
+        resource = model.model_validate(doc)
+        assert model.model_validate(resource.to_wire()) == resource
+
+
+def test_compress_example_references_the_finetune_example() -> None:
+    job = CompressJob.model_validate(COMPRESS)
+    assert job.spec.model.from_fine_tune_job == LORA["metadata"]["name"]
+
+
+def test_parse_resource_raises_invalid_input_listing_every_error() -> None:
+    with pytest.raises(InvalidInputError) as raised:
+        parse_resource(edited(LORA, spec__deepspeed__zeroStage=7, spec__workers=1), source="job.yaml")
+    message = str(raised.value)
+    assert "job.yaml" in message
+    assert "spec.deepspeed.zeroStage: 7 is out of range" in message
+    assert "spec.workers: unknown field" in message
+
+
+def test_started_job_refuses_training_changes() -> None:
+    old = FineTuneJob.model_validate(edited(LORA, status={"startTime": "2025-01-01T00:00:00Z"}))
+    with pytest.raises(ValueError, match="cannot change once the job has started"):
+        FineTuneJob.model_validate(edited(LORA, spec__hyperparameters__epochs=5)).check_update(old)
+    FineTuneJob.model_validate(edited(LORA, spec__serve__replicas=2)).check_update(old)
+
+
+def test_name_limits_match_the_operators_child_names(tmp_path: Path) -> None:
+    """The API refuses exactly the names whose children the operator could not name."""
+    # A fresh interpreter outside the repository: from its root, the source folder kubetune/
+    # shadows the installed package, which is what maps operator/ to kubetune.operator.
+    code = "import json; from kubetune.operator import render; print(json.dumps(render.MAX_NAME_LENGTH))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120
+    )
+    if "No module named 'kubetune.operator" in result.stderr:
+        pytest.skip("the operator is not installed")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == MAX_NAME_LENGTH
