@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
 from rich.console import Console
 
-from kubetune.api import KINDS, CompressJob, FineTuneJob
-from kubetune.errors import EXIT_INVALID_INPUT
+from kubetune.api.validation import load_resources
 from kubetune.local.runner import LocalRunner, RunOptions
 
 DEFAULT_WORKDIR = Path(".kubetune/runs")
@@ -35,34 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto")
 
 
-def load_jobs(path: Path, console: Console) -> list[FineTuneJob | CompressJob] | None:
-    """The kubetune documents of ``path``, validated as the API server would; None on errors."""
-    jobs: list[FineTuneJob | CompressJob] = []
-    ok = True
-    for index, doc in enumerate(yaml.safe_load_all(path.read_text())):
-        if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
-            continue
-        try:
-            jobs.append(KINDS[doc["kind"]].model_validate(doc))
-        except ValidationError as exc:
-            ok = False
-            for error in exc.errors():
-                loc = ".".join(str(part) for part in error["loc"])
-                field = (error.get("ctx") or {}).get("field")
-                if field:
-                    loc = f"{loc}.{field}"
-                console.print(f"[red]{path}[{index}] {doc['kind']}: {loc}: {error['msg']}", highlight=False)
-    if ok and not jobs:
-        console.print(f"[red]{path}: no FineTuneJob or CompressJob documents found")
-        return None
-    return jobs if ok else None
-
-
 def run(args: argparse.Namespace) -> int:
     console = Console()
-    jobs = load_jobs(args.file, console)
-    if jobs is None:
-        return EXIT_INVALID_INPUT
+    # Raises InvalidInputError listing every problem (file:line, field path, what is allowed);
+    # the CLI prints it and exits with code 2, exactly like `kubetune validate`.
+    jobs = load_resources(args.file)
     runner = LocalRunner(
         RunOptions(
             workdir=args.workdir.resolve(),
