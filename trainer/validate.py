@@ -309,7 +309,7 @@ def inspect_data(
         )
     elif dataset.eval_fraction is not None and records.eval is not None:
         seed = plan.hyperparameters.seed if plan.hyperparameters else 42
-        report.eval_note = f"{dataset.eval_fraction:g} of the training records held out (seed {seed})"
+        report.eval_note = f"{dataset.eval_fraction * 100:g}% of the training records held out (seed {seed})"
         report.eval = SplitReport(uri=None, files=[], records_read=0, records_usable=len(records.eval))
     if dataset.eval is not None and records.eval is not None and not records.eval and loaded.eval_read:
         problems.add("empty-dataset", f"dataset.eval {dataset.eval.uri} has no usable records")
