@@ -1,1 +1,174 @@
-"""(filled in by its module owner)"""
+"""``python -m kubetune.trainer serve``: an OpenAI-compatible HTTP server for one model.
+
+At start the server downloads the model (a full model directory, or a base model plus a peft LoRA
+adapter, which is merged) from object storage into a scratch directory and loads it with
+transformers — compressed-tensors checkpoints included — while already answering probes.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (causal
+LMs; ``stream: true`` sends server-sent events), ``POST /v1/classifications`` (also ``/classify``;
+sequence classifiers: ``{"model", "input": str | [str]}`` answers a label, per-class ``probs`` and
+``scores`` per text), ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+
+Exit codes follow :mod:`kubetune.errors`: 2 when the model or the arguments are unusable, 3 when
+storage is missing or denied, 0 after a graceful shutdown on SIGTERM (in-flight requests finish
+within ``--grace-period``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from kubetune.errors import TERMINATION_LOG, KubetuneError
+
+from .app import ServerState, ServeSettings, create_app
+
+__all__ = ["ServeSettings", "create_app", "main"]
+
+log = logging.getLogger("kubetune.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kubetune.trainer serve",
+        description="Serve a model from object storage over an OpenAI-compatible HTTP API.",
+    )
+    p.add_argument(
+        "--model", required=True, help="model directory: s3://bucket/prefix, file:///path or a local path"
+    )
+    p.add_argument("--adapter", help="peft LoRA adapter directory to merge into --model (same URI forms)")
+    p.add_argument("--served-model-name", help="the name clients put in 'model' (default: the --model URI)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--scratch-dir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "kubetune-serve",
+        help="where the model is downloaded to (an emptyDir in pods)",
+    )
+    p.add_argument(
+        "--max-batch-size", type=_positive, default=16, help="sequences decoded together (default 16)"
+    )
+    p.add_argument(
+        "--max-queue", type=_positive, default=256, help="sequences waiting before 429 (default 256)"
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=_positive,
+        help="longest accepted prompt (default: the model's context - 1)",
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=_positive, default=1024, help="largest max_tokens accepted (default 1024)"
+    )
+    p.add_argument("--storage-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--storage-region", help="S3 region (default: AWS_REGION)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype (auto: float32 on CPU, the checkpoint's or bfloat16 on GPU)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=25.0,
+        help="seconds in-flight requests get to finish after SIGTERM (keep below the pod's "
+        "terminationGracePeriodSeconds; default 25)",
+    )
+    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = ServeSettings(
+        model_uri=args.model,
+        adapter_uri=args.adapter,
+        served_model_name=args.served_model_name,
+        scratch_dir=args.scratch_dir,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        storage_endpoint=args.storage_endpoint,
+        storage_region=args.storage_region,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    fatal: list[KubetuneError] = []
+
+    def on_fatal(error: KubetuneError) -> None:
+        fatal.append(error)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(args.grace_period),
+        lifespan="on",
+    )
+    server = _Server(config, app.state.serve)
+    # uvicorn re-raises the signal it shut down on; with these no-op handlers that ends in exit 0
+    # instead of a death by SIGTERM (or a KeyboardInterrupt traceback).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    except KubetuneError as error:
+        fatal.append(error)
+    if fatal:
+        return _fail(fatal[0])
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """Turns /readyz to 503 the moment SIGTERM arrives, so the Service stops sending traffic."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._serve_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._serve_state.status in ("ready", "loading"):
+            self._serve_state.status = "draining"
+        super().handle_exit(sig, frame)
+
+
+def _fail(error: KubetuneError) -> int:
+    line = f"{error.reason}: {error}".replace("\n", " ")
+    log.error("%s", line)
+    try:
+        # The override lets tests and local runs (where /dev is not ours to write) read the line.
+        with open(os.environ.get("KUBETUNE_TERMINATION_LOG", TERMINATION_LOG), "w", encoding="utf-8") as f:
+            f.write(line[:4000] + "\n")
+    except OSError:
+        pass  # not in a pod (or no termination log mounted): stderr has the reason
+    return error.exit_code
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
