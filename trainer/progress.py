@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from transformers import TrainerCallback
 
@@ -237,10 +237,13 @@ def _load_api_client() -> ApiClient:
 
     configuration = client.Configuration()
     # The kubernetes package is untyped; name the loaders' shape once here.
-    load: Callable[..., None] = (
-        config.load_incluster_config if os.environ.get("KUBERNETES_SERVICE_HOST") else config.load_kube_config
-    )
-    load(client_configuration=configuration)
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        in_cluster = cast("Callable[..., None]", config.load_incluster_config)
+        in_cluster(client_configuration=configuration)
+    else:
+        # Read KUBECONFIG now: the package's default is captured once, when it is imported.
+        kubeconfig = cast("Callable[..., None]", config.load_kube_config)
+        kubeconfig(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration)
     return client.ApiClient(configuration)
 
 
