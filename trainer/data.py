@@ -167,7 +167,8 @@ def data_files(store: ObjectStore, uri: str) -> list[str]:
 
     Raises :class:`StorageAccessError` when there is nothing there.
     """
-    if not uri.endswith("/") and store.exists(uri):
+    # A bucket or repository root (no key) can only be a prefix.
+    if not uri.endswith("/") and parse_uri(uri).key and store.exists(uri):
         return [uri]
     prefix = uri.rstrip("/")
     files = [f"{prefix}/{obj.key}" for obj in store.list(prefix) if not _hidden(obj.key)]

@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from kubetune.api.resources import FineTuneJob
+from kubetune.errors import InvalidInputError, RetriableError, StorageAccessError
 from kubetune.plan import plan_finetune
 from kubetune.trainer import validate
+from kubetune.trainer.runtime import run_main
 from kubetune.trainer.tinymodel import build_tiny_causal_lm, build_tiny_classifier, sample_corpus
 from tests.s3server import S3Bucket
 
@@ -339,3 +341,36 @@ def test_an_unreadable_plan_is_invalid_input(tmp_path: Path, capsys: pytest.Capt
     assert code == 2
     report = json.loads(capsys.readouterr().out)
     assert report["summary"].startswith(f"the run plan {plan} is invalid: ")
+
+
+# --- the exit-code contract every runtime entry point shares ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (InvalidInputError("bad spec"), 2, "InvalidInput: bad spec"),
+        (StorageAccessError("s3://b/k: access denied"), 3, "StorageError: s3://b/k: access denied"),
+        (RetriableError("peer lost"), 1, "TransientError: peer lost"),
+        (RuntimeError("boom\nsecond line"), 1, "RuntimeError: boom second line"),
+    ],
+)
+def test_run_main_maps_errors_to_exit_codes_and_one_line_reasons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, code: int, message: str
+) -> None:
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
+
+    def entry_point() -> int:
+        raise error
+
+    assert run_main(entry_point) == code
+    assert termination.read_text() == message + "\n"
+
+
+def test_run_main_returns_what_the_entry_point_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    assert run_main(lambda: 0) == 0
+    assert not (tmp_path / "termination-log").exists()
