@@ -47,7 +47,6 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy kubetune operator trainer
-	$(VENV)/bin/lint-imports
 	$(VENV)/bin/kubetune crds --check
 
 format: setup
