@@ -110,9 +110,11 @@ class ProblemLog:
         self.cap = cap
         self.counts: Counter[str] = Counter()
         self.shown: dict[str, list[Problem]] = {}
+        self.storage_problems = 0
 
     def add(self, kind: str, message: str, *, storage: bool = False) -> None:
         self.counts[kind] += 1
+        self.storage_problems += storage
         shown = self.shown.setdefault(kind, [])
         if len(shown) < self.cap:
             shown.append(Problem(kind, message, storage))
@@ -127,7 +129,7 @@ class ProblemLog:
 
     @property
     def has_storage_problems(self) -> bool:
-        return any(p.storage for problems in self.shown.values() for p in problems)
+        return self.storage_problems > 0
 
     def problems(self) -> list[Problem]:
         return [p for problems in self.shown.values() for p in problems]
