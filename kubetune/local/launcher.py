@@ -40,6 +40,8 @@ def runtime_env(*, accelerator: str, progress_file: Path | None, scratch: Path) 
         env["CUDA_VISIBLE_DEVICES"] = ""
     if progress_file is not None:
         env["KUBETUNE_PROGRESS"] = f"file:{progress_file}"
+    # Where a pod's container would write its one-line failure reason (terminationMessagePath).
+    env["KUBETUNE_TERMINATION_LOG"] = str(scratch / "termination-log")
     return env
 
 
@@ -49,12 +51,9 @@ def cpu_threads_per_process(processes: int, cores: int | None = None) -> int:
     return max(1, available // max(1, processes))
 
 
-def validate_process(plan_path: Path, env: dict[str, str]) -> ProcessSpec:
-    return ProcessSpec(
-        name="validate",
-        argv=[sys.executable, "-m", "kubetune.trainer", "validate", "--plan", str(plan_path)],
-        env=env,
-    )
+def validate_process(plan_path: Path, env: dict[str, str], scratch: Path) -> ProcessSpec:
+    argv = [sys.executable, "-m", "kubetune.trainer", "validate", "--plan", str(plan_path)]
+    return ProcessSpec(name="validate", argv=[*argv, "--scratch-dir", str(scratch / "validate")], env=env)
 
 
 def training_processes(

@@ -109,6 +109,8 @@ class LocalRunner:
             return RunOutcome(EXIT_INVALID_INPUT)
         run_dir = self.options.workdir / f"{kind.lower()}-{name}"
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_dir = run_dir
+        (run_dir / "termination-log").unlink(missing_ok=True)
         plan_path = run_dir / "plan.json"
         plan_path.write_text(plan.to_json())
         progress_path = run_dir / "progress.jsonl"
@@ -122,7 +124,7 @@ class LocalRunner:
         started = time.monotonic()
         with self.console.status("validating model and data..."):
             result = processes.run_gang(
-                [launcher.validate_process(plan_path, env)], logs, on_tick=lambda: None
+                [launcher.validate_process(plan_path, env, run_dir)], logs, on_tick=lambda: None
             )
         outcome.timings["validate"] = time.monotonic() - started
         if result.exit_code != 0:
@@ -169,6 +171,9 @@ class LocalRunner:
             result.exit_code, "failure"
         )
         self.console.print(f"[red]✗ {stage} failed ({what}, exit code {result.exit_code})")
+        reason = self._termination_reason()
+        if reason:
+            self.console.print(f"[red]{reason}", highlight=False)
         if proc is not None:
             self.console.print(f"[dim]last lines of {proc.log_path}:[/]")
             self.console.print(proc.tail(), markup=False, highlight=False)
@@ -176,6 +181,13 @@ class LocalRunner:
             self.console.print("run the same command again to resume from the newest committed checkpoint")
         outcome.exit_code = result.exit_code or 1
         return outcome
+
+    def _termination_reason(self) -> str:
+        path = self._run_dir / "termination-log"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return ""
 
     def _summarise(self, plan: RunPlan, outcome: RunOutcome) -> None:
         from kubetune.storage import StorageConfig, open_store
