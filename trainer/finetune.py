@@ -1,0 +1,215 @@
+"""``python -m kubetune.trainer finetune --plan PLAN.json [--scratch-dir DIR]``: the fine-tuning recipe.
+
+torchrun starts one such process per GPU (or per CPU slot) in every pod. The recipe reads top to
+bottom: setup (process group, output guard, base model, data, Trainer, newest committed
+checkpoint) -> train -> save (model, adapter, metrics, logs, run record) -> cleanup. The moving
+parts live in :mod:`~kubetune.trainer.training`, :mod:`~kubetune.trainer.checkpoint` and
+:mod:`~kubetune.trainer.outputs`.
+
+Exit codes follow :mod:`kubetune.errors`: 0 done, 2 invalid input, 3 storage access, else retriable
+(the operator restarts the gang and this recipe resumes from the newest committed checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from kubetune.errors import InvalidInputError
+from kubetune.plan import LOGS_DIR, METRICS_FILE, RunPlan
+from kubetune.storage import open_store
+from kubetune.trainer.runtime import run_main, scratch_root, storage_config
+
+if TYPE_CHECKING:
+    from kubetune.trainer.training import Accelerator, Distributed
+
+log = logging.getLogger("kubetune.trainer.finetune")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune.trainer finetune", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--plan", required=True, type=Path, help="run plan JSON (mounted from the job's ConfigMap)"
+    )
+    parser.add_argument(
+        "--scratch-dir",
+        type=Path,
+        default=None,
+        help="node-local scratch space (default: $KUBETUNE_SCRATCH_DIR or /tmp)",
+    )
+    return parser.parse_args(argv)
+
+
+def load_plan(path: Path) -> RunPlan:
+    try:
+        plan = RunPlan.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InvalidInputError(f"cannot read the run plan {path}: {e.strerror or e}") from e
+    except ValidationError as e:
+        raise InvalidInputError(f"{path} is not a valid run plan: {e}") from e
+    if plan.kind != "finetune" or plan.hyperparameters is None:
+        raise InvalidInputError(
+            f"{path} is a {plan.kind} plan without training settings, not a finetune plan"
+        )
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    return run_main(lambda: run(args.plan, args.scratch_dir))
+
+
+def run(plan_path: Path, scratch_dir: Path | None) -> int:
+    plan = load_plan(plan_path)
+    scratch = scratch_root(scratch_dir)
+    # Before DeepSpeed is imported: it picks its accelerator once. Pods have a read-only root
+    # filesystem, so anything compiled at start-up (CPU Adam for offloading) goes to scratch.
+    from kubetune.trainer.training import select_accelerator
+
+    accelerator = select_accelerator()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(scratch / "torch-extensions"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(scratch / LOGS_DIR)
+
+    from kubetune.trainer import training
+
+    dist = training.init_distributed(accelerator)
+    try:
+        finetune(plan, scratch, dist, accelerator)
+    finally:
+        training.shutdown_distributed()
+    return 0
+
+
+def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accelerator) -> None:
+    """The recipe: setup -> train -> save -> cleanup."""
+    from transformers import PrinterCallback, Trainer
+
+    from kubetune.trainer import checkpoint, outputs, training
+    from kubetune.trainer.data import make_collator, pad_token_id, prepare_datasets
+    from kubetune.trainer.progress import ProgressCallback, make_reporter
+
+    hp = plan.hyperparameters
+    assert hp is not None
+    clock = outputs.Timings()
+    config = storage_config(plan)
+    out = open_store(plan.output_uri, config)
+
+    # --- setup ---------------------------------------------------------------------------------
+    outputs.guard_output(out, plan)  # every rank, so all of them stop on someone else's prefix
+    precision = training.resolve_precision(hp.precision, accelerator)
+    ds_config = training.deepspeed_config(plan, precision, accelerator)
+    if "optimizer" in ds_config and accelerator == "cuda":
+        with training.local_main_first(dist):
+            training.check_cpu_adam(accelerator)
+    base_dir = scratch / "base-model"
+    with clock.phase("download"), training.local_main_first(dist):
+        if dist.is_local_main:
+            if base_dir.exists():
+                shutil.rmtree(base_dir)
+            open_store(plan.model_uri, config).download_prefix(plan.model_uri, base_dir)
+    with clock.phase("load"):
+        tokenizer = training.load_tokenizer(base_dir, plan.model_uri)
+        data = prepare_datasets(plan, tokenizer, scratch / f"data-{dist.local_rank}")
+        trainer_dir = scratch / "trainer"
+        args = training.training_arguments(
+            plan,
+            output_dir=trainer_dir,
+            precision=precision,
+            ds_config=ds_config,
+            has_eval=data.eval is not None,
+        )
+        model = training.load_model(plan, base_dir, precision=precision, pad_token_id=pad_token_id(tokenizer))
+    resume = checkpoint.prepare_resume(out, plan, dist, trainer_dir)
+    started_at = outputs.now()
+    record: dict[str, Any] = {
+        "status": "running",
+        "started_at": started_at,
+        "world": {
+            "processes": dist.world_size,
+            "nodes": dist.nodes,
+            "accelerator": accelerator,
+            "precision": precision.value,
+        },
+        "resumed_from": {"step": resume.step, "uri": resume.uri} if resume else None,
+        "data": asdict(data.stats),
+    }
+    if dist.is_main:
+        outputs.write_run_record(out, plan, {**record, "timings_s": clock.seconds})
+    logs_dir = scratch / LOGS_DIR
+    publisher = checkpoint.CheckpointPublisher(
+        out,
+        plan,
+        dist,
+        keep_last=plan.checkpoint.keep_last if plan.checkpoint else 2,
+        after_commit=lambda: outputs.upload_logs(out, plan, logs_dir),
+    )
+    reporter = make_reporter(plan, dist.rank)
+    compute_metrics, preprocess_logits = training.metric_functions(plan)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=make_collator(tokenizer, plan),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits,
+        callbacks=[ProgressCallback(reporter), publisher],
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress reporter already logs every update
+
+    # --- train ---------------------------------------------------------------------------------
+    try:
+        with clock.phase("train"):
+            trainer.train(resume_from_checkpoint=str(resume.local_dir) if resume else None)
+            eval_metrics = trainer.evaluate() if data.eval is not None else {}
+
+        # --- save ------------------------------------------------------------------------------
+        trained_dir = scratch / "final" / "trained"
+        with clock.phase("save"):
+            outputs.save_trained(trainer, trained_dir)
+        training.barrier()
+        if dist.is_main:
+            with clock.phase("upload"):
+                outputs.publish_model(
+                    out,
+                    plan,
+                    trained_dir=trained_dir,
+                    base_dir=base_dir,
+                    work_dir=scratch / "final",
+                    tokenizer=tokenizer,
+                )
+                metrics = outputs.final_metrics(
+                    plan, trainer.state.log_history, eval_metrics, trainer.state.global_step
+                )
+                outputs.write_json(out, plan.output(METRICS_FILE), metrics)
+                outputs.upload_logs(out, plan, logs_dir)
+            clock.seconds["checkpoint_upload"] = round(publisher.stats.seconds, 3)
+            outputs.write_run_record(
+                out,
+                plan,
+                {
+                    **record,
+                    "status": "succeeded",
+                    "finished_at": outputs.now(),
+                    "global_step": trainer.state.global_step,
+                    "total_steps": trainer.state.max_steps,
+                    "checkpoints_committed": publisher.stats.committed,
+                    "metrics": metrics,
+                    "timings_s": clock.seconds,
+                },
+            )
+            log.info("finished at step %d: %s", trainer.state.global_step, metrics)
+    # --- cleanup -----------------------------------------------------------------------------------
+    finally:
+        reporter.close()

@@ -1,0 +1,278 @@
+"""What a fine-tuning run leaves under ``<output>/``.
+
+- ``model/``: a Hugging Face directory (safetensors, config, tokenizer) that
+  ``AutoModel*.from_pretrained`` and vLLM load; for LoRA with ``mergeAdapter`` the adapter merged
+  into the base weights. ZeRO-3 shards are gathered first.
+- ``adapter/``: the LoRA adapter (peft format) plus the tokenizer.
+- ``metrics.json``: final train loss, eval loss and perplexity (causal LM) or accuracy and
+  macro-F1 (classification).
+- ``logs/``: TensorBoard event files.
+- ``run.json``: the run record (job, plan, package versions, phase timings, resume point). It is
+  written when a run starts and again when it succeeds, and it is how a run recognises an output
+  prefix that belongs to another job (:func:`guard_output`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from kubetune.api.spec import MethodType, TaskType
+from kubetune.errors import InvalidInputError
+from kubetune.plan import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    LOGS_DIR,
+    METRICS_FILE,
+    MODEL_DIR,
+    RUN_RECORD_FILE,
+    RunPlan,
+)
+from kubetune.storage import ObjectStore
+from kubetune.trainer.checkpoint import describe_job, job_identity, same_job
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, Trainer
+
+log = logging.getLogger(__name__)
+
+# Files the Trainer writes next to a model that are of no use to anyone loading it.
+_NOT_ARTIFACTS: Final = ("training_args.bin",)
+_VERSIONED_PACKAGES: Final = (
+    "kubetune",
+    "torch",
+    "deepspeed",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+)
+# exp() of a larger loss overflows a double; JSON has no infinity.
+_MAX_LOG_PERPLEXITY: Final = 700.0
+
+
+# --- the output prefix belongs to one job --------------------------------------------------------
+
+
+def guard_output(store: ObjectStore, plan: RunPlan) -> dict[str, Any] | None:
+    """Refuse an output prefix that holds another job's run, or a model kubetune did not write.
+
+    Returns the previous run record of this same job (a restart), or ``None`` for a fresh prefix.
+    """
+    record_uri = plan.output(RUN_RECORD_FILE)
+    if not store.exists(record_uri):
+        if store.list(plan.output(MODEL_DIR)):
+            raise InvalidInputError(
+                f"{plan.output(MODEL_DIR)} already holds files but {record_uri} is missing, so they were "
+                "not written by a kubetune run: kubetune never overwrites them; choose another output.uri"
+            )
+        return None
+    try:
+        previous = json.loads(store.read_bytes(record_uri))
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise InvalidInputError(
+            f"{record_uri} exists but is not a kubetune run record ({e}): refusing to write outputs "
+            "over it; choose another output.uri"
+        ) from e
+    if not same_job(previous.get("job"), plan.job):
+        status = previous.get("status", "unknown")
+        raise InvalidInputError(
+            f"{plan.output_uri} holds the outputs of job {describe_job(previous.get('job'))} (status "
+            f"{status}), not of {describe_job(job_identity(plan.job))}: kubetune never overwrites another "
+            "job's artifacts; choose another output.uri or delete that prefix"
+        )
+    return previous
+
+
+# --- the run record ------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    """Seconds spent per phase, in the order they happened."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def artifact_uris(plan: RunPlan) -> dict[str, str | None]:
+    lora = plan.method is not None and plan.method.type == MethodType.lora
+    return {
+        "model": plan.output(MODEL_DIR) if not lora or plan.method is None or plan.method.merges else None,
+        "adapter": plan.output(ADAPTER_DIR) if lora else None,
+        "metrics": plan.output(METRICS_FILE),
+        "logs": plan.output(LOGS_DIR),
+        "checkpoints": plan.output(CHECKPOINTS_DIR),
+    }
+
+
+def write_json(store: ObjectStore, uri: str, data: dict[str, Any]) -> None:
+    store.write_bytes(uri, (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def write_run_record(store: ObjectStore, plan: RunPlan, record: dict[str, Any]) -> None:
+    """Write ``run.json``: ``record`` plus the job, the plan and the package versions."""
+    full = {
+        "job": job_identity(plan.job),
+        "kind": plan.job.kind,
+        "plan": json.loads(plan.to_json()),
+        "versions": package_versions(),
+        "artifacts": artifact_uris(plan),
+        **record,
+    }
+    write_json(store, plan.output(RUN_RECORD_FILE), full)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def final_metrics(
+    plan: RunPlan, log_history: list[dict[str, Any]], eval_metrics: dict[str, Any], global_step: int
+) -> dict[str, Any]:
+    """``metrics.json``: the last logged train loss (the loss the model ends with; the Trainer's
+    run average would only cover the steps since the last restart), and the final evaluation."""
+    train_losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    epochs = [entry["epoch"] for entry in log_history if "epoch" in entry]
+    metrics: dict[str, Any] = {
+        "task": plan.task.type.value,
+        "global_step": global_step,
+        "epoch": _finite(epochs[-1]) if epochs else None,
+        "train_loss": _finite(train_losses[-1]) if train_losses else None,
+    }
+    eval_loss = _finite(eval_metrics.get("eval_loss"))
+    metrics["eval_loss"] = eval_loss
+    if plan.task.type == TaskType.causal_lm:
+        metrics["perplexity"] = (
+            math.exp(eval_loss) if eval_loss is not None and eval_loss < _MAX_LOG_PERPLEXITY else None
+        )
+    else:
+        metrics["accuracy"] = _finite(eval_metrics.get("eval_accuracy"))
+        metrics["f1_macro"] = _finite(eval_metrics.get("eval_f1_macro"))
+    for key in ("eval_runtime", "eval_samples_per_second"):
+        if key in eval_metrics:
+            metrics[key] = _finite(eval_metrics[key])
+    return metrics
+
+
+# --- the trained model ---------------------------------------------------------------------------
+
+
+def save_trained(trainer: Trainer, local_dir: Path) -> None:
+    """Write the trained weights (an adapter for LoRA) with the tokenizer to ``local_dir`` on rank
+    0. Every rank must call it: under ZeRO-3 the shards are gathered collectively."""
+    trainer.save_model(str(local_dir))
+    for name in _NOT_ARTIFACTS:
+        (local_dir / name).unlink(missing_ok=True)
+
+
+def merge_adapter(
+    plan: RunPlan, base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: PreTrainedTokenizerBase
+) -> Path:
+    """Fold the adapter into the base weights: a plain model with no peft dependency at load time.
+
+    The base is loaded in its own dtype, so the merged model has the base model's size.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Training is over and only this process merges: with ZeRO-3's loading hook still installed,
+    # from_pretrained would partition the base across ranks that are no longer listening.
+    unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
+    if plan.task.type == TaskType.sequence_classification:
+        kwargs: dict[str, Any] = {"num_labels": plan.task.num_labels}
+        if plan.task.labels:
+            kwargs["id2label"] = dict(enumerate(plan.task.labels))
+            kwargs["label2id"] = {name: i for i, name in enumerate(plan.task.labels)}
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, dtype="auto", **kwargs)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def publish_model(
+    store: ObjectStore,
+    plan: RunPlan,
+    *,
+    trained_dir: Path,
+    base_dir: Path,
+    work_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+) -> dict[str, str]:
+    """Upload the model (and adapter) written by :func:`save_trained`; rank 0 only.
+
+    Each destination prefix is cleared first: a previous attempt of the same job may have left
+    files under other names (shard counts change with the dtype)."""
+    uploaded: dict[str, str] = {}
+    lora = plan.method is not None and plan.method.type == MethodType.lora
+    if lora:
+        _replace_prefix(store, trained_dir, plan.output(ADAPTER_DIR))
+        uploaded["adapter"] = plan.output(ADAPTER_DIR)
+        if plan.method is not None and plan.method.merges:
+            merged = merge_adapter(plan, base_dir, trained_dir, work_dir / "merged", tokenizer)
+            _replace_prefix(store, merged, plan.output(MODEL_DIR))
+            uploaded["model"] = plan.output(MODEL_DIR)
+    else:
+        _replace_prefix(store, trained_dir, plan.output(MODEL_DIR))
+        uploaded["model"] = plan.output(MODEL_DIR)
+    for name, uri in uploaded.items():
+        log.info("wrote the %s to %s", name, uri)
+    return uploaded
+
+
+def _replace_prefix(store: ObjectStore, local_dir: Path, uri: str) -> None:
+    store.delete_prefix(uri)
+    store.upload_dir(local_dir, uri, exclude=_NOT_ARTIFACTS)
+
+
+def upload_logs(store: ObjectStore, plan: RunPlan, logs_dir: Path) -> None:
+    """TensorBoard event files to ``<output>/logs`` (each run writes files of its own names, so a
+    resumed run adds to the earlier ones)."""
+    if logs_dir.is_dir() and any(p.is_file() for p in logs_dir.rglob("*")):
+        store.upload_dir(logs_dir, plan.output(LOGS_DIR))
