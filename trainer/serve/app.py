@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubetune.errors import KubetuneError, RetriableError
+from kubetune.errors import InvalidInputError, KubetuneError, RetriableError
 from kubetune.storage import StorageConfig
 
 from .engine import (
@@ -187,7 +187,14 @@ def fetch_and_load(settings: ServeSettings) -> LoadedModel:
         else None
     )
     fetched = time.monotonic()
-    loaded = load(model_dir, adapter_dir, device=settings.device, dtype=settings.dtype)
+    try:
+        loaded = load(model_dir, adapter_dir, device=settings.device, dtype=settings.dtype)
+    except InvalidInputError as exc:
+        # Name what the user gave (the URI), not the scratch copy it was downloaded to.
+        message = str(exc).replace(str(model_dir), settings.model_uri.rstrip("/"))
+        if adapter_dir is not None and settings.adapter_uri:
+            message = message.replace(str(adapter_dir), settings.adapter_uri.rstrip("/"))
+        raise InvalidInputError(message) from exc
     log.info("fetched in %.1fs, loaded in %.1fs", fetched - started, time.monotonic() - fetched)
     return loaded
 
