@@ -391,17 +391,18 @@ def check(path: Path, text: str) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kubetune.api.reference",
-        description="Write the API field reference generated from the kubetune API models.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m kubetune.api.reference`` (and of a ``kubetune docs`` command:
+    this module has the ``add_arguments``/``run`` pair that :mod:`kubetune.cli` expects)."""
+    parser.description = "Write the API field reference generated from the kubetune API models."
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output file (default {DEFAULT_OUT})")
     parser.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 with a diff when the file differs"
     )
     parser.add_argument("--stdout", action="store_true", help="print the page instead of writing it")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     text = render_reference()
     if args.stdout:
         sys.stdout.write(text)
@@ -420,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(text)
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubetune.api.reference")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
