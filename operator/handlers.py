@@ -1,0 +1,469 @@
+"""kopf handlers: thin glue between watch events and the pure lifecycle.
+
+Every trigger ends in :func:`reconcile` of one job: a change of the job itself (create, resume,
+update), an event of one of its batch Jobs or its serving Deployment, a terminal phase of the
+FineTuneJob a CompressJob waits for, or the clock (deadlines, TTL). Reconciling gathers the
+observed state from kopf indices (no API reads except a failed Job's pods), calls
+:func:`kubetune.operator.lifecycle.decide` and applies the decision. Run with
+``kopf run -m kubetune.operator.handlers -A`` or ``kubetune operator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+from pydantic import ValidationError
+
+from kubetune.api import GROUP, VERSION, CompressJob, FineTuneJob, Phase
+from kubetune.operator import lifecycle
+from kubetune.operator.kube import ApiError, KubeClient, connection
+from kubetune.operator.lifecycle import Decision, Observation
+from kubetune.operator.metrics import Metrics, phases_of
+from kubetune.operator.render import (
+    COMPONENT_SERVE,
+    LABEL_JOB,
+    LABEL_KIND,
+    LABEL_MANAGED_BY,
+    MANAGER,
+    Job,
+    Manifest,
+)
+from kubetune.operator.settings import Settings, SettingsError
+
+KINDS: Final[dict[str, type[FineTuneJob] | type[CompressJob]]] = {
+    "FineTuneJob": FineTuneJob,
+    "CompressJob": CompressJob,
+}
+PLURAL: Final = {kind: cls.plural for kind, cls in KINDS.items()}
+CHILD_LABELS: Final = {LABEL_MANAGED_BY: MANAGER, LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT}
+ANNOTATION_PREFIX: Final = "kubetune.io"
+RETRY_DELAY: Final = 10.0
+
+try:
+    _CLOCK_INTERVAL = Settings.from_env().resync_seconds
+except SettingsError:  # reported by the startup handler, which reads the same settings
+    _CLOCK_INTERVAL = Settings().resync_seconds
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+logger = logging.getLogger("kubetune.operator")
+
+
+@dataclass
+class Runtime:
+    """Operator-wide state shared by all handlers (kept in kopf's memo)."""
+
+    settings: Settings
+    client: KubeClient
+    metrics: Metrics
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    # The operator-owned status fields and annotations as last written, by job uid: a reconcile
+    # that runs before the watch delivers our own write must not act on the older state.
+    written_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Children created (or found owned) per job uid, for kinds no index tracks.
+    ensured: set[tuple[str, str, str]] = field(default_factory=set)
+
+    def lock(self, key: Key) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def forget(self, key: Key, uid: str | None) -> None:
+        self.locks.pop(key, None)
+        if uid:
+            self.written_status.pop(uid, None)
+            self.written_annotations.pop(uid, None)
+            self.ensured = {item for item in self.ensured if item[0] != uid}
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object this job does not own."""
+
+
+def runtime_of(memo: kopf.Memo) -> Runtime:
+    rt = memo.get("runtime")
+    if not isinstance(rt, Runtime):
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return rt
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """kopf keeps its bookkeeping in kubetune.io annotations: status is pruned to the CRD schema."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+    settings.posting.enabled = True
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+
+
+# --- Lifecycle of the operator ------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    finetunejob_index: kopf.Index[Any, Any],
+    compressjob_index: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    config = memo.get("config")
+    if not isinstance(config, Settings):
+        config = Settings.from_env()
+    configure_kopf(settings)
+    indices = {"FineTuneJob": finetunejob_index, "CompressJob": compressjob_index}
+    metrics = Metrics(lambda: phases_of(indices))
+    client = KubeClient(lambda: connection(settings, logger))
+    memo["runtime"] = Runtime(settings=config, client=client, metrics=metrics)
+    if config.metrics_port:
+        await metrics.serve(config.metrics_port)
+    logger.info(
+        "kubetune operator started",
+        extra={"namespaces": list(config.namespaces) or "all", "trainer_image": config.trainer_image},
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt = memo.get("runtime")
+    if isinstance(rt, Runtime):
+        await rt.client.close()
+        await rt.metrics.stop()
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> kopf.ConnectionInfo:
+    return connection(settings, logger)
+
+
+# --- Indices: the observed state, kept current by kopf's watches ----------------------------------
+
+
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a job reconciling reads, detached from kopf's live body."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            key: copy.deepcopy(meta[key])
+            for key in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if key in meta
+        },
+        "spec": copy.deepcopy(dict(body.get("spec") or {})),
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+
+
+@kopf.index(GROUP, VERSION, PLURAL["FineTuneJob"])
+def finetunejob_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): snapshot(body)}
+
+
+@kopf.index(GROUP, VERSION, PLURAL["CompressJob"])
+def compressjob_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): snapshot(body)}
+
+
+@kopf.index(GROUP, VERSION, PLURAL["CompressJob"])
+def compressjobs_by_upstream(spec: kopf.Spec, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    upstream = (spec.get("model") or {}).get("fromFineTuneJob")
+    return {(namespace, upstream): name} if upstream else {}
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+def workload_job_index(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    return {(labels[LABEL_KIND], namespace, labels[LABEL_JOB]): lifecycle.job_state(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
+def serving_deployment_index(
+    body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {(labels[LABEL_KIND], namespace, labels[LABEL_JOB]): lifecycle.deployment_state(body)}
+
+
+@dataclass(frozen=True)
+class Indices:
+    owners: Mapping[str, kopf.Index[Any, Any]]
+    jobs: kopf.Index[Any, Any]
+    deployments: kopf.Index[Any, Any]
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> Indices:
+        return cls(
+            owners={"FineTuneJob": kwargs["finetunejob_index"], "CompressJob": kwargs["compressjob_index"]},
+            jobs=kwargs["workload_job_index"],
+            deployments=kwargs["serving_deployment_index"],
+        )
+
+    def owner(self, key: Key) -> dict[str, Any] | None:
+        kind, namespace, name = key
+        store = self.owners[kind].get((namespace, name))
+        return next(iter(store), None) if store else None
+
+
+# --- Triggers ------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL["FineTuneJob"])
+@kopf.on.create(GROUP, VERSION, PLURAL["FineTuneJob"])
+@kopf.on.update(GROUP, VERSION, PLURAL["FineTuneJob"])
+async def finetunejob_changed(body: kopf.Body, memo: kopf.Memo, reason: str, **kwargs: Any) -> None:
+    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger=str(reason))
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL["CompressJob"])
+@kopf.on.create(GROUP, VERSION, PLURAL["CompressJob"])
+@kopf.on.update(GROUP, VERSION, PLURAL["CompressJob"])
+async def compressjob_changed(body: kopf.Body, memo: kopf.Memo, reason: str, **kwargs: Any) -> None:
+    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger=str(reason))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+async def workload_job_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    await reconcile_key(memo, (labels[LABEL_KIND], namespace, labels[LABEL_JOB]), kwargs, trigger="job")
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={**CHILD_LABELS, "kubetune.io/component": COMPONENT_SERVE})
+async def serving_deployment_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    await reconcile_key(memo, (labels[LABEL_KIND], namespace, labels[LABEL_JOB]), kwargs, trigger="deployment")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL["FineTuneJob"])
+async def finetunejob_event(
+    event: Mapping[str, Any], body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    if event.get("type") == "DELETED":
+        runtime_of(memo).forget(("FineTuneJob", namespace, name), body.get("metadata", {}).get("uid"))
+        return
+    phase = (body.get("status") or {}).get("phase")
+    if phase not in (Phase.succeeded.value, Phase.failed.value):
+        return
+    # CompressJobs waiting for this FineTuneJob move on (or fail) as soon as it finishes.
+    for dependent in kwargs["compressjobs_by_upstream"].get((namespace, name), []):
+        await reconcile_key(memo, ("CompressJob", namespace, dependent), kwargs, trigger="upstream")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL["CompressJob"])
+async def compressjob_event(
+    event: Mapping[str, Any], body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    if event.get("type") == "DELETED":
+        runtime_of(memo).forget(("CompressJob", namespace, name), body.get("metadata", {}).get("uid"))
+
+
+def _needs_clock(body: kopf.Body, **_: Any) -> bool:
+    meta = body.get("metadata") or {}
+    return lifecycle.needs_clock(body.get("spec") or {}, body.get("status") or {}, meta.get("annotations") or {})
+
+
+@kopf.timer(GROUP, VERSION, PLURAL["FineTuneJob"], interval=_CLOCK_INTERVAL, when=_needs_clock)
+async def finetunejob_clock(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger="clock")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL["CompressJob"], interval=_CLOCK_INTERVAL, when=_needs_clock)
+async def compressjob_clock(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger="clock")
+
+
+async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], trigger: str) -> None:
+    indices = Indices.of(kwargs)
+    owner = indices.owner(key)
+    if owner is None:  # the job is gone (its children follow by garbage collection)
+        return
+    await reconcile(runtime_of(memo), owner, indices, trigger=trigger)
+
+
+# --- Reconciling ---------------------------------------------------------------------------------
+
+
+async def reconcile(rt: Runtime, owner: Mapping[str, Any], indices: Indices, *, trigger: str) -> None:
+    """Bring one job a step forward. Serialised per job; errors become kopf retries."""
+    kind = str(owner["kind"])
+    meta = owner["metadata"]
+    key: Key = (kind, meta["namespace"], meta["name"])
+    started = time.perf_counter()
+    try:
+        async with rt.lock(key):
+            await _reconcile_locked(rt, owner, indices, key)
+    except ApiError as exc:
+        rt.metrics.reconcile_errors.labels(kind, f"Api{exc.status}").inc()
+        if exc.status == 404:
+            return  # the job was deleted while we worked
+        raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from exc
+    except (kopf.PermanentError, kopf.TemporaryError) as exc:
+        rt.metrics.reconcile_errors.labels(kind, type(exc).__name__).inc()
+        raise
+    except Exception as exc:
+        rt.metrics.reconcile_errors.labels(kind, type(exc).__name__).inc()
+        raise
+    finally:
+        rt.metrics.reconcile_seconds.labels(kind, trigger).observe(time.perf_counter() - started)
+
+
+def parse_job(owner: Mapping[str, Any]) -> Job:
+    cls = KINDS[str(owner["kind"])]
+    return cls.model_validate({k: owner[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+
+
+async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indices, key: Key) -> None:
+    kind, namespace, name = key
+    meta = owner["metadata"]
+    uid = str(meta.get("uid") or "")
+    status = {**(owner.get("status") or {}), **rt.written_status.get(uid, {})}
+    annotations = {**(meta.get("annotations") or {}), **rt.written_annotations.get(uid, {})}
+    now = datetime.now(UTC)
+    try:
+        job = parse_job(owner)
+    except ValidationError as exc:
+        message = f"{kind} {namespace}/{name} is invalid: {_first_errors(exc)}"
+        if status.get("phase") != Phase.failed.value:
+            new = lifecycle.invalid_spec_status(status, message, now, meta.get("generation"))
+            await _write_status(rt, owner, status, new)
+            kopf.event(owner, type="Warning", reason=lifecycle.REASON_INVALID_SPEC, message=message)
+        raise kopf.PermanentError(message) from exc
+
+    jobs = list(indices.jobs.get(key, []))
+    deployments = list(indices.deployments.get(key, []))
+    upstream = None
+    if isinstance(job, CompressJob) and job.spec.model.from_fine_tune_job:
+        upstream_name = job.spec.model.from_fine_tune_job
+        upstream = lifecycle.upstream_from(upstream_name, indices.owner(("FineTuneJob", namespace, upstream_name)))
+    terminations = {}
+    for failed in lifecycle.jobs_to_diagnose(job, status, jobs):
+        term = await _diagnose(rt, namespace, failed)
+        if term is not None:
+            terminations[failed] = term
+    obs = Observation(
+        job=job,
+        namespace=namespace,
+        settings=rt.settings,
+        now=now,
+        generation=meta.get("generation"),
+        status=status,
+        annotations=annotations,
+        jobs=jobs,
+        deployment=deployments[0] if deployments else None,
+        terminations=terminations,
+        upstream=upstream,
+    )
+    decision = lifecycle.decide(obs)
+    try:
+        for manifest in decision.create:
+            await _ensure(rt, manifest, uid, owner)
+    except ChildConflict as conflict:
+        decision = lifecycle.conflict_failure(obs, str(conflict))
+    for patch in decision.patch:
+        await _patch_child(rt, namespace, patch)
+    for ref in decision.delete:
+        await rt.client.delete(ref.api_version, ref.kind, namespace, ref.name)
+        rt.ensured.discard((uid, ref.kind, ref.name))
+    if decision.annotations:
+        await rt.client.merge_patch(
+            str(owner["apiVersion"]), kind, namespace, name, {"metadata": {"annotations": decision.annotations}}
+        )
+        rt.written_annotations.setdefault(uid, {}).update(decision.annotations)
+    await _write_status(rt, owner, status, decision.status)
+    _emit(rt, owner, decision)
+
+
+async def _write_status(rt: Runtime, owner: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    patch = lifecycle.status_diff(old, new)
+    if not patch:
+        return
+    meta = owner["metadata"]
+    await rt.client.merge_patch(
+        str(owner["apiVersion"]), str(owner["kind"]), meta["namespace"], meta["name"], {"status": patch}, subresource="status"
+    )
+    rt.written_status[str(meta.get("uid") or "")] = {k: new.get(k) for k in lifecycle.OPERATOR_FIELDS}
+
+
+def _emit(rt: Runtime, owner: Mapping[str, Any], decision: Decision) -> None:
+    for event in decision.events:
+        kopf.event(owner, type=event.type, reason=event.reason, message=event.message[:1024])
+        log = logger.warning if event.type == "Warning" else logger.info
+        meta = owner["metadata"]
+        log(
+            "%s %s/%s: %s: %s",
+            owner["kind"],
+            meta["namespace"],
+            meta["name"],
+            event.reason,
+            event.message,
+            extra={"job_kind": owner["kind"], "job_namespace": meta["namespace"], "job_name": meta["name"], "reason": event.reason},
+        )
+    phase = decision.status.get("phase")
+    if any(e.reason == phase for e in decision.events):
+        rt.metrics.transitions.labels(str(owner["kind"]), str(phase)).inc()
+
+
+async def _ensure(rt: Runtime, manifest: Manifest, uid: str, owner: Mapping[str, Any]) -> None:
+    """Create a child unless it exists; a 409 is fine if the existing object is ours."""
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    if (uid, kind, name) in rt.ensured:
+        return
+    try:
+        await rt.client.create(manifest)
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        existing = await rt.client.get(manifest["apiVersion"], kind, manifest["metadata"]["namespace"], name)
+        owners = (existing.get("metadata") or {}).get("ownerReferences") or []
+        if not any(ref.get("uid") == uid for ref in owners):
+            raise ChildConflict(
+                f"{kind} {name} already exists and does not belong to {owner['kind']} "
+                f"{owner['metadata']['name']}; delete it or choose another job name"
+            ) from exc
+    # Jobs and Deployments are tracked by the indices; remembering them here would hide a
+    # deletion by someone else.
+    if kind not in ("Job", "Deployment"):
+        rt.ensured.add((uid, kind, name))
+
+
+async def _patch_child(rt: Runtime, namespace: str, patch: lifecycle.ChildPatch) -> None:
+    ref = patch.ref
+    try:
+        if patch.json_patch:
+            await rt.client.json_patch(ref.api_version, ref.kind, namespace, ref.name, patch.body)
+        else:
+            await rt.client.merge_patch(ref.api_version, ref.kind, namespace, ref.name, patch.body)
+    except ApiError as exc:
+        if exc.status != 404:  # gone meanwhile: the next event shows it
+            raise
+
+
+async def _diagnose(rt: Runtime, namespace: str, job_name: str) -> lifecycle.Termination | None:
+    """The failed container of a failed Job's pods (exit code and termination message)."""
+    pods = await rt.client.list("v1", "Pod", namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
+    mine = [
+        pod
+        for pod in pods
+        if job_name
+        in {
+            ((pod.get("metadata") or {}).get("labels") or {}).get("batch.kubernetes.io/job-name"),
+            ((pod.get("metadata") or {}).get("labels") or {}).get("job-name"),
+        }
+    ]
+    return lifecycle.pick_termination(mine)
+
+
+def _first_errors(exc: ValidationError, limit: int = 3) -> str:
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+

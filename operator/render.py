@@ -1,0 +1,734 @@
+"""Pure rendering of the children of a FineTuneJob or CompressJob.
+
+``spec + settings -> manifests``: plain dicts, no I/O, importing neither kopf nor a Kubernetes
+client nor boto3. The operator applies what these functions return; ``kubetune render`` prints
+it; the unit tests compare it whole.
+
+Children of a job named N (CompressJob children carry ``-compress`` so that a FineTuneJob and a
+CompressJob of the same name never collide)::
+
+    ConfigMap       N-plan                run plan JSON, mounted at /etc/kubetune/plan.json
+    Service         N-workers             headless; pod i of attempt k is N-train-rk-i.N-workers
+    ServiceAccount  N-runner              + Role/RoleBinding N-runner: get/patch N's status only
+    Job             N-validate            one CPU pod: `python -m kubetune.trainer validate`
+    Job             N-train-r<k>          the gang, attempt k (a replacement gets a new name)
+    Deployment      N-serve               + Service N-serve, once the job has succeeded
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kubetune.api import API_VERSION, CompressJob, FineTuneJob
+from kubetune.api.spec import MethodType, ServeRuntime
+from kubetune.errors import EXIT_INVALID_INPUT, EXIT_STORAGE, TERMINATION_LOG
+from kubetune.operator.settings import Settings
+from kubetune.plan import ADAPTER_DIR, MODEL_DIR, RunPlan, dumps_plan, plan_compress, plan_finetune
+
+Job = FineTuneJob | CompressJob
+Manifest = dict[str, Any]
+
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGER: Final = "kubetune"
+LABEL_JOB: Final = "kubetune.io/job-name"
+LABEL_KIND: Final = "kubetune.io/kind"
+LABEL_COMPONENT: Final = "kubetune.io/component"
+LABEL_ATTEMPT: Final = "kubetune.io/attempt"
+LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+ANNOTATION_SPEC_HASH: Final = "kubetune.io/spec-hash"
+
+COMPONENT_PLAN: Final = "plan"
+COMPONENT_WORKERS: Final = "workers"
+COMPONENT_RUNNER: Final = "runner"
+COMPONENT_VALIDATE: Final = "validate"
+COMPONENT_TRAIN: Final = "train"
+COMPONENT_COMPRESS: Final = "compress"
+COMPONENT_SERVE: Final = "serve"
+
+PLAN_DIR: Final = "/etc/kubetune"
+PLAN_KEY: Final = "plan.json"
+PLAN_PATH: Final = f"{PLAN_DIR}/{PLAN_KEY}"
+SCRATCH_DIR: Final = "/scratch"
+MODELS_DIR: Final = "/models"
+MASTER_PORT: Final = 29500
+SERVE_PORT: Final = 8000
+
+# Longest job names whose every child name stays a valid DNS label (<= 63 characters). The
+# binding one is the hostname of the last pod of the last attempt: "<job>-train-r1000-1023"
+# (maxRestarts <= 1000, workers <= 1024) and "<job>-compress-r1000-1023".
+MAX_NAME_LENGTH: Final = {"FineTuneJob": 46, "CompressJob": 43}
+
+CONTAINER_SECURITY_CONTEXT: Final[Manifest] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+class RenderError(ValueError):
+    """The job cannot be rendered as given (e.g. a CompressJob whose model is not resolved)."""
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    """Deterministic names of a job's children."""
+
+    kind: str
+    job: str
+
+    @property
+    def _base(self) -> str:
+        return self.job if self.kind == "FineTuneJob" else f"{self.job}-compress"
+
+    @property
+    def plan(self) -> str:
+        return f"{self._base}-plan"
+
+    @property
+    def workers(self) -> str:
+        return f"{self._base}-workers"
+
+    @property
+    def runner(self) -> str:
+        return f"{self._base}-runner"
+
+    @property
+    def validate(self) -> str:
+        return f"{self._base}-validate"
+
+    @property
+    def serve(self) -> str:
+        return f"{self._base}-serve"
+
+    @property
+    def main_component(self) -> str:
+        return COMPONENT_TRAIN if self.kind == "FineTuneJob" else COMPONENT_COMPRESS
+
+    def main(self, attempt: int) -> str:
+        """The gang Job of one attempt; a replacement after a retriable failure gets attempt + 1."""
+        if self.kind == "FineTuneJob":
+            return f"{self.job}-train-r{attempt}"
+        return f"{self.job}-compress-r{attempt}"
+
+
+def child_names(job: Job) -> ChildNames:
+    return ChildNames(type(job).kind_name, job_name(job))
+
+
+def job_name(job: Job) -> str:
+    if not job.metadata.name:
+        raise RenderError(f"{type(job).kind_name} has no metadata.name")
+    return job.metadata.name
+
+
+def job_namespace(job: Job, namespace: str | None = None) -> str:
+    return job.metadata.namespace or namespace or "default"
+
+
+def labels(job: Job, component: str, **extra: str) -> dict[str, str]:
+    return {
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_JOB: job_name(job),
+        LABEL_KIND: type(job).kind_name,
+        LABEL_COMPONENT: component,
+        **extra,
+    }
+
+
+def selector(job: Job, component: str) -> dict[str, str]:
+    return {LABEL_JOB: job_name(job), LABEL_KIND: type(job).kind_name, LABEL_COMPONENT: component}
+
+
+def owner_reference(job: Job) -> Manifest:
+    """The controller reference that makes deleting the job garbage-collect the child."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": type(job).kind_name,
+        "name": job_name(job),
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: Job, name: str, namespace: str, component: str, **extra_labels: str) -> Manifest:
+    meta: Manifest = {"name": name, "namespace": namespace, "labels": labels(job, component, **extra_labels)}
+    # Without a uid (``kubetune render`` of a file) there is nothing to own the child yet.
+    if job.metadata.uid:
+        meta["ownerReferences"] = [owner_reference(job)]
+    return meta
+
+
+# --- The run plan -------------------------------------------------------------------------------
+
+
+def render_plan(job: Job, settings: Settings, namespace: str, model_uri: str | None = None) -> RunPlan:
+    """The run plan; a CompressJob needs ``model_uri`` (its URI, or its upstream job's model)."""
+    ns = job_namespace(job, namespace)
+    if isinstance(job, FineTuneJob):
+        return plan_finetune(job, namespace=ns, default_endpoint=settings.storage_endpoint)
+    resolved = model_uri or job.spec.model.uri
+    if resolved is None:
+        raise RenderError(
+            f"CompressJob {job_name(job)}: model.fromFineTuneJob {job.spec.model.from_fine_tune_job!r} "
+            "is not resolved to a model URI yet"
+        )
+    return plan_compress(job, model_uri=resolved, namespace=ns, default_endpoint=settings.storage_endpoint)
+
+
+def render_plan_configmap(job: Job, plan: RunPlan, namespace: str) -> Manifest:
+    names = child_names(job)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, names.plan, namespace, COMPONENT_PLAN),
+        "data": {PLAN_KEY: dumps_plan(plan)},
+    }
+
+
+# --- Rendezvous and identity --------------------------------------------------------------------
+
+
+def render_workers_service(job: Job, namespace: str) -> Manifest:
+    """Headless Service that gives gang pods stable DNS names (the Job's subdomain). Not-ready
+    addresses are published because torchrun resolves the master before any pod is ready."""
+    names = child_names(job)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, names.workers, namespace, COMPONENT_WORKERS),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(job, names.main_component),
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+        },
+    }
+
+
+def render_runner_identity(job: Job, namespace: str) -> list[Manifest]:
+    """ServiceAccount + Role + RoleBinding: the pods may get and patch this one job's status."""
+    names = child_names(job)
+    plural = type(job).plural
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _metadata(job, names.runner, namespace, COMPONENT_RUNNER),
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(job, names.runner, namespace, COMPONENT_RUNNER),
+            "rules": [
+                {
+                    "apiGroups": [API_VERSION.split("/")[0]],
+                    "resources": [f"{plural}/status"],
+                    "resourceNames": [job_name(job)],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(job, names.runner, namespace, COMPONENT_RUNNER),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.runner},
+            "subjects": [{"kind": "ServiceAccount", "name": names.runner, "namespace": namespace}],
+        },
+    ]
+
+
+def render_base(job: Job, settings: Settings, namespace: str, model_uri: str | None = None) -> list[Manifest]:
+    """Children every step needs: plan, rendezvous Service, runner identity (in creation order)."""
+    plan = render_plan(job, settings, namespace, model_uri)
+    return [
+        render_plan_configmap(job, plan, namespace),
+        render_workers_service(job, namespace),
+        *render_runner_identity(job, namespace),
+    ]
+
+
+# --- Pods ---------------------------------------------------------------------------------------
+
+
+def _pod_security_context(settings: Settings) -> Manifest:
+    uid = settings.run_as_user
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _scratch_env() -> list[Manifest]:
+    # The root filesystem is read-only: every cache and temporary file goes to the scratch volume.
+    return [
+        {"name": "KUBETUNE_SCRATCH_DIR", "value": SCRATCH_DIR},
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/.cache"},
+        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{SCRATCH_DIR}/triton"},
+        {"name": "TORCH_EXTENSIONS_DIR", "value": f"{SCRATCH_DIR}/torch_extensions"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def _storage_env(job: Job, endpoint: str | None) -> list[Manifest]:
+    """S3 settings; the keys come from the user's Secret by reference (never read here)."""
+    storage = job.spec.storage
+    env: list[Manifest] = []
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    if storage.region:
+        env += [
+            {"name": "AWS_REGION", "value": storage.region},
+            {"name": "AWS_DEFAULT_REGION", "value": storage.region},
+        ]
+    ref = storage.secret_ref
+    if ref is not None:
+        keys = [
+            ("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key),
+        ]
+        if ref.session_token_key:
+            keys.append(("AWS_SESSION_TOKEN", ref.session_token_key))
+        env += [
+            {"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}} for var, key in keys
+        ]
+    return env
+
+
+def _job_env(job: Job, plan: RunPlan) -> list[Manifest]:
+    env: list[Manifest] = [
+        {"name": "KUBETUNE_JOB_KIND", "value": plan.job.kind},
+        {"name": "KUBETUNE_JOB_NAMESPACE", "value": plan.job.namespace},
+        {"name": "KUBETUNE_JOB_NAME", "value": plan.job.name},
+        {"name": "KUBETUNE_PLAN", "value": PLAN_PATH},
+    ]
+    if plan.world.gpus_per_worker == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    return env + _scratch_env() + _storage_env(job, plan.storage.endpoint)
+
+
+def _scratch_volumes(job: Job) -> list[Manifest]:
+    return [{"name": "scratch", "emptyDir": {"sizeLimit": job.spec.resources.scratch_size}}]
+
+
+def _scratch_mounts() -> list[Manifest]:
+    return [
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+        {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
+    ]
+
+
+def _plan_volume(job: Job) -> Manifest:
+    return {
+        "name": "plan",
+        "configMap": {"name": child_names(job).plan, "items": [{"key": PLAN_KEY, "path": PLAN_KEY}]},
+    }
+
+
+_PLAN_MOUNT: Final[Manifest] = {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}
+_SHM_VOLUME: Final[Manifest] = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+_SHM_MOUNT: Final[Manifest] = {"name": "dshm", "mountPath": "/dev/shm"}
+
+
+def _resources(
+    requests: dict[str, str] | None, limits: dict[str, str] | None, gpus: int
+) -> Manifest:
+    out: Manifest = {}
+    if requests:
+        out["requests"] = dict(requests)
+    merged_limits = dict(limits or {})
+    if gpus:
+        merged_limits["nvidia.com/gpu"] = str(gpus)
+    if merged_limits:
+        out["limits"] = merged_limits
+    return out
+
+
+def _pod_failure_policy(container: str) -> Manifest:
+    """Exit-code contract of the runtimes: 2 (invalid input) and 3 (storage) fail the Job at once;
+    disruptions (preemption, eviction, node drain) do not count as failures."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": container,
+                    "operator": "In",
+                    "values": [EXIT_INVALID_INPUT, EXIT_STORAGE],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def initially_suspended(job: Job) -> bool:
+    """Jobs are created suspended when the user asks, and when Kueue admits them (Kueue unsuspends)."""
+    return job.spec.suspend or job.spec.queue_name is not None
+
+
+def _job_labels(job: Job, component: str, **extra: str) -> dict[str, str]:
+    out = labels(job, component, **extra)
+    if job.spec.queue_name:
+        out[LABEL_QUEUE] = job.spec.queue_name
+    return out
+
+
+def _placement(job: Job) -> Manifest:
+    resources = job.spec.resources
+    out: Manifest = {}
+    if resources.node_selector:
+        out["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        out["tolerations"] = [t.to_wire() for t in resources.tolerations]
+    if resources.priority_class_name:
+        out["priorityClassName"] = resources.priority_class_name
+    return out
+
+
+def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace: str) -> Manifest:
+    """A single CPU pod that checks model and data before the gang holds any accelerator."""
+    names = child_names(job)
+    container: Manifest = {
+        "name": "validate",
+        "image": job.spec.resources.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "kubetune.trainer", "validate", "--plan", PLAN_PATH],
+        "env": _job_env(job, plan),
+        "resources": {
+            "requests": {"cpu": settings.validation_cpu, "memory": settings.validation_memory},
+            "limits": {"memory": settings.validation_memory},
+        },
+        "volumeMounts": [_PLAN_MOUNT, *_scratch_mounts()],
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "serviceAccountName": names.runner,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security_context(settings),
+        "containers": [container],
+        "volumes": [_plan_volume(job), *_scratch_volumes(job)],
+    }
+    if job.spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = job.spec.resources.priority_class_name
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, names.validate, namespace, COMPONENT_VALIDATE)
+        | {"labels": _job_labels(job, COMPONENT_VALIDATE)},
+        "spec": {
+            "suspend": initially_suspended(job),
+            "completions": 1,
+            "parallelism": 1,
+            # Transient errors (exit 1: network, throttling) get two more tries; 2 and 3 never.
+            "backoffLimit": 2,
+            "podFailurePolicy": _pod_failure_policy("validate"),
+            "template": {
+                "metadata": {"labels": labels(job, COMPONENT_VALIDATE)},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def main_command(job: Job, plan: RunPlan, master_addr: str) -> list[str]:
+    """torchrun over the gang for training; a plain process for single-process compression."""
+    command = "finetune" if isinstance(job, FineTuneJob) else "compress"
+    runtime = ["-m", "kubetune.trainer", command, "--plan", PLAN_PATH]
+    distributed = isinstance(job, FineTuneJob) or (plan.compression is not None and plan.compression.distillation)
+    if not distributed:
+        return ["python", *runtime]
+    return [
+        "torchrun",
+        f"--nnodes={plan.world.workers}",
+        f"--nproc_per_node={plan.world.processes_per_worker}",
+        "--node_rank=$(JOB_COMPLETION_INDEX)",
+        f"--master_addr={master_addr}",
+        f"--master_port={MASTER_PORT}",
+        *runtime,
+    ]
+
+
+def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str, attempt: int) -> Manifest:
+    """The gang: one Indexed Job, pod i is ``<job>-<i>.<workers-service>`` and torchrun node i."""
+    names = child_names(job)
+    name = names.main(attempt)
+    component = names.main_component
+    container_name = "trainer" if isinstance(job, FineTuneJob) else "compress"
+    resources = job.spec.resources
+    workers = plan.world.workers
+    command = main_command(job, plan, master_addr=f"{name}-0.{names.workers}")
+    container: Manifest = {
+        "name": container_name,
+        "image": resources.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": command[:1],
+        "args": command[1:],
+        "env": _job_env(job, plan),
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+        "volumeMounts": [_PLAN_MOUNT, *_scratch_mounts(), _SHM_MOUNT],
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    container_resources = _resources(resources.requests, resources.limits, plan.world.gpus_per_worker)
+    if container_resources:
+        container["resources"] = container_resources
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "subdomain": names.workers,
+        "serviceAccountName": names.runner,
+        # Rank 0 patches status.progress with this token (its Role allows nothing else).
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security_context(settings),
+        "containers": [container],
+        "volumes": [_plan_volume(job), *_scratch_volumes(job), _SHM_VOLUME],
+        **_placement(job),
+    }
+    attempt_label = {LABEL_ATTEMPT: str(attempt)}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, name, namespace, component)
+        | {"labels": _job_labels(job, component, **attempt_label)},
+        "spec": {
+            "suspend": initially_suspended(job),
+            "completionMode": "Indexed",
+            "completions": workers,
+            "parallelism": workers,
+            # One failed pod fails the gang; the operator decides whether to replace it.
+            "backoffLimit": 0,
+            "podFailurePolicy": _pod_failure_policy(container_name),
+            # A pod replaced after a disruption must not coexist with its predecessor: they share
+            # a hostname and a torchrun rank.
+            "podReplacementPolicy": "Failed",
+            "template": {"metadata": {"labels": labels(job, component, **attempt_label)}, "spec": pod_spec},
+        },
+    }
+
+
+# --- Serving ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a serving Deployment loads: a full model, optionally with an unmerged LoRA adapter."""
+
+    model_uri: str
+    adapter_uri: str | None = None
+
+
+def output_uri(job: Job, *parts: str) -> str:
+    return "/".join([job.spec.output.uri.rstrip("/"), *parts])
+
+
+def served_model(job: Job) -> ServedModel:
+    if isinstance(job, FineTuneJob) and job.spec.method.type == MethodType.lora and not job.spec.method.merges:
+        return ServedModel(model_uri=job.spec.model.uri, adapter_uri=output_uri(job, ADAPTER_DIR))
+    return ServedModel(model_uri=output_uri(job, MODEL_DIR))
+
+
+def serving_url(job: Job, namespace: str) -> str:
+    return f"http://{child_names(job).serve}.{job_namespace(job, namespace)}.svc:{SERVE_PORT}/v1"
+
+
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _http_probe(path: str, period: int, failures: int, timeout: int = 5) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def _builtin_server(job: Job, settings: Settings, model: ServedModel, endpoint: str | None) -> Manifest:
+    serve = job.spec.serve
+    args = ["-m", "kubetune.trainer", "serve", "--model", model.model_uri]
+    if model.adapter_uri:
+        args += ["--adapter", model.adapter_uri]
+    args += ["--port", str(SERVE_PORT), "--served-model-name", job_name(job)]
+    args += ["--max-batch-size", str(serve.max_batch_size)]
+    if endpoint:
+        args += ["--storage-endpoint", endpoint]
+    container: Manifest = {
+        "name": "server",
+        "image": serve.image or settings.effective_serve_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python"],
+        "args": args,
+        "env": _scratch_env() + _storage_env(job, endpoint),
+        "ports": [{"name": "http", "containerPort": SERVE_PORT}],
+        # Downloading a large model may take long: allow up to an hour before liveness applies.
+        "startupProbe": _http_probe("/healthz", period=10, failures=360),
+        "livenessProbe": _http_probe("/healthz", period=10, failures=6),
+        "readinessProbe": _http_probe("/readyz", period=5, failures=3),
+        "volumeMounts": _scratch_mounts(),
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    resources = _resources(serve.requests, serve.limits, serve.gpus)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _vllm_containers(
+    job: Job, settings: Settings, model: ServedModel, endpoint: str | None
+) -> tuple[Manifest, Manifest]:
+    """An init container (our image) copies the model out of object storage into a shared
+    emptyDir; vLLM then serves it from local disk."""
+    serve = job.spec.serve
+    name = job_name(job)
+    fetch_args = ["-m", "kubetune.trainer", "serve", "--download-only", "--model", model.model_uri]
+    if model.adapter_uri:
+        fetch_args += ["--adapter", model.adapter_uri]
+    fetch_args += ["--download-dir", MODELS_DIR]
+    if endpoint:
+        fetch_args += ["--storage-endpoint", endpoint]
+    models_mount = {"name": "models", "mountPath": MODELS_DIR}
+    fetch: Manifest = {
+        "name": "fetch-model",
+        "image": settings.effective_serve_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python"],
+        "args": fetch_args,
+        "env": _scratch_env() + _storage_env(job, endpoint),
+        "volumeMounts": [models_mount, *_scratch_mounts()],
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    args = [f"{MODELS_DIR}/{MODEL_DIR}"]
+    if model.adapter_uri:
+        # The fine-tuned model is the adapter; the base stays reachable under "<name>-base".
+        args += ["--served-model-name", f"{name}-base", "--enable-lora"]
+        args += ["--lora-modules", f"{name}={MODELS_DIR}/{ADAPTER_DIR}"]
+        rank = job.spec.method.lora.r if isinstance(job, FineTuneJob) and job.spec.method.lora else 8
+        args += ["--max-lora-rank", str(next((r for r in _VLLM_LORA_RANKS if r >= rank), rank))]
+    else:
+        args += ["--served-model-name", name]
+    args += ["--host", "0.0.0.0", "--port", str(SERVE_PORT)]
+    args += ["--max-num-seqs", str(serve.max_batch_size), "--tensor-parallel-size", str(max(serve.gpus, 1))]
+    vllm: Manifest = {
+        "name": "vllm",
+        "image": serve.image or settings.vllm_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["vllm", "serve"],
+        "args": args,
+        "env": [
+            *_scratch_env(),
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "DO_NOT_TRACK", "value": "1"},
+        ],
+        "ports": [{"name": "http", "containerPort": SERVE_PORT}],
+        # vLLM answers /health only once the engine has loaded the weights.
+        "startupProbe": _http_probe("/health", period=10, failures=360),
+        "livenessProbe": _http_probe("/health", period=10, failures=6),
+        "readinessProbe": _http_probe("/health", period=5, failures=3),
+        "volumeMounts": [models_mount, *_scratch_mounts(), _SHM_MOUNT],
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    resources = _resources(serve.requests, serve.limits, serve.gpus)
+    if resources:
+        vllm["resources"] = resources
+    return fetch, vllm
+
+
+def render_serving(job: Job, settings: Settings, namespace: str, model: ServedModel | None = None) -> list[Manifest]:
+    """Deployment + Service serving the job's result over the OpenAI-compatible API."""
+    names = child_names(job)
+    model = model or served_model(job)
+    endpoint = job.spec.storage.endpoint or settings.storage_endpoint
+    serve = job.spec.serve
+    pod_spec: Manifest = {
+        # Serving pods need no API access, and outlive the runner identity (TTL).
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security_context(settings),
+    }
+    volumes = _scratch_volumes(job)
+    if serve.runtime == ServeRuntime.vllm:
+        fetch, vllm = _vllm_containers(job, settings, model, endpoint)
+        pod_spec["initContainers"] = [fetch]
+        pod_spec["containers"] = [vllm]
+        volumes = [
+            {"name": "models", "emptyDir": {"sizeLimit": job.spec.resources.scratch_size}},
+            *volumes,
+            _SHM_VOLUME,
+        ]
+    else:
+        pod_spec["containers"] = [_builtin_server(job, settings, model, endpoint)]
+    pod_spec["volumes"] = volumes
+    spec: Manifest = {
+        "replicas": serve.replicas,
+        "selector": {"matchLabels": selector(job, COMPONENT_SERVE)},
+        "template": {"metadata": {"labels": labels(job, COMPONENT_SERVE)}, "spec": pod_spec},
+    }
+    deployment_meta = _metadata(job, names.serve, namespace, COMPONENT_SERVE)
+    deployment_meta["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(spec)}
+    return [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": deployment_meta, "spec": spec},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(job, names.serve, namespace, COMPONENT_SERVE),
+            "spec": {
+                "selector": selector(job, COMPONENT_SERVE),
+                "ports": [{"name": "http", "port": SERVE_PORT, "targetPort": "http"}],
+            },
+        },
+    ]
+
+
+def spec_hash(spec: Manifest) -> str:
+    """Fingerprint of a rendered spec: the operator patches a child only when it changes."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- Everything at once (``kubetune render``) -----------------------------------------------------
+
+
+def render_all(
+    job: Job,
+    settings: Settings,
+    namespace: str = "default",
+    *,
+    model_uri: str | None = None,
+    attempt: int = 0,
+    serving: bool | None = None,
+) -> list[Manifest]:
+    """Every child the operator creates over the job's life, in creation order. Serving objects
+    are included when ``spec.serve.enabled`` (or when ``serving`` says so)."""
+    ns = job_namespace(job, namespace)
+    plan = render_plan(job, settings, ns, model_uri)
+    children = [
+        render_plan_configmap(job, plan, ns),
+        render_workers_service(job, ns),
+        *render_runner_identity(job, ns),
+        render_validation_job(job, settings, plan, ns),
+        render_main_job(job, settings, plan, ns, attempt),
+    ]
+    if job.spec.serve.enabled if serving is None else serving:
+        children += render_serving(job, settings, ns)
+    return children

@@ -1,0 +1,472 @@
+"""The real operator against the Kubernetes emulator: lifecycle, restarts, serving, RBAC.
+
+The tests play the Job controller and the kubelet (tests.kube.complete_job, fail_job...). Each
+scenario is a plain coroutine so the RBAC test can replay them all and audit every request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.kube import (  # noqa: F401  (fixtures)
+    KubeEmulator,
+    Operator,
+    TEST_SETTINGS,
+    complete_job,
+    compressjob,
+    create,
+    delete,
+    eventually,
+    fail_job,
+    finetunejob,
+    kube,
+    kubeconfig,
+    operator,
+    operator_requests,
+    patch,
+    set_deployment_ready,
+    start_job,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+FTJ = "kubetune.io/v1alpha1/finetunejobs"
+CJ = "kubetune.io/v1alpha1/compressjobs"
+JOBS = "batch/v1/jobs"
+DEPLOYMENTS = "apps/v1/deployments"
+CLUSTERROLE = Path(__file__).resolve().parents[2] / "manifests" / "operator" / "clusterrole.yaml"
+
+
+def status(kube: KubeEmulator, ns: str, name: str, resource: str = FTJ) -> dict[str, Any]:
+    return dict((kube.get(resource, ns, name) or {}).get("status") or {})
+
+
+def condition(kube: KubeEmulator, ns: str, name: str, type_: str, resource: str = FTJ) -> dict[str, Any]:
+    conds = status(kube, ns, name, resource).get("conditions") or []
+    return next((c for c in conds if c["type"] == type_), {})
+
+
+async def reach(kube: KubeEmulator, ns: str, name: str, phase: str, resource: str = FTJ) -> dict[str, Any]:
+    await eventually(lambda: status(kube, ns, name, resource).get("phase") == phase, what=f"{name} -> {phase}")
+    return status(kube, ns, name, resource)
+
+
+async def job_exists(kube: KubeEmulator, ns: str, name: str) -> dict[str, Any]:
+    return await eventually(lambda: kube.get(JOBS, ns, name), what=f"Job {ns}/{name}")
+
+
+def events(kube: KubeEmulator, ns: str, reason: str) -> list[dict[str, Any]]:
+    out = []
+    for name in kube.names("v1/events", ns):
+        event = kube.get("v1/events", ns, name) or {}
+        if event.get("reason") == reason:
+            out.append(event)
+    return out
+
+
+async def validated(kube: KubeEmulator, ns: str, name: str) -> dict[str, Any]:
+    """Let the validation Job pass; returns the first training Job."""
+    await job_exists(kube, ns, f"{name}-validate")
+    await complete_job(kube, ns, f"{name}-validate")
+    return await job_exists(kube, ns, f"{name}-train-r0")
+
+
+# --- Scenarios ------------------------------------------------------------------------------------
+
+
+async def scenario_children_owned(kube: KubeEmulator, ns: str) -> None:
+    created = await create(kube, FTJ, finetunejob("owned", ns))
+    await job_exists(kube, ns, "owned-validate")
+    uid = created["metadata"]["uid"]
+    children = [
+        ("v1/configmaps", "owned-plan"),
+        ("v1/services", "owned-workers"),
+        ("v1/serviceaccounts", "owned-runner"),
+        ("rbac.authorization.k8s.io/v1/roles", "owned-runner"),
+        ("rbac.authorization.k8s.io/v1/rolebindings", "owned-runner"),
+        (JOBS, "owned-validate"),
+    ]
+    for resource, name in children:
+        child = kube.get(resource, ns, name)
+        assert child is not None, f"{resource} {name} missing"
+        refs = child["metadata"]["ownerReferences"]
+        assert refs == [
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "owned",
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ], f"{resource} {name}"
+    plan = json.loads(kube.get("v1/configmaps", ns, "owned-plan")["data"]["plan.json"])  # type: ignore[index]
+    assert plan["job"] == {"api_version": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "namespace": ns, "name": "owned", "uid": uid}
+    st = await reach(kube, ns, "owned", "Validating")
+    assert st["observedGeneration"] == 1 and st["startTime"] and st["restarts"] == 0
+    assert kube.get(JOBS, ns, "owned-train-r0") is None, "the gang waits for validation"
+
+
+async def scenario_success_and_serving(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("served", ns, serve={"enabled": True}))
+    train = await validated(kube, ns, "served")
+    assert train["spec"]["completions"] == train["spec"]["parallelism"] == 2
+    await eventually(lambda: condition(kube, ns, "served", "Validated").get("status") == "True")
+    await start_job(kube, ns, "served-train-r0")
+    await eventually(lambda: "2/2 workers ready" in status(kube, ns, "served").get("message", ""))
+    assert status(kube, ns, "served")["phase"] == "Running"
+    await complete_job(kube, ns, "served-train-r0")
+    st = await reach(kube, ns, "served", "Succeeded")
+    assert st["artifacts"] == {
+        "modelUri": "s3://runs/served/model",
+        "adapterUri": "s3://runs/served/adapter",
+        "metricsUri": "s3://runs/served/metrics.json",
+        "logsUri": "s3://runs/served/logs",
+    }
+    assert st["completionTime"]
+    assert condition(kube, ns, "served", "Complete")["status"] == "True"
+    deployment = await eventually(lambda: kube.get(DEPLOYMENTS, ns, "served-serve"))
+    assert kube.get("v1/services", ns, "served-serve") is not None
+    await eventually(lambda: (status(kube, ns, "served").get("serving") or {}).get("url"))
+    assert status(kube, ns, "served")["serving"]["ready"] is False
+    await set_deployment_ready(kube, ns, "served-serve", 1)
+    await eventually(lambda: status(kube, ns, "served")["serving"]["ready"] is True)
+    assert status(kube, ns, "served")["serving"] == {
+        "deployment": "served-serve",
+        "service": "served-serve",
+        "url": f"http://served-serve.{ns}.svc:8000/v1",
+        "ready": True,
+        "readyReplicas": 1,
+    }
+    assert condition(kube, ns, "served", "ServingReady")["status"] == "True"
+    await eventually(lambda: events(kube, ns, "Succeeded") and events(kube, ns, "ServingReady"))
+    assert deployment["metadata"]["ownerReferences"][0]["name"] == "served"
+
+
+async def scenario_retriable_failures(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("flaky", ns, maxRestarts=2))
+    await validated(kube, ns, "flaky")
+    await fail_job(kube, ns, "flaky-train-r0", exit_code=137, message="")
+    await job_exists(kube, ns, "flaky-train-r1")
+    await eventually(lambda: kube.get(JOBS, ns, "flaky-train-r0") is None, what="failed attempt deleted")
+    st = await eventually(lambda: (s := status(kube, ns, "flaky")).get("restarts") == 1 and s)
+    assert st["phase"] == "Running" and st["activeJob"] == "flaky-train-r1"
+    await eventually(lambda: any("exited with code 137" in e["message"] for e in events(kube, ns, "Restarting")))
+    await fail_job(kube, ns, "flaky-train-r1", exit_code=1, message="NCCL timeout")
+    await job_exists(kube, ns, "flaky-train-r2")
+    await fail_job(kube, ns, "flaky-train-r2", exit_code=1, message="NCCL timeout again")
+    st = await reach(kube, ns, "flaky", "Failed")
+    failed = condition(kube, ns, "flaky", "Failed")
+    assert failed["reason"] == "RestartsExhausted"
+    assert "NCCL timeout again" in failed["message"]
+    assert st["restarts"] == 2
+    assert kube.get(JOBS, ns, "flaky-train-r3") is None
+
+
+async def scenario_invalid_input(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("broken", ns))
+    await validated(kube, ns, "broken")
+    reason = "dataset.train: line 3: record has no field 'text' (fields: prompt, response)"
+    await fail_job(kube, ns, "broken-train-r0", exit_code=2, message=reason, index=1)
+    st = await reach(kube, ns, "broken", "Failed")
+    failed = condition(kube, ns, "broken", "Failed")
+    assert failed["reason"] == "InvalidInput"
+    assert reason in failed["message"] and reason in st["message"]
+    assert st["restarts"] == 0
+    assert kube.get(JOBS, ns, "broken-train-r1") is None
+    await eventually(lambda: any(reason in e["message"] for e in events(kube, ns, "InvalidInput")))
+
+
+async def scenario_validation_failure(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("unreadable", ns))
+    await job_exists(kube, ns, "unreadable-validate")
+    reason = "s3://models/tiny-llama/config.json: access denied (403)"
+    await fail_job(kube, ns, "unreadable-validate", exit_code=3, message=reason)
+    await reach(kube, ns, "unreadable", "Failed")
+    assert condition(kube, ns, "unreadable", "Failed")["reason"] == "StorageError"
+    validated_condition = condition(kube, ns, "unreadable", "Validated")
+    assert validated_condition["status"] == "False" and validated_condition["reason"] == "StorageError"
+    assert reason in validated_condition["message"]
+    assert kube.get(JOBS, ns, "unreadable-train-r0") is None
+
+
+async def scenario_suspend_resume(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("pausable", ns))
+    await validated(kube, ns, "pausable")
+    await start_job(kube, ns, "pausable-train-r0")
+    await reach(kube, ns, "pausable", "Running")
+    await patch(kube, FTJ, ns, "pausable", {"spec": {"suspend": True}})
+    await eventually(lambda: kube.get(JOBS, ns, "pausable-train-r0")["spec"]["suspend"] is True)  # type: ignore[index]
+    await reach(kube, ns, "pausable", "Suspended")
+    assert condition(kube, ns, "pausable", "Suspended")["status"] == "True"
+    assert condition(kube, ns, "pausable", "Running")["status"] == "False"
+    await patch(kube, FTJ, ns, "pausable", {"spec": {"suspend": False}})
+    await eventually(lambda: kube.get(JOBS, ns, "pausable-train-r0")["spec"]["suspend"] is False)  # type: ignore[index]
+    await reach(kube, ns, "pausable", "Running")
+    assert condition(kube, ns, "pausable", "Suspended")["status"] == "False"
+    assert kube.names(JOBS, ns) == ["pausable-train-r0", "pausable-validate"]
+
+
+async def scenario_serve_edit(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("editable", ns, serve={"enabled": True}))
+    await validated(kube, ns, "editable")
+    await complete_job(kube, ns, "editable-train-r0")
+    before = await eventually(lambda: kube.get(DEPLOYMENTS, ns, "editable-serve"))
+    await patch(kube, FTJ, ns, "editable", {"spec": {"serve": {"enabled": True, "replicas": 3, "maxBatchSize": 4}}})
+
+    def updated() -> dict[str, Any] | None:
+        dep = kube.get(DEPLOYMENTS, ns, "editable-serve")
+        return dep if dep and dep["spec"]["replicas"] == 3 else None
+
+    after = await eventually(updated, what="Deployment patched")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"], "updated in place, not replaced"
+    args = after["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-batch-size") + 1] == "4"
+    await eventually(lambda: status(kube, ns, "editable").get("observedGeneration") == 2)
+    await eventually(lambda: events(kube, ns, "ServingUpdated"))
+    await patch(kube, FTJ, ns, "editable", {"spec": {"serve": {"enabled": False}}})
+    await eventually(lambda: kube.get(DEPLOYMENTS, ns, "editable-serve") is None, what="serving removed")
+    await eventually(lambda: kube.get("v1/services", ns, "editable-serve") is None, what="serving Service removed")
+    await eventually(lambda: "serving" not in status(kube, ns, "editable"), what="serving status cleared")
+
+
+async def scenario_delete(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("doomed", ns, serve={"enabled": True}))
+    await validated(kube, ns, "doomed")
+    await complete_job(kube, ns, "doomed-train-r0")
+    await eventually(lambda: kube.get(DEPLOYMENTS, ns, "doomed-serve"))
+    await delete(kube, FTJ, ns, "doomed")
+    for resource in ("v1/configmaps", "v1/services", "v1/serviceaccounts", JOBS, DEPLOYMENTS):
+        await eventually(lambda r=resource: not [n for n in kube.names(r, ns) if n.startswith("doomed-")], what=resource)
+
+
+async def scenario_ttl(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("shortlived", ns, ttlSecondsAfterFinished=0, serve={"enabled": True}))
+    await validated(kube, ns, "shortlived")
+    await complete_job(kube, ns, "shortlived-train-r0")
+    await reach(kube, ns, "shortlived", "Succeeded")
+    await eventually(lambda: kube.get("v1/configmaps", ns, "shortlived-plan") is None, what="children deleted")
+    assert kube.names(JOBS, ns) == []
+    assert kube.get("v1/serviceaccounts", ns, "shortlived-runner") is None
+    assert kube.get(DEPLOYMENTS, ns, "shortlived-serve") is not None, "serving stays while the job exists"
+    assert status(kube, ns, "shortlived")["phase"] == "Succeeded"
+
+
+async def scenario_compress_waits(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, CJ, compressjob("squeeze", ns, model={"fromFineTuneJob": "base"}))
+    st = await reach(kube, ns, "squeeze", "Waiting", CJ)
+    assert "FineTuneJob base" in st["message"]
+    await create(kube, FTJ, finetunejob("base", ns))
+    await validated(kube, ns, "base")
+    assert status(kube, ns, "squeeze", CJ)["phase"] == "Waiting"
+    assert kube.names("v1/configmaps", ns) == ["base-plan"]
+    await complete_job(kube, ns, "base-train-r0")
+    await reach(kube, ns, "squeeze", "Validating", CJ)
+    plan = json.loads(kube.get("v1/configmaps", ns, "squeeze-compress-plan")["data"]["plan.json"])  # type: ignore[index]
+    assert plan["model_uri"] == "s3://runs/base/model"
+    assert status(kube, ns, "squeeze", CJ)["sourceModelUri"] == "s3://runs/base/model"
+    await complete_job(kube, ns, "squeeze-compress-validate")
+    main = await job_exists(kube, ns, "squeeze-compress-r0")
+    assert main["spec"]["template"]["spec"]["containers"][0]["command"] == ["python"]
+    await complete_job(kube, ns, "squeeze-compress-r0")
+    st = await reach(kube, ns, "squeeze", "Succeeded", CJ)
+    assert st["artifacts"] == {
+        "modelUri": "s3://runs/squeeze/model",
+        "reportUri": "s3://runs/squeeze/compression_report.json",
+    }
+
+
+async def scenario_compress_upstream_failed(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("doomedbase", ns))
+    await create(kube, CJ, compressjob("orphan", ns, model={"fromFineTuneJob": "doomedbase"}))
+    await reach(kube, ns, "orphan", "Waiting", CJ)
+    await job_exists(kube, ns, "doomedbase-validate")
+    await fail_job(kube, ns, "doomedbase-validate", exit_code=2, message="model config.json is not valid JSON")
+    await reach(kube, ns, "orphan", "Failed", CJ)
+    failed = condition(kube, ns, "orphan", "Failed", CJ)
+    assert failed["reason"] == "UpstreamFailed"
+    assert "FineTuneJob doomedbase failed" in failed["message"]
+    assert "config.json is not valid JSON" in failed["message"]
+    assert not [n for n in kube.names(JOBS, ns) if n.startswith("orphan")]
+
+
+async def scenario_restart_no_duplicates(kube: KubeEmulator, ns: str, running: Operator) -> None:
+    await create(kube, FTJ, finetunejob("steady", ns, serve={"enabled": True}))
+    await validated(kube, ns, "steady")
+    await create(kube, FTJ, finetunejob("finished", ns, serve={"enabled": True}))
+    await validated(kube, ns, "finished")
+    await complete_job(kube, ns, "finished-train-r0")
+    await eventually(lambda: kube.get(DEPLOYMENTS, ns, "finished-serve"))
+    await eventually(lambda: (status(kube, ns, "finished").get("serving") or {}).get("url"))
+    await eventually(lambda: status(kube, ns, "steady").get("activeJob") == "steady-train-r0")
+    before = {name: status(kube, ns, name) for name in ("steady", "finished")}
+    await running.restart()
+    # After the restart the operator resumes both jobs; let the next step happen and compare.
+    await start_job(kube, ns, "steady-train-r0")
+    await eventually(lambda: "2/2 workers ready" in status(kube, ns, "steady").get("message", ""))
+    creates = Counter(
+        (plural, name)
+        for _, action, plural, namespace, name in kube.journal
+        if action == "create" and namespace == ns and plural not in ("events", "pods", "finetunejobs")
+    )
+    assert creates and max(creates.values()) == 1, f"created twice: {[k for k, v in creates.items() if v > 1]}"
+    assert kube.names(JOBS, ns) == ["finished-train-r0", "finished-validate", "steady-train-r0", "steady-validate"]
+    assert status(kube, ns, "finished") == before["finished"]
+    assert status(kube, ns, "steady")["restarts"] == before["steady"]["restarts"] == 0
+
+
+async def scenario_name_conflict(kube: KubeEmulator, ns: str) -> None:
+    """Children whose names are taken by objects the job does not own fail it, untouched."""
+    foreign: list[tuple[str, dict[str, Any]]] = [
+        ("v1/configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken-plan"}, "data": {}}),
+        (JOBS, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "clash-validate"}, "spec": {}}),
+        (DEPLOYMENTS, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "late-serve"}, "spec": {}}),
+    ]
+    for resource, manifest in foreign:
+        manifest["metadata"]["namespace"] = ns
+        await create(kube, resource, manifest)
+    await create(kube, FTJ, finetunejob("taken", ns))
+    await create(kube, FTJ, finetunejob("clash", ns))
+    await create(kube, FTJ, finetunejob("late", ns, serve={"enabled": True}))
+    await validated(kube, ns, "late")
+    await complete_job(kube, ns, "late-train-r0")
+    conflicts = (
+        ("taken", "Failed", "ConfigMap taken-plan"),
+        ("clash", "Failed", "Job clash-validate"),
+        # Training succeeded; only serving is impossible.
+        ("late", "ServingReady", "Deployment late-serve"),
+    )
+    for name, type_, child in conflicts:
+        await eventually(lambda n=name, t=type_: condition(kube, ns, n, t).get("reason") == "NameConflict", what=name)
+        assert f"{child} already exists" in condition(kube, ns, name, type_)["message"]
+    assert status(kube, ns, "late")["phase"] == "Succeeded"
+    for resource, manifest in foreign:
+        untouched = kube.get(resource, ns, manifest["metadata"]["name"]) or {}
+        assert "ownerReferences" not in untouched["metadata"]
+
+
+Scenario = Callable[[KubeEmulator, str], Awaitable[None]]
+SCENARIOS: dict[str, Scenario] = {
+    "children_owned": scenario_children_owned,
+    "success_and_serving": scenario_success_and_serving,
+    "retriable_failures": scenario_retriable_failures,
+    "invalid_input": scenario_invalid_input,
+    "validation_failure": scenario_validation_failure,
+    "suspend_resume": scenario_suspend_resume,
+    "serve_edit": scenario_serve_edit,
+    "delete": scenario_delete,
+    "ttl": scenario_ttl,
+    "compress_waits": scenario_compress_waits,
+    "compress_upstream_failed": scenario_compress_upstream_failed,
+    "name_conflict": scenario_name_conflict,
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_scenario(name: str, kube: KubeEmulator, operator: Operator) -> None:
+    await SCENARIOS[name](kube, "team-a")
+
+
+async def test_operator_restart_creates_no_duplicates(kube: KubeEmulator, operator: Operator) -> None:
+    await scenario_restart_no_duplicates(kube, "team-a", operator)
+
+
+async def test_namespaced_operator_ignores_other_namespaces(kube: KubeEmulator, kubeconfig: Path) -> None:
+    for namespace in ("watched", "elsewhere"):
+        await create(kube, "v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    running = Operator(settings=TEST_SETTINGS.model_copy(update={"namespaces": ("watched",)}))
+    await running.start()
+    try:
+        await create(kube, FTJ, finetunejob("seen", "watched"))
+        await create(kube, FTJ, finetunejob("unseen", "elsewhere"))
+        await job_exists(kube, "watched", "seen-validate")
+        await reach(kube, "watched", "seen", "Validating")
+        assert status(kube, "elsewhere", "unseen") == {}
+        assert kube.names(JOBS, "elsewhere") == []
+    finally:
+        await running.stop()
+
+
+# --- RBAC: the ClusterRole allows exactly what the operator does -----------------------------------
+
+VERBS_BY_METHOD = {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}
+
+
+def rbac_triples(requests: list[Any]) -> set[tuple[str, str, str]]:
+    used = set()
+    for request in requests:
+        if request.resource is None or not request.resource.plural:
+            continue  # discovery (/api, /apis, /version): allowed to every authenticated user
+        group = request.resource.group or ""
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        if request.method == "GET":
+            verb = "watch" if request.params.get("watch") in ("true", "1") else "get" if request.name else "list"
+        else:
+            verb = VERBS_BY_METHOD[str(request.method.value if hasattr(request.method, "value") else request.method).upper()]
+        used.add((verb, group, resource))
+    return used
+
+
+def clusterrole_triples() -> set[tuple[str, str, str]]:
+    role = yaml.safe_load(CLUSTERROLE.read_text())
+    granted = set()
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    granted.add((verb, group, resource))
+    return granted
+
+
+def delegated_triples() -> set[tuple[str, str, str]]:
+    """Permissions the operator needs without using them itself: RBAC only lets it create the
+    runner Roles if it holds what they grant, and only lets it set blockOwnerDeletion on a
+    child if it may update the owner's finalizers."""
+    out = set()
+    for plural in ("finetunejobs", "compressjobs"):
+        out |= {("get", "kubetune.io", f"{plural}/status"), ("patch", "kubetune.io", f"{plural}/status")}
+        out.add(("update", "kubetune.io", f"{plural}/finalizers"))
+    return out
+
+
+async def test_clusterrole_allows_exactly_what_the_operator_uses(kube: KubeEmulator, kubeconfig: Path) -> None:
+    running = Operator()
+    await running.start()
+    try:
+        for index, scenario in enumerate(SCENARIOS.values()):
+            await scenario(kube, f"rbac-{index}")
+        await scenario_restart_no_duplicates(kube, "rbac-restart", running)
+    finally:
+        await running.stop()
+    await create(kube, "v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "rbac-ns"}})
+    namespaced = Operator(settings=TEST_SETTINGS.model_copy(update={"namespaces": ("rbac-ns",)}))
+    await namespaced.start()
+    try:
+        await create(kube, FTJ, finetunejob("scoped", "rbac-ns"))
+        await job_exists(kube, "rbac-ns", "scoped-validate")
+    finally:
+        await namespaced.stop()
+
+    used = rbac_triples(operator_requests(kube))
+    granted = clusterrole_triples()
+    assert not used - granted, f"requests the ClusterRole does not allow: {sorted(used - granted)}"
+    unused = granted - used - delegated_triples()
+    assert not unused, f"ClusterRole rules never used: {sorted(unused)}"
+    assert not {t for t in granted if t[2] == "secrets"}, "the operator never reads Secrets"
+    rendered_roles = [
+        kube.get("rbac.authorization.k8s.io/v1/roles", "rbac-0", "owned-runner"),
+    ]
+    for role in rendered_roles:
+        assert role is not None
+        for rule in role["rules"]:
+            for verb in rule["verbs"]:
+                for resource in rule["resources"]:
+                    assert (verb, rule["apiGroups"][0], resource) in granted, "the operator could not grant it"
+
