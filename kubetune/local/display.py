@@ -58,7 +58,7 @@ class TrainingProgress:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("step {task.fields[steps]}"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("eval {task.fields[eval_loss]}"),
             TextColumn("{task.fields[speed]}"),
@@ -68,7 +68,7 @@ class TrainingProgress:
             transient=False,
         )
         self._task: TaskID = self._progress.add_task(
-            description, total=None, loss="-", eval_loss="-", speed="", eta="-"
+            description, total=None, steps="-", loss="-", eval_loss="-", speed="", eta="-"
         )
 
     def __enter__(self) -> TrainingProgress:
@@ -80,10 +80,12 @@ class TrainingProgress:
 
     def update(self, state: dict[str, Any]) -> None:
         speed = state.get("samplesPerSecond")
+        step, total = state.get("step") or 0, state.get("totalSteps")
         self._progress.update(
             self._task,
-            completed=state.get("step") or 0,
-            total=state.get("totalSteps"),
+            completed=step,
+            total=total,
+            steps=f"{step}/{total}" if total else str(step),
             loss=_fmt(state.get("loss")),
             eval_loss=_fmt(state.get("evalLoss")),
             speed=f"{speed:.1f} samples/s" if isinstance(speed, int | float) else "",
