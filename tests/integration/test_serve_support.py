@@ -101,7 +101,8 @@ def spawn_server(
         "TOKENIZERS_PARALLELISM": "false",
     }
     argv = [sys.executable, "-m", "kubetune.trainer", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--scratch-dir", str(workdir / "scratch"), *args]
+    # One torch thread: the tiny models gain nothing from more, and the test machine is shared.
+    argv += ["--scratch-dir", str(workdir / "scratch"), "--threads", "1", *args]
     with log_path.open("wb") as log:
         # cwd outside the checkout: the installed package is what a pod runs.
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)

@@ -33,6 +33,9 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 def lm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     out = build_tiny_causal_lm(tmp_path_factory.mktemp(request.param) / "m", CORPUS, arch=request.param)
     model: Any = AutoModelForCausalLM.from_pretrained(out)
+    # Random weights pick end-of-sequence tokens like any other; the engines below are told no eos
+    # either (eos_token_ids=[]), so both sides decode exactly max_tokens by plain argmax.
+    model.generation_config.eos_token_id = None
     return model.eval(), AutoTokenizer.from_pretrained(out)
 
 
@@ -61,9 +64,7 @@ async def tokens_of(seq: GenerationSequence) -> tuple[list[int], str | None]:
 def generate_alone(lm: tuple[Any, Any], prompt: list[int], n: int) -> list[int]:
     model, _ = lm
     with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-        )
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
     result: list[int] = out[0, len(prompt) :].tolist()
     return result
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ from kubetune.errors import TERMINATION_LOG, KubetuneError
 
 from .app import ServerState, ServeSettings, create_app
 
-__all__ = ["ServeSettings", "create_app", "main"]
+__all__ = ["ServeSettings", "build_parser", "cpu_budget", "create_app", "main"]
 
 log = logging.getLogger("kubetune.serve")
 
@@ -83,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish after SIGTERM (keep below the pod's "
         "terminationGracePeriodSeconds; default 25)",
     )
-    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        help="CPU threads for torch (default: the container's CPU limit or affinity)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -95,10 +100,10 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or cpu_budget())
+    log.info("torch uses %d threads", torch.get_num_threads())
     settings = ServeSettings(
         model_uri=args.model,
         adapter_uri=args.adapter,
@@ -153,6 +158,31 @@ class _Server(uvicorn.Server):
         if self._serve_state.status in ("ready", "loading"):
             self._serve_state.status = "draining"
         super().handle_exit(sig, frame)
+
+
+def cpu_budget() -> int:
+    """CPUs this process may actually use: its affinity, capped by the cgroup CPU quota.
+
+    torch defaults to every core of the node, which in a pod limited to a few CPUs means many more
+    threads than CPU time, and spinning OpenMP threads then slow inference down several times.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota() -> float | None:
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 means unlimited
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def _fail(error: KubetuneError) -> int:
