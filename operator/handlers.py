@@ -46,6 +46,7 @@ PLURAL: Final = {kind: cls.plural for kind, cls in KINDS.items()}
 CHILD_LABELS: Final = {LABEL_MANAGED_BY: MANAGER, LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT}
 ANNOTATION_PREFIX: Final = "kubetune.io"
 RETRY_DELAY: Final = 10.0
+WORKLOAD_KINDS: Final = ("Job", "Deployment")
 
 try:
     _CLOCK_INTERVAL = Settings.from_env().resync_seconds
@@ -361,11 +362,16 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
         upstream=upstream,
     )
     decision = lifecycle.decide(obs)
+    # Plan, Services and the runner identity do not depend on each other: create them together;
+    # workload Jobs and Deployments after them, since their pods mount and use them.
+    supporting = [m for m in decision.create if m["kind"] not in WORKLOAD_KINDS]
+    workloads = [m for m in decision.create if m["kind"] in WORKLOAD_KINDS]
     try:
-        for manifest in decision.create:
+        await asyncio.gather(*(_ensure(rt, manifest, uid, owner) for manifest in supporting))
+        for manifest in workloads:
             await _ensure(rt, manifest, uid, owner)
     except ChildConflict as conflict:
-        decision = lifecycle.conflict_failure(obs, str(conflict))
+        decision = lifecycle.conflict_failure(obs, decision, str(conflict))
     for patch in decision.patch:
         await _patch_child(rt, namespace, patch)
     for ref in decision.delete:
@@ -429,7 +435,7 @@ async def _ensure(rt: Runtime, manifest: Manifest, uid: str, owner: Mapping[str,
             ) from exc
     # Jobs and Deployments are tracked by the indices; remembering them here would hide a
     # deletion by someone else.
-    if kind not in ("Job", "Deployment"):
+    if kind not in WORKLOAD_KINDS:
         rt.ensured.add((uid, kind, name))
 
 

@@ -744,16 +744,18 @@ def needs_clock(spec: Mapping[str, Any], status: Mapping[str, Any], annotations:
     return spec.get("ttlSecondsAfterFinished") is not None and annotations.get(ANNOTATION_CLEANED) != "true"
 
 
-def conflict_failure(obs: Observation, message: str) -> Decision:
+def conflict_failure(obs: Observation, decided: Decision, message: str) -> Decision:
     """A child's name is taken by an object the job does not own: the job fails, or, once it has
-    succeeded, only its serving does."""
+    succeeded (possibly in ``decided`` itself), only its serving does. Nothing is created."""
     reconciler = _Reconciler(obs)
+    reconciler.status = copy.deepcopy(decided.status)
+    reconciler.decision = Decision(status=reconciler.status, annotations=dict(decided.annotations))
     if reconciler.status.get("phase") == Phase.succeeded.value:
         reconciler._cond(ConditionType.serving_ready, False, REASON_NAME_CONFLICT, message)
         reconciler._event("Warning", REASON_NAME_CONFLICT, message)
     else:
         reconciler.fail(REASON_NAME_CONFLICT, message)
-        reconciler._transition_events()
+    reconciler._transition_events()
     return reconciler.decision
 
 

@@ -114,11 +114,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
     * JSON patches (application/json-patch+json) and label selectors on lists;
     * the garbage collector: deleting an object deletes its dependents (ownerReferences.uid),
       unless propagationPolicy is Orphan (the default for batch/v1 Jobs, as in Kubernetes);
-    * O(1) lookups of single objects (the base class scans all objects per request).
+    * O(1) lookups of single objects (the base class scans all objects per request), and
+      requests recorded in :attr:`log` (KMock's own history makes each request cost O(history)).
     """
 
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     journal: list[tuple[float, str, str, str | None, str]] = attrs.field(factory=list, init=False)
+    log: list[kmock.Request] = attrs.field(factory=list, init=False)
+    _builtin_reactions: int = attrs.field(default=0, init=False)
 
     def register_resources(self) -> None:
         for path, kind, namespaced, subresources in RESOURCES:
@@ -148,6 +151,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return None if obj.deleted else obj
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        # KMock matches each request against every reaction by scanning the whole request
+        # history (quadratic in requests); keep only the current one there and the rest in .log.
+        self.log.append(request)
+        del self._requests[:-1]
         resource = request.resource
         if resource is None or request.action is None:
             return await super()._handle(request)
@@ -158,16 +165,73 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return await self._json_patch(request)
         elif action == kmock.action.UPDATE and isinstance(request.data, dict):
             self._prepare_merge_patch(request)
-        doomed = self._find(resource, request.namespace, request.name) if action == kmock.action.DELETE else None
-        doomed_uid = doomed.last.raw.get("metadata", {}).get("uid") if doomed is not None else None
-        response = await super()._handle(request)
+        if action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.FETCH) and (
+            len(self._payloads) == self._builtin_reactions
+        ):
+            response = await self._serve_directly(request)
+        else:  # lists, watches, and whatever a test reacts to itself
+            response = await super()._handle(request)
         if action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE) and response.status < 400:
             name = request.name or (request.data or {}).get("metadata", {}).get("name", "")
-            self.journal.append((time.monotonic(), str(action.value).lower(), str(resource.plural), request.namespace, name))
-        if doomed_uid and response.status < 400 and self._find(resource, request.namespace, request.name) is None:
-            if self._propagation(request) != "Orphan":
-                await self._collect_dependents(doomed_uid)
+            plural = str(resource.plural) + (f"/{request.subresource}" if request.subresource else "")
+            self.journal.append((time.monotonic(), str(action.value).lower(), plural, request.namespace, name))
         return response
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._builtin_reactions = len(self._payloads)
+
+    async def _serve_directly(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """The emulator's own semantics for single objects, without KMock's reaction matching
+        (which costs milliseconds per request once a few thousand objects exist)."""
+        resource = request.resource
+        assert resource is not None
+        try:
+            if request.action == kmock.action.FETCH:
+                return aiohttp.web.json_response(await self._serve_fetch(request))
+            if request.action == kmock.action.CREATE:
+                meta = request.data.get("metadata", {})
+                key = (resource, request.namespace or meta.get("namespace"), meta.get("name"))
+                async with self._lock:
+                    if self._find(*key) is not None:
+                        raise kmock.KubernetesError(status=409, reason="AlreadyExists", message=f"{key[2]} already exists")
+                    if key in self.objects:
+                        self.objects[key].create(request.data)
+                    else:
+                        self.objects[key] = request.data
+                    raw = self.objects[key].raw
+                    await self._buses[resource].put({"type": "ADDED", "object": raw})
+                return aiohttp.web.json_response(raw, status=201)
+            key = (resource, request.namespace, request.name)
+            doomed_uid = None
+            async with self._lock:
+                obj = self._find(*key)
+                if obj is None:
+                    raise kmock.KubernetesObjectNotFoundError()
+                meta = obj.raw.get("metadata", {})
+                if request.action == kmock.action.UPDATE:
+                    obj.patch(request.data)
+                    await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
+                    meta = obj.raw.get("metadata", {})
+                    release = bool(meta.get("deletionTimestamp")) and not meta.get("finalizers")
+                elif meta.get("deletionTimestamp"):
+                    release = False
+                elif meta.get("finalizers"):
+                    obj.patch({"metadata": {"deletionTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}})
+                    await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
+                    release = False
+                else:
+                    release = True
+                last = obj.raw
+                if release:
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": last})
+                    doomed_uid = meta.get("uid")
+            if doomed_uid and self._propagation(request) != "Orphan":
+                await self._collect_dependents(doomed_uid)
+            return aiohttp.web.json_response(last)
+        except kmock.KubernetesError as exc:
+            return await self._render_error(exc)
 
     def _prepare_create(self, request: kmock.Request) -> None:
         data = request.data
@@ -589,4 +653,4 @@ def compressjob(name: str, namespace: str = "default", **spec: Any) -> dict[str,
 
 def operator_requests(kube: KubeEmulator) -> list[kmock.Request]:
     """Requests sent by the operator (kopf and its own client), not by the test."""
-    return [r for r in kube if str(r.headers.get("User-Agent", "")).startswith(("kopf/", "kubetune-operator/"))]
+    return [r for r in kube.log if str(r.headers.get("User-Agent", "")).startswith(("kopf/", "kubetune-operator/"))]
