@@ -24,14 +24,18 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from kubetune.errors import TERMINATION_LOG, KubetuneError
 
-from .app import ServerState, ServeSettings, create_app
+if TYPE_CHECKING:
+    from .app import ServerState
 
-__all__ = ["ServeSettings", "build_parser", "cpu_budget", "create_app", "main"]
+# The app (torch, transformers, fastapi) is imported by main() only, so --help and argument errors
+# answer at once; embedders import kubetune.trainer.serve.app themselves.
+__all__ = ["build_parser", "cpu_budget", "main"]
 
 log = logging.getLogger("kubetune.serve")
 
@@ -101,6 +105,8 @@ def main(argv: list[str]) -> int:
         stream=sys.stderr,
     )
     import torch
+
+    from .app import ServeSettings, create_app
 
     torch.set_num_threads(args.threads or cpu_budget())
     log.info("torch uses %d threads", torch.get_num_threads())
