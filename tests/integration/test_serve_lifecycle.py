@@ -198,3 +198,31 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert exit_code == 0, server.log
     assert not server.termination_log.exists()
+
+
+def test_download_only_fetches_model_and_adapter_for_an_init_container(
+    s3_bucket: S3Bucket, lm_dir: Path, tmp_path: Path
+) -> None:
+    model_uri = upload(s3_bucket, lm_dir, "runs/vllm/base")
+    adapter_dir = tmp_path / "adapter-src"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    adapter_uri = upload(s3_bucket, adapter_dir, "runs/vllm/adapter")
+
+    job = spawn_server(
+        tmp_path / "ok",
+        ["--model", model_uri, "--adapter", adapter_uri, "--download-only"],
+        env=s3_bucket.env(),
+    )
+    bad = spawn_server(
+        tmp_path / "bad",
+        ["--model", model_uri, "--adapter", model_uri, "--download-only"],
+        env=s3_bucket.env(),
+    )
+
+    assert job.wait_exit() == 0, job.log
+    scratch = tmp_path / "ok" / "scratch"
+    assert sorted(p.name for p in (scratch / "model").iterdir()) == sorted(p.name for p in lm_dir.iterdir())
+    assert (scratch / "adapter" / "adapter_config.json").is_file()
+    assert bad.wait_exit() == EXIT_INVALID_INPUT, bad.log
+    assert "runs/vllm/base: not a peft adapter directory" in bad.termination_log.read_text()

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         help="CPU threads for torch (default: the container's CPU limit or affinity)",
     )
+    p.add_argument(
+        "--download-only",
+        action="store_true",
+        help="fetch the model (and adapter) into --scratch-dir/model (and /adapter), check their layout "
+        "and exit: the init container of the vLLM runtime",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -104,6 +110,8 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.download_only:
+        return _download_only(args)
     import torch
 
     from .app import ServeSettings, create_app
@@ -164,6 +172,20 @@ class _Server(uvicorn.Server):
         if self._serve_state.status in ("ready", "loading"):
             self._serve_state.status = "draining"
         super().handle_exit(sig, frame)
+
+
+def _download_only(args: argparse.Namespace) -> int:
+    from kubetune.storage import StorageConfig
+
+    from .fetch import download
+
+    try:
+        storage = StorageConfig.from_env(endpoint=args.storage_endpoint, region=args.storage_region)
+        model_dir, adapter_dir = download(args.model, args.adapter, args.scratch_dir, storage)
+    except KubetuneError as error:
+        return _fail(error)
+    log.info("model in %s%s", model_dir, f", adapter in {adapter_dir}" if adapter_dir else "")
+    return 0
 
 
 def cpu_budget() -> int:

@@ -38,7 +38,8 @@ from .engine import (
     SamplingParams,
     StepOutput,
 )
-from .loading import LoadedModel, fetch, load
+from .fetch import download
+from .loading import LoadedModel, load
 from .metrics import MetricsMiddleware, ServeMetrics
 from .protocol import (
     APIError,
@@ -180,12 +181,7 @@ def fetch_and_load(settings: ServeSettings) -> LoadedModel:
     """Download the model (and adapter) into the scratch directory and load them."""
     storage = StorageConfig.from_env(endpoint=settings.storage_endpoint, region=settings.storage_region)
     started = time.monotonic()
-    model_dir = fetch(settings.model_uri, settings.scratch_dir / "model", storage)
-    adapter_dir = (
-        fetch(settings.adapter_uri, settings.scratch_dir / "adapter", storage)
-        if settings.adapter_uri
-        else None
-    )
+    model_dir, adapter_dir = download(settings.model_uri, settings.adapter_uri, settings.scratch_dir, storage)
     fetched = time.monotonic()
     try:
         loaded = load(model_dir, adapter_dir, device=settings.device, dtype=settings.dtype)

@@ -1,4 +1,4 @@
-"""Fetching a model (or a base model plus a LoRA adapter) from object storage and loading it."""
+"""Loading a downloaded model (or a base model plus a LoRA adapter) for serving."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kubetune.errors import InvalidInputError, StorageAccessError
-from kubetune.storage import StorageConfig, open_store, parse_uri
+from kubetune.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +42,6 @@ class LoadedModel:
     pad_token_id: int
     id2label: dict[int, str]
     multi_label: bool
-
-
-def fetch(uri: str, local_dir: Path, storage: StorageConfig) -> Path:
-    """A local directory holding the files under ``uri``: the directory itself for a plain path,
-    otherwise a fresh download of the prefix into ``local_dir``."""
-    if "://" not in uri:
-        path = Path(uri)
-        if not path.is_dir():
-            raise StorageAccessError(f"{uri}: no such directory")
-        return path
-    parse_uri(uri)  # raises InvalidInputError naming what is wrong with the URI
-    local_dir.mkdir(parents=True, exist_ok=True)
-    files = open_store(uri, storage).download_prefix(uri, local_dir)
-    log.info("downloaded %d files from %s to %s", len(files), uri, local_dir)
-    return local_dir
 
 
 def load(
