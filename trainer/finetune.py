@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.plan import LOGS_DIR, METRICS_FILE, RunPlan
 from kubetune.storage import open_store
@@ -167,6 +168,10 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
         callbacks=[ProgressCallback(reporter), publisher],
     )
     trainer.remove_callback(PrinterCallback)  # the progress reporter already logs every update
+    if plan.task.type == TaskType.sequence_classification:
+        # Classifiers average their loss over the batch themselves (BERT's ignores the item count
+        # the Trainer passes), so the Trainer must not scale it by the number of processes again.
+        trainer.model_accepts_loss_kwargs = False
 
     # --- train ---------------------------------------------------------------------------------
     try:

