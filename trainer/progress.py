@@ -127,6 +127,9 @@ class ProgressReporter(Protocol):
 
     def report(self, update: ProgressUpdate) -> None: ...
 
+    def report_results(self, results: Mapping[str, Any]) -> None:
+        """The run's headline results (``status.results`` of a CompressJob, wire form), once."""
+
     def close(self) -> None:
         """Deliver anything still pending and release resources."""
 
@@ -136,6 +139,9 @@ class _ReporterBase:
 
     def report(self, update: ProgressUpdate) -> None:
         raise NotImplementedError
+
+    def report_results(self, results: Mapping[str, Any]) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -165,6 +171,10 @@ class LogReporter(_ReporterBase):
     def report(self, update: ProgressUpdate) -> None:
         with contextlib.suppress(Exception):  # a broken log handler must not stop training
             self._log.info("%s", describe(update))
+
+    def report_results(self, results: Mapping[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            self._log.info("results: %s", json.dumps(dict(results), sort_keys=True))
 
 
 def describe(update: ProgressUpdate) -> str:
@@ -199,7 +209,13 @@ class FileReporter(_ReporterBase):
         self._failed = False
 
     def report(self, update: ProgressUpdate) -> None:
-        line = json.dumps(update.to_wire(), sort_keys=True) + "\n"
+        self._append(update.to_wire())
+
+    def report_results(self, results: Mapping[str, Any]) -> None:
+        self._append({"results": dict(results)})
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +236,10 @@ class MultiReporter(_ReporterBase):
     def report(self, update: ProgressUpdate) -> None:
         for reporter in self.reporters:
             reporter.report(update)
+
+    def report_results(self, results: Mapping[str, Any]) -> None:
+        for reporter in self.reporters:
+            reporter.report_results(results)
 
     def close(self) -> None:
         for reporter in self.reporters:
@@ -290,6 +310,36 @@ class KubernetesStatusReporter(_ReporterBase):
                 return
             self._pending = update
             self._cond.notify()
+
+    def report_results(self, results: Mapping[str, Any]) -> None:
+        """Patched at once, on the caller's thread: it happens once, at the end of a run."""
+        self._patch({"results": dict(results)})
+
+    def _patch(self, status: Mapping[str, Any]) -> bool:
+        try:
+            from kubernetes import client
+
+            api = client.CustomObjectsApi(self._api_client or _load_api_client())
+            api.patch_namespaced_custom_object_status(
+                self.group,
+                self.version,
+                self.job.namespace,
+                self.plural,
+                self.job.name,
+                {"status": dict(status)},
+                _request_timeout=self.request_timeout_s,
+                _content_type="application/merge-patch+json",
+            )
+            return True
+        except Exception as e:  # best effort by contract
+            log.warning(
+                "cannot patch the status of %s %s/%s: %s",
+                self.job.kind,
+                self.job.namespace,
+                self.job.name,
+                _short_error(e),
+            )
+            return False
 
     def close(self, timeout_s: float | None = None) -> None:
         with self._cond:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -172,9 +173,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.updates: list[ProgressUpdate] = []
+        self.results: list[dict[str, object]] = []
 
     def report(self, update: ProgressUpdate) -> None:
         self.updates.append(update)
+
+    def report_results(self, results: Mapping[str, object]) -> None:
+        self.results.append(dict(results))
 
     def close(self) -> None:
         pass
@@ -216,3 +221,12 @@ def test_the_callback_turns_trainer_events_into_complete_updates(tmp_path: Path)
     assert updates[2].eta is not None
     assert updates[-1].percent == 100
     assert updates[-1].eta == "0s"
+
+
+def test_results_go_to_the_progress_file_as_one_line(tmp_path: Path) -> None:
+    reporter = FileReporter(tmp_path / "progress.jsonl")
+    reporter.report_results({"sizeRatio": 3.2, "metricsAfter": {"perplexity": 12.5}})
+    lines = (tmp_path / "progress.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"results": {"metricsAfter": {"perplexity": 12.5}, "sizeRatio": 3.2}}
+    ]
