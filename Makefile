@@ -11,7 +11,7 @@ EDITABLE_STAMP := $(VENV)/.editable-stamp
 PKG_DIRS := $(shell find kubetune operator trainer -type d -not -name __pycache__ 2>/dev/null)
 EXAMPLE ?= manifests/examples/quickstart.yaml
 
-.PHONY: setup dev-install run test test-unit lint format crds bench clean
+.PHONY: setup dev-install run test test-unit lint format crds docs bench clean
 
 setup: $(EDITABLE_STAMP)
 
@@ -48,6 +48,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy kubetune operator trainer
 	$(VENV)/bin/kubetune crds --check
+	$(VENV)/bin/kubetune docs --check
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
@@ -55,6 +56,9 @@ format: setup
 
 crds: setup
 	$(VENV)/bin/kubetune crds
+
+docs: setup
+	$(VENV)/bin/kubetune docs
 
 bench: setup
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

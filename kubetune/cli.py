@@ -64,6 +64,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "operator": Command("run the kubetune operator (kopf)", "kubetune.operator.cli"),
     "crds": Command("generate the CustomResourceDefinitions from the API models", "kubetune.cli:Crds"),
+    "docs": Command("write docs/reference.md from the API models", "kubetune.api.reference"),
     "version": Command("print the kubetune and API versions", "kubetune.cli:Version"),
 }
 
