@@ -103,8 +103,9 @@ async def baseline(kube: KubeEmulator, count: int, concurrency: int) -> float:
             await post(kube, api_path(FTJ, namespace), manifest)
             job = FineTuneJob.model_validate(manifest)
             plan = render.render_plan(job, settings, namespace)
-            children = render.render_base(job, settings, namespace) + [
-                render.render_validation_job(job, settings, plan, namespace)
+            children = [
+                *render.render_base(job, settings, namespace),
+                render.render_validation_job(job, settings, plan, namespace),
             ]
             for child in children:
                 plural = {"ConfigMap": "configmaps", "Service": "services", "ServiceAccount": "serviceaccounts",
@@ -112,7 +113,9 @@ async def baseline(kube: KubeEmulator, count: int, concurrency: int) -> float:
                 version = child["apiVersion"]
                 await post(kube, api_path(f"{version}/{plural}", namespace), child)
             status = {"status": {"phase": "Validating", "restarts": 0}}
-            await post(kube, api_path(FTJ, namespace, manifest["metadata"]["name"], "status"), status, "PATCH")
+            await post(
+                kube, api_path(FTJ, namespace, manifest["metadata"]["name"], "status"), status, "PATCH"
+            )
 
     started = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(count)))
@@ -133,7 +136,16 @@ async def main(count: int, concurrency: int, timeout: float) -> int:
         env.pop("KUBERNETES_SERVICE_HOST", None)
         log = (workdir / "operator.log").open("w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.operator"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+            [
+                sys.executable,
+                *os.environ.get("KUBETUNE_BENCH_PYTHON_ARGS", "").split(),
+                "-m",
+                "kubetune.operator",
+            ],
+            env=env,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             # Warm-up: one job through to its validation Job, so the operator is watching.
@@ -192,23 +204,38 @@ async def main(count: int, concurrency: int, timeout: float) -> int:
         base = await baseline(kube, count, concurrency)
 
         rate = len(complete) / total if complete else 0.0
-        p50, p99 = (percentile(latencies, 0.5), percentile(latencies, 0.99)) if latencies else (float("nan"),) * 2
+        p50, p99 = (
+            (percentile(latencies, 0.5), percentile(latencies, 0.99)) if latencies else (float("nan"),) * 2
+        )
         print(f"jobs created:                {count} in {create_seconds:.1f}s (concurrency {concurrency})")
         print(f"jobs with Job and status:    {len(complete)}/{count}{'' if finished else ' (timed out)'}")
-        print(f"time until all handled:      {total:.1f}s  -> {rate:.1f} jobs/s   (goal >= {GOALS['jobs_per_second']:.0f})")
-        print(f"create-to-Job latency:       p50 {p50:.2f}s  p99 {p99:.2f}s  (goal p99 < {GOALS['p99_seconds']:.0f}s)")
-        print(f"operator peak RSS:           {rss:.0f} MB (idle after warm-up {rss_idle:.0f} MB; goal < {GOALS['rss_mb']:.0f} MB)")
+        print(
+            f"time until all handled:      {total:.1f}s  -> {rate:.1f} jobs/s   (goal >= {GOALS['jobs_per_second']:.0f})"
+        )
+        print(
+            f"create-to-Job latency:       p50 {p50:.2f}s  p99 {p99:.2f}s  (goal p99 < {GOALS['p99_seconds']:.0f}s)"
+        )
+        print(
+            f"operator peak RSS:           {rss:.0f} MB (idle after warm-up {rss_idle:.0f} MB; goal < {GOALS['rss_mb']:.0f} MB)"
+        )
         print(f"CPU seconds meanwhile:       operator {cpu_operator:.1f}, emulator+client {cpu_emulator:.1f}")
         print(f"baseline, plain client:      {base:.1f}s for the same children and status writes")
         print(f"operator / baseline:         {total / base:.2f}x")
         print(f"mean latency:                {statistics.fmean(latencies):.2f}s" if latencies else "")
-        ok = finished and rate >= GOALS["jobs_per_second"] and p99 < GOALS["p99_seconds"] and rss < GOALS["rss_mb"]
+        ok = (
+            finished
+            and rate >= GOALS["jobs_per_second"]
+            and p99 < GOALS["p99_seconds"]
+            and rss < GOALS["rss_mb"]
+        )
         print("goals met" if ok else "goals NOT met")
         return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=300.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 import kopf
@@ -26,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-format", choices=["json", "text"], help="default: KUBETUNE_LOG_FORMAT or json")
     parser.add_argument("--health-port", type=int, help="liveness endpoint port, 0 disables (default 8080)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 disables (default 9090)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics port, 0 disables (default 9090)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log kopf's handling of every object")
     parser.add_argument("--debug", action="store_true", help="log every API request kopf makes")
 
@@ -50,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"kubetune operator: {exc}", file=sys.stderr)
         return 2
     log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
-    kopf.configure(verbose=args.verbose, debug=args.debug, log_format=log_format)
+    # kopf logs every handler run at INFO; keep its noise for --verbose and our transitions always.
+    kopf.configure(
+        verbose=args.verbose, debug=args.debug, quiet=not (args.verbose or args.debug), log_format=log_format
+    )
+    logging.getLogger("kubetune").setLevel(logging.DEBUG if args.debug else logging.INFO)
     import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
 
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None

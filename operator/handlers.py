@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import kopf
 from pydantic import ValidationError
@@ -43,7 +43,11 @@ KINDS: Final[dict[str, type[FineTuneJob] | type[CompressJob]]] = {
     "CompressJob": CompressJob,
 }
 PLURAL: Final = {kind: cls.plural for kind, cls in KINDS.items()}
-CHILD_LABELS: Final = {LABEL_MANAGED_BY: MANAGER, LABEL_JOB: kopf.PRESENT, LABEL_KIND: kopf.PRESENT}
+CHILD_LABELS: Final[dict[str, Any]] = {
+    LABEL_MANAGED_BY: MANAGER,
+    LABEL_JOB: kopf.PRESENT,
+    LABEL_KIND: kopf.PRESENT,
+}
 ANNOTATION_PREFIX: Final = "kubetune.io"
 RETRY_DELAY: Final = 10.0
 WORKLOAD_KINDS: Final = ("Job", "Deployment")
@@ -115,15 +119,14 @@ async def startup(
     settings: kopf.OperatorSettings,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    finetunejob_index: kopf.Index[Any, Any],
-    compressjob_index: kopf.Index[Any, Any],
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     config = memo.get("config")
     if not isinstance(config, Settings):
         config = Settings.from_env()
     configure_kopf(settings)
-    indices = {"FineTuneJob": finetunejob_index, "CompressJob": compressjob_index}
+    # kopf hands every index to every handler; the phase gauge reads the owner indices.
+    indices = {"FineTuneJob": kwargs["finetunejob_index"], "CompressJob": kwargs["compressjob_index"]}
     metrics = Metrics(lambda: phases_of(indices))
     client = KubeClient(lambda: connection(settings, logger))
     memo["runtime"] = Runtime(settings=config, client=client, metrics=metrics)
@@ -168,31 +171,33 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @kopf.index(GROUP, VERSION, PLURAL["FineTuneJob"])
-def finetunejob_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+def finetunejob_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): snapshot(body)}
 
 
 @kopf.index(GROUP, VERSION, PLURAL["CompressJob"])
-def compressjob_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+def compressjob_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): snapshot(body)}
 
 
 @kopf.index(GROUP, VERSION, PLURAL["CompressJob"])
-def compressjobs_by_upstream(spec: kopf.Spec, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+def compressjobs_by_upstream(spec: kopf.Spec, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     upstream = (spec.get("model") or {}).get("fromFineTuneJob")
     return {(namespace, upstream): name} if upstream else {}
 
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
-def workload_job_index(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
-    return {(labels[LABEL_KIND], namespace, labels[LABEL_JOB]): lifecycle.job_state(body)}
+def workload_job_index(
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {(labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]): lifecycle.job_state(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
 def serving_deployment_index(
-    body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
 ) -> dict[Any, Any]:
-    return {(labels[LABEL_KIND], namespace, labels[LABEL_JOB]): lifecycle.deployment_state(body)}
+    return {(labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]): lifecycle.deployment_state(body)}
 
 
 @dataclass(frozen=True)
@@ -233,19 +238,35 @@ async def compressjob_changed(body: kopf.Body, memo: kopf.Memo, reason: str, **k
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
-async def workload_job_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
-    await reconcile_key(memo, (labels[LABEL_KIND], namespace, labels[LABEL_JOB]), kwargs, trigger="job")
+async def workload_job_event(
+    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    await reconcile_key(memo, (labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]), kwargs, trigger="job")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={**CHILD_LABELS, "kubetune.io/component": COMPONENT_SERVE})
-async def serving_deployment_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
-    await reconcile_key(memo, (labels[LABEL_KIND], namespace, labels[LABEL_JOB]), kwargs, trigger="deployment")
-
-
-@kopf.on.event(GROUP, VERSION, PLURAL["FineTuneJob"])
-async def finetunejob_event(
-    event: Mapping[str, Any], body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **kwargs: Any
+async def serving_deployment_event(
+    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
 ) -> None:
+    await reconcile_key(
+        memo, (labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]), kwargs, trigger="deployment"
+    )
+
+
+def _deleted_or_finished(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> bool:
+    phase = (body.get("status") or {}).get("phase")
+    return event.get("type") == "DELETED" or phase in (Phase.succeeded.value, Phase.failed.value)
+
+
+def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
+    return event.get("type") == "DELETED"
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL["FineTuneJob"], when=_deleted_or_finished)
+async def finetunejob_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    namespace = namespace or ""
     if event.get("type") == "DELETED":
         runtime_of(memo).forget(("FineTuneJob", namespace, name), body.get("metadata", {}).get("uid"))
         return
@@ -257,17 +278,20 @@ async def finetunejob_event(
         await reconcile_key(memo, ("CompressJob", namespace, dependent), kwargs, trigger="upstream")
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL["CompressJob"])
+@kopf.on.event(GROUP, VERSION, PLURAL["CompressJob"], when=_deleted)
 async def compressjob_event(
-    event: Mapping[str, Any], body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
 ) -> None:
+    namespace = namespace or ""
     if event.get("type") == "DELETED":
         runtime_of(memo).forget(("CompressJob", namespace, name), body.get("metadata", {}).get("uid"))
 
 
 def _needs_clock(body: kopf.Body, **_: Any) -> bool:
     meta = body.get("metadata") or {}
-    return lifecycle.needs_clock(body.get("spec") or {}, body.get("status") or {}, meta.get("annotations") or {})
+    return lifecycle.needs_clock(
+        body.get("spec") or {}, body.get("status") or {}, meta.get("annotations") or {}
+    )
 
 
 @kopf.timer(GROUP, VERSION, PLURAL["FineTuneJob"], interval=_CLOCK_INTERVAL, when=_needs_clock)
@@ -315,6 +339,11 @@ async def reconcile(rt: Runtime, owner: Mapping[str, Any], indices: Indices, *, 
         rt.metrics.reconcile_seconds.labels(kind, trigger).observe(time.perf_counter() - started)
 
 
+def as_body(owner: Mapping[str, Any]) -> kopf.Body:
+    """kopf's event poster reads apiVersion, kind and metadata from any mapping."""
+    return cast(kopf.Body, owner)
+
+
 def parse_job(owner: Mapping[str, Any]) -> Job:
     cls = KINDS[str(owner["kind"])]
     return cls.model_validate({k: owner[k] for k in ("apiVersion", "kind", "metadata", "spec")})
@@ -334,7 +363,7 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
         if status.get("phase") != Phase.failed.value:
             new = lifecycle.invalid_spec_status(status, message, now, meta.get("generation"))
             await _write_status(rt, owner, status, new)
-            kopf.event(owner, type="Warning", reason=lifecycle.REASON_INVALID_SPEC, message=message)
+            kopf.event(as_body(owner), type="Warning", reason=lifecycle.REASON_INVALID_SPEC, message=message)
         raise kopf.PermanentError(message) from exc
 
     jobs = list(indices.jobs.get(key, []))
@@ -342,7 +371,9 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
     upstream = None
     if isinstance(job, CompressJob) and job.spec.model.from_fine_tune_job:
         upstream_name = job.spec.model.from_fine_tune_job
-        upstream = lifecycle.upstream_from(upstream_name, indices.owner(("FineTuneJob", namespace, upstream_name)))
+        upstream = lifecycle.upstream_from(
+            upstream_name, indices.owner(("FineTuneJob", namespace, upstream_name))
+        )
     terminations = {}
     for failed in lifecycle.jobs_to_diagnose(job, status, jobs):
         term = await _diagnose(rt, namespace, failed)
@@ -379,27 +410,38 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
         rt.ensured.discard((uid, ref.kind, ref.name))
     if decision.annotations:
         await rt.client.merge_patch(
-            str(owner["apiVersion"]), kind, namespace, name, {"metadata": {"annotations": decision.annotations}}
+            str(owner["apiVersion"]),
+            kind,
+            namespace,
+            name,
+            {"metadata": {"annotations": decision.annotations}},
         )
         rt.written_annotations.setdefault(uid, {}).update(decision.annotations)
     await _write_status(rt, owner, status, decision.status)
     _emit(rt, owner, decision)
 
 
-async def _write_status(rt: Runtime, owner: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+async def _write_status(
+    rt: Runtime, owner: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]
+) -> None:
     patch = lifecycle.status_diff(old, new)
     if not patch:
         return
     meta = owner["metadata"]
     await rt.client.merge_patch(
-        str(owner["apiVersion"]), str(owner["kind"]), meta["namespace"], meta["name"], {"status": patch}, subresource="status"
+        str(owner["apiVersion"]),
+        str(owner["kind"]),
+        meta["namespace"],
+        meta["name"],
+        {"status": patch},
+        subresource="status",
     )
     rt.written_status[str(meta.get("uid") or "")] = {k: new.get(k) for k in lifecycle.OPERATOR_FIELDS}
 
 
 def _emit(rt: Runtime, owner: Mapping[str, Any], decision: Decision) -> None:
     for event in decision.events:
-        kopf.event(owner, type=event.type, reason=event.reason, message=event.message[:1024])
+        kopf.event(as_body(owner), type=event.type, reason=event.reason, message=event.message[:1024])
         log = logger.warning if event.type == "Warning" else logger.info
         meta = owner["metadata"]
         log(
@@ -409,7 +451,12 @@ def _emit(rt: Runtime, owner: Mapping[str, Any], decision: Decision) -> None:
             meta["name"],
             event.reason,
             event.message,
-            extra={"job_kind": owner["kind"], "job_namespace": meta["namespace"], "job_name": meta["name"], "reason": event.reason},
+            extra={
+                "job_kind": owner["kind"],
+                "job_namespace": meta["namespace"],
+                "job_name": meta["name"],
+                "reason": event.reason,
+            },
         )
     phase = decision.status.get("phase")
     if any(e.reason == phase for e in decision.events):
@@ -453,7 +500,9 @@ async def _patch_child(rt: Runtime, namespace: str, patch: lifecycle.ChildPatch)
 
 async def _diagnose(rt: Runtime, namespace: str, job_name: str) -> lifecycle.Termination | None:
     """The failed container of a failed Job's pods (exit code and termination message)."""
-    pods = await rt.client.list("v1", "Pod", namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
+    pods = await rt.client.list_objects(
+        "v1", "Pod", namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}"
+    )
     mine = [
         pod
         for pod in pods
@@ -472,4 +521,3 @@ def _first_errors(exc: ValidationError, limit: int = 3) -> str:
         where = ".".join(str(p) for p in err["loc"])
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
-

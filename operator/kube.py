@@ -62,7 +62,9 @@ def resource_path(api_version: str, kind: str, namespace: str | None, name: str 
     return path
 
 
-def connection(settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter[Any]) -> kopf.ConnectionInfo:
+def connection(
+    settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter[Any]
+) -> kopf.ConnectionInfo:
     """Credentials: the pod's service account in a cluster, else the kubeconfig (KUBECONFIG)."""
     info = kopf.login_with_service_account(settings=settings, logger=logger) or kopf.login_with_kubeconfig(
         settings=settings, logger=logger
@@ -144,7 +146,7 @@ class KubeClient:
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Any:
         return await self.request("GET", resource_path(api_version, kind, namespace, name))
 
-    async def list(
+    async def list_objects(
         self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None

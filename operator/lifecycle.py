@@ -211,11 +211,14 @@ def upstream_from(name: str, body: Mapping[str, Any] | None) -> Upstream:
     status = body.get("status") or {}
     spec = body.get("spec") or {}
     method = spec.get("method") or {}
-    adapter_only = method.get("type", MethodType.lora.value) == MethodType.lora.value and method.get(
-        "mergeAdapter"
-    ) is False
+    adapter_only = (
+        method.get("type", MethodType.lora.value) == MethodType.lora.value
+        and method.get("mergeAdapter") is False
+    )
     output = ((spec.get("output") or {}).get("uri") or "").rstrip("/")
-    model_uri = (status.get("artifacts") or {}).get("modelUri") or (f"{output}/{MODEL_DIR}" if output else None)
+    model_uri = (status.get("artifacts") or {}).get("modelUri") or (
+        f"{output}/{MODEL_DIR}" if output else None
+    )
     return Upstream(
         name=name,
         found=True,
@@ -428,7 +431,9 @@ class _Reconciler:
                     render_validation_job(self.job, self.obs.settings, plan, self.obs.namespace)
                 )
                 self.status["activeJob"] = self.names.validate
-                self._step(Phase.validating, "validating model and data", suspended=initially_suspended(self.job))
+                self._step(
+                    Phase.validating, "validating model and data", suspended=initially_suspended(self.job)
+                )
                 return
             if validation.failed:
                 self._validation_failed(validation)
@@ -437,20 +442,21 @@ class _Reconciler:
                 self.status["activeJob"] = validation.name
                 self._step(Phase.validating, "validating model and data", job=validation)
                 return
-            self._cond(ConditionType.validated, True, "Validated", "model and data are readable and well-formed")
+            self._cond(
+                ConditionType.validated, True, "Validated", "model and data are readable and well-formed"
+            )
             self._event("Normal", "Validated", "model and data are readable and well-formed")
         self._reconcile_main(plan)
 
     def _resolve_model(self) -> str | None:
         """The model to work on; None while a CompressJob waits for its FineTuneJob (or failed)."""
         if isinstance(self.job, FineTuneJob):
-            return self.spec.model.uri  # type: ignore[union-attr]
-        assert isinstance(self.job, CompressJob)
+            return str(self.job.spec.model.uri)
         if self.status.get("sourceModelUri"):
             return str(self.status["sourceModelUri"])
         if self.job.spec.model.uri:
-            self.status["sourceModelUri"] = self.job.spec.model.uri
-            return self.job.spec.model.uri
+            self.status["sourceModelUri"] = str(self.job.spec.model.uri)
+            return str(self.job.spec.model.uri)
         upstream = self.obs.upstream
         name = self.job.spec.model.from_fine_tune_job
         if upstream is None or not upstream.found:
@@ -491,7 +497,9 @@ class _Reconciler:
         self.status["restarts"] = attempt
         self.status["activeJob"] = name
         if current is None:
-            self.decision.create.append(render_main_job(self.job, self.obs.settings, plan, self.obs.namespace, attempt))
+            self.decision.create.append(
+                render_main_job(self.job, self.obs.settings, plan, self.obs.namespace, attempt)
+            )
             self._step(Phase.running, f"{self.noun} started", suspended=initially_suspended(self.job))
             return
         if current.complete:
@@ -530,17 +538,27 @@ class _Reconciler:
             "resumes from the newest checkpoint"
         )
         self._event("Warning", "Restarting", message)
-        self._step(Phase.running, f"{self.noun} restarted (restart {attempt})", suspended=initially_suspended(self.job))
+        self._step(
+            Phase.running,
+            f"{self.noun} restarted (restart {attempt})",
+            suspended=initially_suspended(self.job),
+        )
 
-    def _step(self, phase: Phase, message: str, *, job: JobState | None = None, suspended: bool | None = None) -> None:
+    def _step(
+        self, phase: Phase, message: str, *, job: JobState | None = None, suspended: bool | None = None
+    ) -> None:
         """Phase bookkeeping for a step whose Job exists (``job``) or is being created."""
         is_suspended = job.suspended if job is not None else bool(suspended)
         queue = self.spec.queue_name
         if job is not None and self.spec.suspend and not job.suspended:
-            self.decision.patch.append(ChildPatch(ChildRef("batch/v1", "Job", job.name), {"spec": {"suspend": True}}))
+            self.decision.patch.append(
+                ChildPatch(ChildRef("batch/v1", "Job", job.name), {"spec": {"suspend": True}})
+            )
             is_suspended = True
         elif job is not None and not self.spec.suspend and job.suspended and queue is None:
-            self.decision.patch.append(ChildPatch(ChildRef("batch/v1", "Job", job.name), {"spec": {"suspend": False}}))
+            self.decision.patch.append(
+                ChildPatch(ChildRef("batch/v1", "Job", job.name), {"spec": {"suspend": False}})
+            )
             is_suspended = False
         if self.spec.suspend:
             self._suspend("Suspended", "spec.suspend is true; resuming continues from the last checkpoint")
@@ -606,7 +624,9 @@ class _Reconciler:
             return
         self.decision.delete += workload_refs(self.job, self.obs.jobs)
         self.decision.annotations[ANNOTATION_CLEANED] = "true"
-        self._event("Normal", "ChildrenDeleted", f"ttlSecondsAfterFinished ({ttl}s) passed; artifacts are kept")
+        self._event(
+            "Normal", "ChildrenDeleted", f"ttlSecondsAfterFinished ({ttl}s) passed; artifacts are kept"
+        )
 
     def _reconcile_serving(self) -> None:
         serve = self.spec.serve
@@ -625,7 +645,9 @@ class _Reconciler:
         if dep is None:
             self.decision.create.append(deployment)
         elif dep.spec_hash != deployment["metadata"]["annotations"][ANNOTATION_SPEC_HASH]:
-            self.decision.patch.append(ChildPatch(ref_of(deployment), deployment_update(deployment), json_patch=True))
+            self.decision.patch.append(
+                ChildPatch(ref_of(deployment), deployment_update(deployment), json_patch=True)
+            )
             self._event("Normal", "ServingUpdated", "spec.serve changed; the serving Deployment was updated")
         ready_replicas = dep.ready_replicas if dep is not None else 0
         ready = ready_replicas >= 1
@@ -639,11 +661,15 @@ class _Reconciler:
         }
         was_ready = is_true(self.old.get("conditions"), ConditionType.serving_ready)
         if ready:
-            self._cond(ConditionType.serving_ready, True, "Ready", f"{ready_replicas} replica(s) ready at {url}")
+            self._cond(
+                ConditionType.serving_ready, True, "Ready", f"{ready_replicas} replica(s) ready at {url}"
+            )
             if not was_ready:
                 self._event("Normal", "ServingReady", f"serving at {url}")
         else:
-            why = "no replicas requested" if serve.replicas == 0 else "waiting for a replica to load the model"
+            why = (
+                "no replicas requested" if serve.replicas == 0 else "waiting for a replica to load the model"
+            )
             self._cond(ConditionType.serving_ready, False, "NotReady", why)
 
     def _transition_events(self) -> None:
@@ -705,7 +731,8 @@ def workload_refs(job: Job, jobs: Sequence[JobState]) -> list[ChildRef]:
     refs = [ChildRef("batch/v1", "Job", j.name) for j in jobs]
     if names.validate not in {j.name for j in jobs}:
         refs.append(ChildRef("batch/v1", "Job", names.validate))
-    return refs + [
+    return [
+        *refs,
         ChildRef("v1", "ConfigMap", names.plan),
         ChildRef("v1", "Service", names.workers),
         ChildRef("rbac.authorization.k8s.io/v1", "RoleBinding", names.runner),
@@ -767,6 +794,7 @@ def invalid_spec_status(
     out["message"] = message
     out["observedGeneration"] = generation
     out["completionTime"] = out.get("completionTime") or rfc3339(now)
-    out["conditions"] = set_condition(out.get("conditions"), ConditionType.failed, True, REASON_INVALID_SPEC, message, now, generation)
+    out["conditions"] = set_condition(
+        out.get("conditions"), ConditionType.failed, True, REASON_INVALID_SPEC, message, now, generation
+    )
     return out
-

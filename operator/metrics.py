@@ -23,7 +23,9 @@ class _JobsByPhase(Collector):
         self._source = source
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        gauge = GaugeMetricFamily("kubetune_jobs", "Jobs known to the operator, by kind and phase.", labels=["kind", "phase"])
+        gauge = GaugeMetricFamily(
+            "kubetune_jobs", "Jobs known to the operator, by kind and phase.", labels=["kind", "phase"]
+        )
         counts = Tally(self._source())
         for kind in ("FineTuneJob", "CompressJob"):
             for phase in Phase:
@@ -82,4 +84,7 @@ def phases_of(indices: Mapping[str, Mapping[Any, Iterable[Mapping[str, Any]]]]) 
     for index in indices.values():
         for store in index.values():
             for snapshot in store:
-                yield str(snapshot.get("kind")), str((snapshot.get("status") or {}).get("phase") or Phase.pending.value)
+                yield (
+                    str(snapshot.get("kind")),
+                    str((snapshot.get("status") or {}).get("phase") or Phase.pending.value),
+                )

@@ -343,9 +343,7 @@ _SHM_VOLUME: Final[Manifest] = {"name": "dshm", "emptyDir": {"medium": "Memory"}
 _SHM_MOUNT: Final[Manifest] = {"name": "dshm", "mountPath": "/dev/shm"}
 
 
-def _resources(
-    requests: dict[str, str] | None, limits: dict[str, str] | None, gpus: int
-) -> Manifest:
+def _resources(requests: dict[str, str] | None, limits: dict[str, str] | None, gpus: int) -> Manifest:
     out: Manifest = {}
     if requests:
         out["requests"] = dict(requests)
@@ -452,7 +450,9 @@ def main_command(job: Job, plan: RunPlan, master_addr: str) -> list[str]:
     """torchrun over the gang for training; a plain process for single-process compression."""
     command = "finetune" if isinstance(job, FineTuneJob) else "compress"
     runtime = ["-m", "kubetune.trainer", command, "--plan", PLAN_PATH]
-    distributed = isinstance(job, FineTuneJob) or (plan.compression is not None and plan.compression.distillation)
+    distributed = isinstance(job, FineTuneJob) or (
+        plan.compression is not None and plan.compression.distillation
+    )
     if not distributed:
         return ["python", *runtime]
     return [
@@ -541,7 +541,11 @@ def output_uri(job: Job, *parts: str) -> str:
 
 
 def served_model(job: Job) -> ServedModel:
-    if isinstance(job, FineTuneJob) and job.spec.method.type == MethodType.lora and not job.spec.method.merges:
+    if (
+        isinstance(job, FineTuneJob)
+        and job.spec.method.type == MethodType.lora
+        and not job.spec.method.merges
+    ):
         return ServedModel(model_uri=job.spec.model.uri, adapter_uri=output_uri(job, ADAPTER_DIR))
     return ServedModel(model_uri=output_uri(job, MODEL_DIR))
 
@@ -655,7 +659,9 @@ def _vllm_containers(
     return fetch, vllm
 
 
-def render_serving(job: Job, settings: Settings, namespace: str, model: ServedModel | None = None) -> list[Manifest]:
+def render_serving(
+    job: Job, settings: Settings, namespace: str, model: ServedModel | None = None
+) -> list[Manifest]:
     """Deployment + Service serving the job's result over the OpenAI-compatible API."""
     names = child_names(job)
     model = model or served_model(job)

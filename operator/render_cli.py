@@ -30,7 +30,10 @@ class RenderInputError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="YAML file with FineTuneJob/CompressJob documents ('-' reads stdin)")
     parser.add_argument(
-        "-n", "--namespace", default="default", help="namespace of jobs that do not name one (default: default)"
+        "-n",
+        "--namespace",
+        default="default",
+        help="namespace of jobs that do not name one (default: default)",
     )
     parser.add_argument(
         "--phase",
@@ -59,13 +62,15 @@ def load_jobs(documents: Iterable[Any], source: str) -> list[FineTuneJob | Compr
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
             )
-            raise RenderInputError(f"{source}: document {number} ({doc['kind']} {name}): {problems}") from None
+            raise RenderInputError(
+                f"{source}: document {number} ({doc['kind']} {name}): {problems}"
+            ) from None
     return jobs
 
 
 def resolve_model(job: CompressJob, jobs: list[FineTuneJob | CompressJob], model_uri: str | None) -> str:
     if job.spec.model.uri:
-        return job.spec.model.uri
+        return str(job.spec.model.uri)
     upstream_name = job.spec.model.from_fine_tune_job
     for other in jobs:
         if isinstance(other, FineTuneJob) and other.metadata.name == upstream_name:
@@ -104,7 +109,9 @@ def render_job(
     return [render.render_main_job(job, settings, plan, ns, attempt)]
 
 
-def render_documents(text: str, args: argparse.Namespace, settings: Settings, source: str) -> list[dict[str, Any]]:
+def render_documents(
+    text: str, args: argparse.Namespace, settings: Settings, source: str
+) -> list[dict[str, Any]]:
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:

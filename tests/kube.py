@@ -24,11 +24,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp.web
 import attrs
-import jsonpatch  # type: ignore[import-untyped]
+import jsonpatch
 import kmock
 import kmock._internal.parsing as _kmock_parsing
 import kopf
@@ -41,7 +41,12 @@ STANDARD_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch"
 
 # (group/version/plural, kind, namespaced, subresources). Everything the operator or kopf touches.
 RESOURCES: tuple[tuple[str, str, bool, frozenset[str]], ...] = (
-    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, frozenset({"status"})),
+    (
+        "apiextensions.k8s.io/v1/customresourcedefinitions",
+        "CustomResourceDefinition",
+        False,
+        frozenset({"status"}),
+    ),
     ("v1/namespaces", "Namespace", False, frozenset({"status"})),
     ("v1/events", "Event", True, frozenset()),
     ("kubetune.io/v1alpha1/finetunejobs", "FineTuneJob", True, frozenset({"status"})),
@@ -57,8 +62,6 @@ RESOURCES: tuple[tuple[str, str, bool, frozenset[str]], ...] = (
 )
 SHORT_NAMES = {"FineTuneJob": {"ftj"}, "CompressJob": {"cj"}}
 
-_T = TypeVar("_T")
-
 
 def _parse_path(path: str) -> Any:
     """KMock 0.8 reads /api/v1/namespaces[/NAME] as a namespace with no resource; in Kubernetes
@@ -66,7 +69,9 @@ def _parse_path(path: str) -> Any:
     parts = path.strip("/").split("/")
     rest = parts[2:] if parts[:2] == ["api", "v1"] else None
     if rest is not None and rest[:1] == ["namespaces"] and len(rest) <= 2:
-        return _kmock_parsing.ParsedPath("", "v1", "namespaces", None, rest[1] if len(rest) == 2 else None, None)
+        return _kmock_parsing.ParsedPath(
+            "", "v1", "namespaces", None, rest[1] if len(rest) == 2 else None, None
+        )
     return _original_parse_path(path)
 
 
@@ -135,20 +140,24 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 subresources=subresources,
             )
 
-    def _subresources(self, resource: kmock.resource) -> set[str]:
-        if resource in self.resources:
-            return set(self.resources[resource].subresources)
-        return set()
+    def _subresources(self, resource: kmock.resource | None) -> set[str]:
+        if resource is None or resource not in self.resources:
+            return set()
+        return set(self.resources[resource].subresources)
 
     def _stamp(self, meta: dict[str, Any]) -> None:
         meta["resourceVersion"] = str(next(self._versions))
 
     def _find(self, resource: Any, namespace: str | None, name: str | None) -> Any:
-        key = (resource, namespace, name)
+        key: Any = (resource, namespace, name)
         if name is None or key not in self.objects:
             return None
         obj = self.objects[key]
         return None if obj.deleted else obj
+
+    def _object(self, request: kmock.Request, namespace: str | None = None, name: str | None = None) -> Any:
+        key: Any = (request.resource, namespace or request.namespace, name or request.name)
+        return self.objects[key]
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         # KMock matches each request against every reaction by scanning the whole request
@@ -171,10 +180,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
             response = await self._serve_directly(request)
         else:  # lists, watches, and whatever a test reacts to itself
             response = await super()._handle(request)
-        if action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE) and response.status < 400:
+        if (
+            action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+            and response.status < 400
+        ):
             name = request.name or (request.data or {}).get("metadata", {}).get("name", "")
             plural = str(resource.plural) + (f"/{request.subresource}" if request.subresource else "")
-            self.journal.append((time.monotonic(), str(action.value).lower(), plural, request.namespace, name))
+            self.journal.append(
+                (time.monotonic(), str(action.value).lower(), plural, request.namespace, name)
+            )
         return response
 
     def __attrs_post_init__(self) -> None:
@@ -194,7 +208,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 key = (resource, request.namespace or meta.get("namespace"), meta.get("name"))
                 async with self._lock:
                     if self._find(*key) is not None:
-                        raise kmock.KubernetesError(status=409, reason="AlreadyExists", message=f"{key[2]} already exists")
+                        raise kmock.KubernetesError(
+                            status=409, reason="AlreadyExists", message=f"{key[2]} already exists"
+                        )
                     if key in self.objects:
                         self.objects[key].create(request.data)
                     else:
@@ -217,7 +233,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 elif meta.get("deletionTimestamp"):
                     release = False
                 elif meta.get("finalizers"):
-                    obj.patch({"metadata": {"deletionTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}})
+                    obj.patch(
+                        {"metadata": {"deletionTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}}
+                    )
                     await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
                     release = False
                 else:
@@ -274,13 +292,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
             try:
                 new = jsonpatch.apply_patch(old, request.data)
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-                return await self._render_error(kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)))
+                return await self._render_error(
+                    kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
+                )
             if new.get("spec") != old.get("spec"):
                 new["metadata"]["generation"] = int(old["metadata"].get("generation") or 1) + 1
             self._stamp(new["metadata"])
             obj.create(new)
             await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
-        self.journal.append((time.monotonic(), "update", str(request.resource.plural), request.namespace, request.name or ""))
+        self.journal.append(
+            (time.monotonic(), "update", str(request.resource.plural), request.namespace, request.name or "")
+        )
         return aiohttp.web.json_response(new)
 
     @staticmethod
@@ -301,7 +323,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     (key, obj)
                     for key, obj in self.objects.items()
                     if not obj.deleted
-                    and any(ref.get("uid") == owner for ref in obj.last.raw.get("metadata", {}).get("ownerReferences") or [])
+                    and any(
+                        ref.get("uid") == owner
+                        for ref in obj.last.raw.get("metadata", {}).get("ownerReferences") or []
+                    )
                 ]
                 for (resource, _, _), obj in doomed:
                     raw = obj.raw
@@ -317,17 +342,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _serve_create(self, request: kmock.Request) -> Any:
         meta = request.data.get("metadata", {})
-        obj = self.objects[(request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))]
-        return obj.raw
+        return self._object(request, meta.get("namespace"), meta.get("name")).raw
 
     async def _serve_update(self, request: kmock.Request) -> Any:
-        return self.objects[(request.resource, request.namespace, request.name)].last.raw
+        return self._object(request).last.raw
 
     async def _serve_delete(self, request: kmock.Request) -> Any:
-        return self.objects[(request.resource, request.namespace, request.name)].last.raw
+        return self._object(request).last.raw
 
     async def _serve_list(self, request: kmock.Request) -> Any:
-        payload = await super()._serve_list(request)
+        payload: Any = await super()._serve_list(request)
         selector = request.params.get("labelSelector")
         if selector:
             payload["items"] = [
@@ -339,7 +363,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     # -- conveniences for tests (objects as plain dicts, None when absent)
 
-    def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    # Shadows KMock's HTTP ``get(url)`` helper on purpose: tests read objects far more often
+    # than they send raw GETs (use ``request("GET", url)`` for those).
+    def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:  # type: ignore[override]
         obj = self._find(kmock.resource(resource), namespace, name)
         return copy.deepcopy(obj.raw) if obj is not None else None
 
@@ -355,7 +381,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
 # --- Requests as a client would send them (User-Agent kmock: not the operator) -----------------
 
 
-def api_path(resource: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+def api_path(
+    resource: str, namespace: str | None, name: str | None = None, subresource: str | None = None
+) -> str:
     res = kmock.resource(resource)
     prefix = "/api/v1" if res.group == "" else f"/apis/{res.group}/{res.version}"
     path = prefix + (f"/namespaces/{namespace}" if namespace else "") + f"/{res.plural}"
@@ -366,7 +394,9 @@ def api_path(resource: str, namespace: str | None, name: str | None = None, subr
     return path
 
 
-async def _send(kube: KubeEmulator, method: str, path: str, body: Any = None, content_type: str | None = None) -> Any:
+async def _send(
+    kube: KubeEmulator, method: str, path: str, body: Any = None, content_type: str | None = None
+) -> Any:
     headers = {"Content-Type": content_type} if content_type else None
     async with kube.request(method, path, json=body, headers=headers) as response:
         payload = await response.json(content_type=None)
@@ -390,7 +420,11 @@ async def patch(
     subresource: str | None = None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = await _send(
-        kube, "PATCH", api_path(resource, namespace, name, subresource), dict(body), "application/merge-patch+json"
+        kube,
+        "PATCH",
+        api_path(resource, namespace, name, subresource),
+        dict(body),
+        "application/merge-patch+json",
     )
     return result
 
@@ -400,7 +434,7 @@ async def delete(kube: KubeEmulator, resource: str, namespace: str | None, name:
     await _send(kube, "DELETE", api_path(resource, namespace, name), body)
 
 
-async def eventually(check: Callable[[], _T | Awaitable[_T]], timeout: float = 20.0, what: str = "") -> _T:
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
     """Poll ``check`` until it returns something truthy (or stops raising AssertionError)."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -410,7 +444,7 @@ async def eventually(check: Callable[[], _T | Awaitable[_T]], timeout: float = 2
             if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
                 result = await result
             if result:
-                return result  # type: ignore[return-value]
+                return result
             last = result
         except AssertionError as exc:
             last = exc
@@ -431,7 +465,14 @@ async def start_job(kube: KubeEmulator, namespace: str, name: str) -> None:
     job = kube.get("batch/v1/jobs", namespace, name)
     assert job is not None, f"Job {namespace}/{name} does not exist"
     n = int(job["spec"].get("parallelism") or 1)
-    await patch(kube, "batch/v1/jobs", namespace, name, {"status": {"startTime": _now(), "active": n, "ready": n}}, "status")
+    await patch(
+        kube,
+        "batch/v1/jobs",
+        namespace,
+        name,
+        {"status": {"startTime": _now(), "active": n, "ready": n}},
+        "status",
+    )
 
 
 async def complete_job(kube: KubeEmulator, namespace: str, name: str) -> None:
@@ -444,8 +485,18 @@ async def complete_job(kube: KubeEmulator, namespace: str, name: str) -> None:
         "succeeded": n,
         "completionTime": _now(),
         "conditions": [
-            {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached", "lastTransitionTime": _now()},
-            {"type": "Complete", "status": "True", "reason": "CompletionsReached", "lastTransitionTime": _now()},
+            {
+                "type": "SuccessCriteriaMet",
+                "status": "True",
+                "reason": "CompletionsReached",
+                "lastTransitionTime": _now(),
+            },
+            {
+                "type": "Complete",
+                "status": "True",
+                "reason": "CompletionsReached",
+                "lastTransitionTime": _now(),
+            },
         ],
     }
     await patch(kube, "batch/v1/jobs", namespace, name, {"status": status}, "status")
@@ -467,21 +518,34 @@ async def fail_job(
         "job-name": name,
         "batch.kubernetes.io/job-completion-index": str(index),
     }
-    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job["metadata"]["uid"], "controller": True}
+    owner = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": name,
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+    }
     await create(
         kube,
         "v1/pods",
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": pod_name, "namespace": namespace, "labels": pod_labels, "ownerReferences": [owner]},
+            "metadata": {
+                "name": pod_name,
+                "namespace": namespace,
+                "labels": pod_labels,
+                "ownerReferences": [owner],
+            },
             "spec": template["spec"],
         },
     )
     terminated = {"exitCode": exit_code, "reason": "Error", "message": message, "finishedAt": _now()}
     pod_status = {
         "phase": "Failed",
-        "containerStatuses": [{"name": container, "ready": False, "restartCount": 0, "state": {"terminated": terminated}}],
+        "containerStatuses": [
+            {"name": container, "ready": False, "restartCount": 0, "state": {"terminated": terminated}}
+        ],
     }
     await patch(kube, "v1/pods", namespace, pod_name, {"status": pod_status}, "status")
     if exit_code in (2, 3):
@@ -497,8 +561,20 @@ async def fail_job(
         "ready": 0,
         "failed": 1,
         "conditions": [
-            {"type": "FailureTarget", "status": "True", "reason": reason, "message": why, "lastTransitionTime": _now()},
-            {"type": "Failed", "status": "True", "reason": reason, "message": why, "lastTransitionTime": _now()},
+            {
+                "type": "FailureTarget",
+                "status": "True",
+                "reason": reason,
+                "message": why,
+                "lastTransitionTime": _now(),
+            },
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": reason,
+                "message": why,
+                "lastTransitionTime": _now(),
+            },
         ],
     }
     await patch(kube, "batch/v1/jobs", namespace, name, {"status": status}, "status")
@@ -653,4 +729,8 @@ def compressjob(name: str, namespace: str = "default", **spec: Any) -> dict[str,
 
 def operator_requests(kube: KubeEmulator) -> list[kmock.Request]:
     """Requests sent by the operator (kopf and its own client), not by the test."""
-    return [r for r in kube.log if str(r.headers.get("User-Agent", "")).startswith(("kopf/", "kubetune-operator/"))]
+    return [
+        r
+        for r in kube.log
+        if str(r.headers.get("User-Agent", "")).startswith(("kopf/", "kubetune-operator/"))
+    ]

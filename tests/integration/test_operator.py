@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures are imported by name and then named as parameters)
 """The real operator against the Kubernetes emulator: lifecycle, restarts, serving, RBAC.
 
 The tests play the Job controller and the kubelet (tests.kube.complete_job, fail_job...). Each
@@ -6,6 +7,7 @@ scenario is a plain coroutine so the RBAC test can replay them all and audit eve
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -16,9 +18,9 @@ import pytest
 import yaml
 
 from tests.kube import (  # noqa: F401  (fixtures)
+    TEST_SETTINGS,
     KubeEmulator,
     Operator,
-    TEST_SETTINGS,
     complete_job,
     compressjob,
     create,
@@ -54,12 +56,15 @@ def condition(kube: KubeEmulator, ns: str, name: str, type_: str, resource: str 
 
 
 async def reach(kube: KubeEmulator, ns: str, name: str, phase: str, resource: str = FTJ) -> dict[str, Any]:
-    await eventually(lambda: status(kube, ns, name, resource).get("phase") == phase, what=f"{name} -> {phase}")
+    await eventually(
+        lambda: status(kube, ns, name, resource).get("phase") == phase, what=f"{name} -> {phase}"
+    )
     return status(kube, ns, name, resource)
 
 
 async def job_exists(kube: KubeEmulator, ns: str, name: str) -> dict[str, Any]:
-    return await eventually(lambda: kube.get(JOBS, ns, name), what=f"Job {ns}/{name}")
+    found: dict[str, Any] = await eventually(lambda: kube.get(JOBS, ns, name), what=f"Job {ns}/{name}")
+    return found
 
 
 def events(kube: KubeEmulator, ns: str, reason: str) -> list[dict[str, Any]]:
@@ -108,9 +113,17 @@ async def scenario_children_owned(kube: KubeEmulator, ns: str) -> None:
             }
         ], f"{resource} {name}"
     plan = json.loads(kube.get("v1/configmaps", ns, "owned-plan")["data"]["plan.json"])  # type: ignore[index]
-    assert plan["job"] == {"api_version": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "namespace": ns, "name": "owned", "uid": uid}
+    assert plan["job"] == {
+        "api_version": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "namespace": ns,
+        "name": "owned",
+        "uid": uid,
+    }
     st = await reach(kube, ns, "owned", "Validating")
-    assert st["observedGeneration"] == 1 and st["startTime"] and st["restarts"] == 0
+    assert st["observedGeneration"] == 1
+    assert st["startTime"]
+    assert st["restarts"] == 0
     assert kube.get(JOBS, ns, "owned-train-r0") is None, "the gang waits for validation"
 
 
@@ -157,8 +170,11 @@ async def scenario_retriable_failures(kube: KubeEmulator, ns: str) -> None:
     await job_exists(kube, ns, "flaky-train-r1")
     await eventually(lambda: kube.get(JOBS, ns, "flaky-train-r0") is None, what="failed attempt deleted")
     st = await eventually(lambda: (s := status(kube, ns, "flaky")).get("restarts") == 1 and s)
-    assert st["phase"] == "Running" and st["activeJob"] == "flaky-train-r1"
-    await eventually(lambda: any("exited with code 137" in e["message"] for e in events(kube, ns, "Restarting")))
+    assert st["phase"] == "Running"
+    assert st["activeJob"] == "flaky-train-r1"
+    await eventually(
+        lambda: any("exited with code 137" in e["message"] for e in events(kube, ns, "Restarting"))
+    )
     await fail_job(kube, ns, "flaky-train-r1", exit_code=1, message="NCCL timeout")
     await job_exists(kube, ns, "flaky-train-r2")
     await fail_job(kube, ns, "flaky-train-r2", exit_code=1, message="NCCL timeout again")
@@ -178,7 +194,8 @@ async def scenario_invalid_input(kube: KubeEmulator, ns: str) -> None:
     st = await reach(kube, ns, "broken", "Failed")
     failed = condition(kube, ns, "broken", "Failed")
     assert failed["reason"] == "InvalidInput"
-    assert reason in failed["message"] and reason in st["message"]
+    assert reason in failed["message"]
+    assert reason in st["message"]
     assert st["restarts"] == 0
     assert kube.get(JOBS, ns, "broken-train-r1") is None
     await eventually(lambda: any(reason in e["message"] for e in events(kube, ns, "InvalidInput")))
@@ -192,7 +209,8 @@ async def scenario_validation_failure(kube: KubeEmulator, ns: str) -> None:
     await reach(kube, ns, "unreadable", "Failed")
     assert condition(kube, ns, "unreadable", "Failed")["reason"] == "StorageError"
     validated_condition = condition(kube, ns, "unreadable", "Validated")
-    assert validated_condition["status"] == "False" and validated_condition["reason"] == "StorageError"
+    assert validated_condition["status"] == "False"
+    assert validated_condition["reason"] == "StorageError"
     assert reason in validated_condition["message"]
     assert kube.get(JOBS, ns, "unreadable-train-r0") is None
 
@@ -219,7 +237,9 @@ async def scenario_serve_edit(kube: KubeEmulator, ns: str) -> None:
     await validated(kube, ns, "editable")
     await complete_job(kube, ns, "editable-train-r0")
     before = await eventually(lambda: kube.get(DEPLOYMENTS, ns, "editable-serve"))
-    await patch(kube, FTJ, ns, "editable", {"spec": {"serve": {"enabled": True, "replicas": 3, "maxBatchSize": 4}}})
+    await patch(
+        kube, FTJ, ns, "editable", {"spec": {"serve": {"enabled": True, "replicas": 3, "maxBatchSize": 4}}}
+    )
 
     def updated() -> dict[str, Any] | None:
         dep = kube.get(DEPLOYMENTS, ns, "editable-serve")
@@ -233,7 +253,9 @@ async def scenario_serve_edit(kube: KubeEmulator, ns: str) -> None:
     await eventually(lambda: events(kube, ns, "ServingUpdated"))
     await patch(kube, FTJ, ns, "editable", {"spec": {"serve": {"enabled": False}}})
     await eventually(lambda: kube.get(DEPLOYMENTS, ns, "editable-serve") is None, what="serving removed")
-    await eventually(lambda: kube.get("v1/services", ns, "editable-serve") is None, what="serving Service removed")
+    await eventually(
+        lambda: kube.get("v1/services", ns, "editable-serve") is None, what="serving Service removed"
+    )
     await eventually(lambda: "serving" not in status(kube, ns, "editable"), what="serving status cleared")
 
 
@@ -243,8 +265,12 @@ async def scenario_delete(kube: KubeEmulator, ns: str) -> None:
     await complete_job(kube, ns, "doomed-train-r0")
     await eventually(lambda: kube.get(DEPLOYMENTS, ns, "doomed-serve"))
     await delete(kube, FTJ, ns, "doomed")
+
+    def gone(resource: str) -> bool:
+        return not [n for n in kube.names(resource, ns) if n.startswith("doomed-")]
+
     for resource in ("v1/configmaps", "v1/services", "v1/serviceaccounts", JOBS, DEPLOYMENTS):
-        await eventually(lambda r=resource: not [n for n in kube.names(r, ns) if n.startswith("doomed-")], what=resource)
+        await eventually(functools.partial(gone, resource), what=resource)
 
 
 async def scenario_ttl(kube: KubeEmulator, ns: str) -> None:
@@ -252,7 +278,9 @@ async def scenario_ttl(kube: KubeEmulator, ns: str) -> None:
     await validated(kube, ns, "shortlived")
     await complete_job(kube, ns, "shortlived-train-r0")
     await reach(kube, ns, "shortlived", "Succeeded")
-    await eventually(lambda: kube.get("v1/configmaps", ns, "shortlived-plan") is None, what="children deleted")
+    await eventually(
+        lambda: kube.get("v1/configmaps", ns, "shortlived-plan") is None, what="children deleted"
+    )
     assert kube.names(JOBS, ns) == []
     assert kube.get("v1/serviceaccounts", ns, "shortlived-runner") is None
     assert kube.get(DEPLOYMENTS, ns, "shortlived-serve") is not None, "serving stays while the job exists"
@@ -288,7 +316,9 @@ async def scenario_compress_upstream_failed(kube: KubeEmulator, ns: str) -> None
     await create(kube, CJ, compressjob("orphan", ns, model={"fromFineTuneJob": "doomedbase"}))
     await reach(kube, ns, "orphan", "Waiting", CJ)
     await job_exists(kube, ns, "doomedbase-validate")
-    await fail_job(kube, ns, "doomedbase-validate", exit_code=2, message="model config.json is not valid JSON")
+    await fail_job(
+        kube, ns, "doomedbase-validate", exit_code=2, message="model config.json is not valid JSON"
+    )
     await reach(kube, ns, "orphan", "Failed", CJ)
     failed = condition(kube, ns, "orphan", "Failed", CJ)
     assert failed["reason"] == "UpstreamFailed"
@@ -316,8 +346,14 @@ async def scenario_restart_no_duplicates(kube: KubeEmulator, ns: str, running: O
         for _, action, plural, namespace, name in kube.journal
         if action == "create" and namespace == ns and plural not in ("events", "pods", "finetunejobs")
     )
-    assert creates and max(creates.values()) == 1, f"created twice: {[k for k, v in creates.items() if v > 1]}"
-    assert kube.names(JOBS, ns) == ["finished-train-r0", "finished-validate", "steady-train-r0", "steady-validate"]
+    assert creates, "the scenario created children"
+    assert max(creates.values()) == 1, f"created twice: {[k for k, v in creates.items() if v > 1]}"
+    assert kube.names(JOBS, ns) == [
+        "finished-train-r0",
+        "finished-validate",
+        "steady-train-r0",
+        "steady-validate",
+    ]
     assert status(kube, ns, "finished") == before["finished"]
     assert status(kube, ns, "steady")["restarts"] == before["steady"]["restarts"] == 0
 
@@ -325,9 +361,15 @@ async def scenario_restart_no_duplicates(kube: KubeEmulator, ns: str, running: O
 async def scenario_name_conflict(kube: KubeEmulator, ns: str) -> None:
     """Children whose names are taken by objects the job does not own fail it, untouched."""
     foreign: list[tuple[str, dict[str, Any]]] = [
-        ("v1/configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken-plan"}, "data": {}}),
+        (
+            "v1/configmaps",
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken-plan"}, "data": {}},
+        ),
         (JOBS, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "clash-validate"}, "spec": {}}),
-        (DEPLOYMENTS, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "late-serve"}, "spec": {}}),
+        (
+            DEPLOYMENTS,
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "late-serve"}, "spec": {}},
+        ),
     ]
     for resource, manifest in foreign:
         manifest["metadata"]["namespace"] = ns
@@ -343,8 +385,12 @@ async def scenario_name_conflict(kube: KubeEmulator, ns: str) -> None:
         # Training succeeded; only serving is impossible.
         ("late", "ServingReady", "Deployment late-serve"),
     )
+
+    def conflicted(name: str, type_: str) -> bool:
+        return condition(kube, ns, name, type_).get("reason") == "NameConflict"
+
     for name, type_, child in conflicts:
-        await eventually(lambda n=name, t=type_: condition(kube, ns, n, t).get("reason") == "NameConflict", what=name)
+        await eventually(functools.partial(conflicted, name, type_), what=name)
         assert f"{child} already exists" in condition(kube, ns, name, type_)["message"]
     assert status(kube, ns, "late")["phase"] == "Succeeded"
     for resource, manifest in foreign:
@@ -380,7 +426,9 @@ async def test_operator_restart_creates_no_duplicates(kube: KubeEmulator, operat
 
 async def test_namespaced_operator_ignores_other_namespaces(kube: KubeEmulator, kubeconfig: Path) -> None:
     for namespace in ("watched", "elsewhere"):
-        await create(kube, "v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        await create(
+            kube, "v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+        )
     running = Operator(settings=TEST_SETTINGS.model_copy(update={"namespaces": ("watched",)}))
     await running.start()
     try:
@@ -407,9 +455,13 @@ def rbac_triples(requests: list[Any]) -> set[tuple[str, str, str]]:
         group = request.resource.group or ""
         resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
         if request.method == "GET":
-            verb = "watch" if request.params.get("watch") in ("true", "1") else "get" if request.name else "list"
+            verb = (
+                "watch" if request.params.get("watch") in ("true", "1") else "get" if request.name else "list"
+            )
         else:
-            verb = VERBS_BY_METHOD[str(request.method.value if hasattr(request.method, "value") else request.method).upper()]
+            verb = VERBS_BY_METHOD[
+                str(request.method.value if hasattr(request.method, "value") else request.method).upper()
+            ]
         used.add((verb, group, resource))
     return used
 
@@ -436,7 +488,9 @@ def delegated_triples() -> set[tuple[str, str, str]]:
     return out
 
 
-async def test_clusterrole_allows_exactly_what_the_operator_uses(kube: KubeEmulator, kubeconfig: Path) -> None:
+async def test_clusterrole_allows_exactly_what_the_operator_uses(
+    kube: KubeEmulator, kubeconfig: Path
+) -> None:
     running = Operator()
     await running.start()
     try:
@@ -445,7 +499,9 @@ async def test_clusterrole_allows_exactly_what_the_operator_uses(kube: KubeEmula
         await scenario_restart_no_duplicates(kube, "rbac-restart", running)
     finally:
         await running.stop()
-    await create(kube, "v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "rbac-ns"}})
+    await create(
+        kube, "v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "rbac-ns"}}
+    )
     namespaced = Operator(settings=TEST_SETTINGS.model_copy(update={"namespaces": ("rbac-ns",)}))
     await namespaced.start()
     try:
@@ -468,5 +524,6 @@ async def test_clusterrole_allows_exactly_what_the_operator_uses(kube: KubeEmula
         for rule in role["rules"]:
             for verb in rule["verbs"]:
                 for resource in rule["resources"]:
-                    assert (verb, rule["apiGroups"][0], resource) in granted, "the operator could not grant it"
-
+                    assert (verb, rule["apiGroups"][0], resource) in granted, (
+                        "the operator could not grant it"
+                    )

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.unit
 
 GOLDEN = Path(__file__).parent / "test_render_golden"
 K8S_VERSION = kubernetes_validate.utils.latest_version()
-SETTINGS = Settings(trainer_image="registry.example/kubetune/trainer:0.1.0", storage_endpoint="http://minio.storage:9000")
+SETTINGS = Settings(
+    trainer_image="registry.example/kubetune/trainer:0.1.0", storage_endpoint="http://minio.storage:9000"
+)
 UID = "0b5c5a40-9d3e-4a1e-8f0a-6f1f1d2d7c11"
 
 
@@ -53,7 +55,8 @@ CASES: dict[str, FineTuneJob | CompressJob] = {
     "lora-2-workers": job(
         "FineTuneJob",
         "support-lora",
-        BASE_FT | {"resources": {"workers": 2, "processesPerWorker": 2, "requests": {"cpu": "4", "memory": "16Gi"}}},
+        BASE_FT
+        | {"resources": {"workers": 2, "processesPerWorker": 2, "requests": {"cpu": "4", "memory": "16Gi"}}},
     ),
     "gpu-workers-tolerations": job(
         "FineTuneJob",
@@ -92,7 +95,9 @@ CASES: dict[str, FineTuneJob | CompressJob] = {
         },
     ),
     "suspend-queue": job(
-        "FineTuneJob", "queued", BASE_FT | {"suspend": True, "queueName": "team-a-gpus", "resources": {"gpusPerWorker": 1}}
+        "FineTuneJob",
+        "queued",
+        BASE_FT | {"suspend": True, "queueName": "team-a-gpus", "resources": {"gpusPerWorker": 1}},
     ),
     "serve-builtin": job(
         "FineTuneJob",
@@ -100,7 +105,12 @@ CASES: dict[str, FineTuneJob | CompressJob] = {
         BASE_FT
         | {
             "method": {"type": "full"},
-            "serve": {"enabled": True, "replicas": 2, "requests": {"cpu": "2", "memory": "8Gi"}, "maxBatchSize": 8},
+            "serve": {
+                "enabled": True,
+                "replicas": 2,
+                "requests": {"cpu": "2", "memory": "8Gi"},
+                "maxBatchSize": 8,
+            },
         },
     ),
     "serve-vllm-adapter": job(
@@ -147,7 +157,8 @@ def by_kind(children: list[dict[str, Any]], kind: str, component: str | None = N
     return [
         c
         for c in children
-        if c["kind"] == kind and (component is None or c["metadata"]["labels"][render.LABEL_COMPONENT] == component)
+        if c["kind"] == kind
+        and (component is None or c["metadata"]["labels"][render.LABEL_COMPONENT] == component)
     ]
 
 
@@ -187,7 +198,12 @@ def test_runner_identity_allows_only_this_jobs_status() -> None:
         },
         "ownerReferences": owner,
     }
-    assert sa == {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False}
+    assert sa == {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta,
+        "automountServiceAccountToken": False,
+    }
     assert role == {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -225,7 +241,11 @@ def test_headless_service_publishes_not_ready_gang_pods() -> None:
     assert svc["spec"] == {
         "clusterIP": "None",
         "publishNotReadyAddresses": True,
-        "selector": {"kubetune.io/job-name": "support-lora", "kubetune.io/kind": "FineTuneJob", "kubetune.io/component": "train"},
+        "selector": {
+            "kubetune.io/job-name": "support-lora",
+            "kubetune.io/kind": "FineTuneJob",
+            "kubetune.io/component": "train",
+        },
         "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500}],
     }
 
@@ -236,7 +256,12 @@ def test_headless_service_publishes_not_ready_gang_pods() -> None:
 def test_gang_runs_torchrun_over_an_indexed_job() -> None:
     train = main_job("lora-2-workers")
     spec = train["spec"]
-    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 2, 2, 0)
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
+        "Indexed",
+        2,
+        2,
+        0,
+    )
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == "support-lora-workers"
     container = pod["containers"][0]
@@ -254,14 +279,19 @@ def test_gang_runs_torchrun_over_an_indexed_job() -> None:
         "/etc/kubetune/plan.json",
     ]
     assert spec["podFailurePolicy"]["rules"] == [
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3]}},
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3]},
+        },
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DS_ACCELERATOR"] == "cpu"
-    assert env["KUBETUNE_JOB_NAME"] == "support-lora" and env["KUBETUNE_JOB_NAMESPACE"] == "ml"
+    assert env["KUBETUNE_JOB_NAME"] == "support-lora"
+    assert env["KUBETUNE_JOB_NAMESPACE"] == "ml"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    assert pod["automountServiceAccountToken"] is True and pod["serviceAccountName"] == "support-lora-runner"
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["serviceAccountName"] == "support-lora-runner"
 
 
 def test_replacement_attempts_get_new_names() -> None:
@@ -270,7 +300,10 @@ def test_replacement_attempts_get_new_names() -> None:
     replacement = render.render_main_job(ft, SETTINGS, plan, "ml", attempt=3)
     assert replacement["metadata"]["name"] == "support-lora-train-r3"
     assert replacement["metadata"]["labels"][render.LABEL_ATTEMPT] == "3"
-    assert "--master_addr=support-lora-train-r3-0.support-lora-workers" in replacement["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (
+        "--master_addr=support-lora-train-r3-0.support-lora-workers"
+        in replacement["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
 
 
 def test_gpu_placement_comes_from_the_spec() -> None:
@@ -289,8 +322,13 @@ def test_gpu_placement_comes_from_the_spec() -> None:
 def test_s3_keys_come_from_the_secret_by_reference() -> None:
     container = main_job("secret-ref")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
-    assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "team-s3", "key": "access_key"}}}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "team-s3", "key": "secret_key"}}
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "name": "AWS_ACCESS_KEY_ID",
+        "valueFrom": {"secretKeyRef": {"name": "team-s3", "key": "access_key"}},
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "team-s3", "key": "secret_key"}
+    }
     assert env["AWS_SESSION_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "team-s3", "key": "token"}}
     assert env["AWS_ENDPOINT_URL"]["value"] == "https://s3.eu-central-1.example.com"
     assert env["AWS_REGION"]["value"] == env["AWS_DEFAULT_REGION"]["value"] == "eu-central-1"
@@ -299,7 +337,11 @@ def test_s3_keys_come_from_the_secret_by_reference() -> None:
 def test_plan_configmap_has_no_secrets() -> None:
     plan_cm = by_kind(rendered("secret-ref"), "ConfigMap")[0]
     plan = json.loads(plan_cm["data"]["plan.json"])
-    assert plan["storage"] == {"endpoint": "https://s3.eu-central-1.example.com", "region": "eu-central-1", "addressing_style": "auto"}
+    assert plan["storage"] == {
+        "endpoint": "https://s3.eu-central-1.example.com",
+        "region": "eu-central-1",
+        "addressing_style": "auto",
+    }
     assert "team-s3" not in plan_cm["data"]["plan.json"]
 
 
@@ -323,14 +365,25 @@ def test_validation_runs_one_cpu_pod() -> None:
     assert (spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (1, 1, 2)
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["python", "-m", "kubetune.trainer", "validate", "--plan", "/etc/kubetune/plan.json"]
+    assert container["command"] == [
+        "python",
+        "-m",
+        "kubetune.trainer",
+        "validate",
+        "--plan",
+        "/etc/kubetune/plan.json",
+    ]
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
-    assert "nodeSelector" not in pod and "tolerations" not in pod, "validation never holds GPU nodes"
+    assert "nodeSelector" not in pod, "validation never holds GPU nodes"
+    assert "tolerations" not in pod
     assert pod["automountServiceAccountToken"] is False
 
 
 def test_builtin_serving() -> None:
-    deployment, service = by_kind(rendered("serve-builtin"), "Deployment")[0], by_kind(rendered("serve-builtin"), "Service", "serve")[0]
+    deployment, service = (
+        by_kind(rendered("serve-builtin"), "Deployment")[0],
+        by_kind(rendered("serve-builtin"), "Service", "serve")[0],
+    )
     pod = deployment["spec"]["template"]["spec"]
     server = pod["containers"][0]
     assert deployment["spec"]["replicas"] == 2
@@ -341,7 +394,8 @@ def test_builtin_serving() -> None:
     assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert server["startupProbe"]["failureThreshold"] * server["startupProbe"]["periodSeconds"] >= 3600
-    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
     assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
     assert render.serving_url(CASES["serve-builtin"], "ml") == "http://served-serve.ml.svc:8000/v1"
 
@@ -406,7 +460,16 @@ def test_every_child_is_valid_kubernetes(case: str) -> None:
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
 
 
-ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+ALLOWED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def restricted_violations(pod: dict[str, Any]) -> list[str]:
@@ -464,7 +527,15 @@ def test_longest_allowed_job_name_keeps_every_child_a_dns_label(kind: str) -> No
     longest = "j" * render.MAX_NAME_LENGTH[kind]
     names = render.ChildNames(kind, longest)
     last_hostname = f"{names.main(1000)}-1023"  # maxRestarts <= 1000, workers <= 1024
-    children = [names.plan, names.workers, names.runner, names.validate, names.serve, names.main(1000), last_hostname]
+    children = [
+        names.plan,
+        names.workers,
+        names.runner,
+        names.validate,
+        names.serve,
+        names.main(1000),
+        last_hostname,
+    ]
     assert max(len(n) for n in children) == 63
     assert len(f"{render.ChildNames(kind, longest + 'j').main(1000)}-1023") == 64
 
@@ -482,7 +553,12 @@ def render_command(tmp_path: Path, documents: list[dict[str, Any]], *extra: str)
     return code, out.getvalue()
 
 
-FT_DOC = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "support-lora"}, "spec": BASE_FT}
+FT_DOC = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "support-lora"},
+    "spec": BASE_FT,
+}
 CJ_DOC = {
     "apiVersion": "kubetune.io/v1alpha1",
     "kind": "CompressJob",
@@ -496,7 +572,9 @@ CJ_DOC = {
 }
 
 
-def test_render_command_prints_what_the_operator_creates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_render_command_prints_what_the_operator_creates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("KUBETUNE_TRAINER_IMAGE", raising=False)
     other = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}}
     code, out = render_command(tmp_path, [FT_DOC, other, CJ_DOC], "-n", "team")
@@ -522,7 +600,10 @@ def test_render_command_phases(tmp_path: Path) -> None:
 def test_render_command_explains_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _ = render_command(tmp_path, [CJ_DOC])
     assert code == 2
-    assert "model.fromFineTuneJob 'support-lora' is not in the input; add it to the file or pass --model-uri" in capsys.readouterr().err
+    assert (
+        "model.fromFineTuneJob 'support-lora' is not in the input; add it to the file or pass --model-uri"
+        in capsys.readouterr().err
+    )
     broken = json.loads(json.dumps(FT_DOC))
     broken["spec"]["hyperparameters"]["maxSteps"] = 10
     code, _ = render_command(tmp_path, [broken])
@@ -535,10 +616,18 @@ def test_render_command_explains_bad_input(tmp_path: Path, capsys: pytest.Captur
 
 def test_settings_from_environment() -> None:
     settings = Settings.from_env(
-        {"KUBETUNE_TRAINER_IMAGE": "t:1", "KUBETUNE_NAMESPACES": "a, b,,", "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_STORAGE_ENDPOINT": ""}
+        {
+            "KUBETUNE_TRAINER_IMAGE": "t:1",
+            "KUBETUNE_NAMESPACES": "a, b,,",
+            "KUBETUNE_METRICS_PORT": "0",
+            "KUBETUNE_STORAGE_ENDPOINT": "",
+        }
     )
-    assert settings.trainer_image == "t:1" and settings.effective_serve_image == "t:1"
-    assert settings.namespaces == ("a", "b") and settings.metrics_port == 0 and settings.storage_endpoint is None
+    assert settings.trainer_image == "t:1"
+    assert settings.effective_serve_image == "t:1"
+    assert settings.namespaces == ("a", "b")
+    assert settings.metrics_port == 0
+    assert settings.storage_endpoint is None
     with pytest.raises(SettingsError, match="KUBETUNE_LOG_FORMAT='xml'"):
         Settings.from_env({"KUBETUNE_LOG_FORMAT": "xml"})
 
@@ -550,5 +639,7 @@ def test_rendering_is_pure_and_the_operator_is_torch_free() -> None:
         "import kubetune.operator.handlers, kubetune.operator.cli, kubetune.operator.render_cli; "
         "heavy = {'torch', 'transformers', 'deepspeed', 'kubetune.trainer'} & set(sys.modules); assert not heavy, heavy"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=False
+    )
     assert result.returncode == 0, result.stderr

@@ -53,15 +53,38 @@ def cj(**model: Any) -> CompressJob:
 
 
 def observe(job: FineTuneJob | CompressJob, status: dict[str, Any] | None = None, **kw: Any) -> Observation:
-    return Observation(job=job, namespace="ml", settings=Settings(), now=kw.pop("now", NOW), generation=1, status=status or {}, **kw)
+    return Observation(
+        job=job,
+        namespace="ml",
+        settings=Settings(),
+        now=kw.pop("now", NOW),
+        generation=1,
+        status=status or {},
+        **kw,
+    )
 
 
-VALIDATED = [{"type": "Validated", "status": "True", "reason": "Validated", "message": "", "lastTransitionTime": T(NOW)}]
-RUNNING = {"phase": "Running", "startTime": T(NOW - timedelta(seconds=100)), "restarts": 0, "conditions": VALIDATED}
+VALIDATED = [
+    {
+        "type": "Validated",
+        "status": "True",
+        "reason": "Validated",
+        "message": "",
+        "lastTransitionTime": T(NOW),
+    }
+]
+RUNNING = {
+    "phase": "Running",
+    "startTime": T(NOW - timedelta(seconds=100)),
+    "restarts": 0,
+    "conditions": VALIDATED,
+}
 
 
 def job(name: str, component: str = "train", attempt: int = 0, **state: Any) -> JobState:
-    return JobState(name=name, component=component, attempt=attempt, suspended=state.pop("suspended", False), **state)
+    return JobState(
+        name=name, component=component, attempt=attempt, suspended=state.pop("suspended", False), **state
+    )
 
 
 def created(decision: lifecycle.Decision) -> list[str]:
@@ -93,23 +116,28 @@ def test_deciding_again_on_the_written_status_changes_nothing() -> None:
     first = decide(observe(ftj()))
     second = decide(observe(ftj(), first.status, jobs=[job("ft-validate", "validate")]))
     assert second.status_patch(first.status) == {}
-    assert second.events == [] and second.delete == [] and second.patch == []
+    assert second.events == []
+    assert second.delete == []
+    assert second.patch == []
 
 
 def test_a_queued_job_is_pending_until_kueue_admits_it() -> None:
     d = decide(observe(ftj(queueName="gpus")))
     assert d.create[-1]["spec"]["suspend"] is True
-    assert d.status["phase"] == "Pending" and "startTime" not in d.status
+    assert d.status["phase"] == "Pending"
+    assert "startTime" not in d.status
     assert "LocalQueue gpus" in d.status["message"]
     admitted = decide(observe(ftj(queueName="gpus"), d.status, jobs=[job("ft-validate", "validate")]))
-    assert admitted.status["phase"] == "Validating" and admitted.patch == []
+    assert admitted.status["phase"] == "Validating"
+    assert admitted.patch == []
 
 
 def test_validation_passed_starts_the_gang() -> None:
     status = {"phase": "Validating", "startTime": T(NOW), "restarts": 0}
     d = decide(observe(ftj(), status, jobs=[job("ft-validate", "validate", complete=True)]))
     assert created(d)[-1] == "Job/ft-train-r0"
-    assert d.status["phase"] == "Running" and d.status["activeJob"] == "ft-train-r0"
+    assert d.status["phase"] == "Running"
+    assert d.status["activeJob"] == "ft-train-r0"
     assert lifecycle.is_true(d.status["conditions"], "Validated")
     assert lifecycle.is_true(d.status["conditions"], "Running")
 
@@ -117,8 +145,20 @@ def test_validation_passed_starts_the_gang() -> None:
 @pytest.mark.parametrize(
     ("term", "job_reason", "job_message", "reason"),
     [
-        pytest.param(Termination("p", "trainer", 2, "Error", "bad record"), "PodFailurePolicy", "", "InvalidInput", id="exit-2"),
-        pytest.param(Termination("p", "trainer", 3, "Error", "403 on s3://x"), "PodFailurePolicy", "", "StorageError", id="exit-3"),
+        pytest.param(
+            Termination("p", "trainer", 2, "Error", "bad record"),
+            "PodFailurePolicy",
+            "",
+            "InvalidInput",
+            id="exit-2",
+        ),
+        pytest.param(
+            Termination("p", "trainer", 3, "Error", "403 on s3://x"),
+            "PodFailurePolicy",
+            "",
+            "StorageError",
+            id="exit-3",
+        ),
         pytest.param(
             None,
             "PodFailurePolicy",
@@ -128,13 +168,17 @@ def test_validation_passed_starts_the_gang() -> None:
         ),
     ],
 )
-def test_non_retriable_failures_fail_at_once(term: Termination | None, job_reason: str, job_message: str, reason: str) -> None:
+def test_non_retriable_failures_fail_at_once(
+    term: Termination | None, job_reason: str, job_message: str, reason: str
+) -> None:
     failed = job("ft-train-r0", failed=True, failed_reason=job_reason, failed_message=job_message)
     terms = {"ft-train-r0": term} if term else {}
     d = decide(observe(ftj(), dict(RUNNING), jobs=[failed], terminations=terms))
-    assert d.status["phase"] == "Failed" and d.create[-1]["kind"] != "Job"
+    assert d.status["phase"] == "Failed"
+    assert d.create[-1]["kind"] != "Job"
     cond = lifecycle.get_condition(d.status["conditions"], "Failed")
-    assert cond is not None and cond["reason"] == reason
+    assert cond is not None
+    assert cond["reason"] == reason
     if term:
         assert term.message in cond["message"]
     assert d.status["completionTime"] == T(NOW)
@@ -142,21 +186,34 @@ def test_non_retriable_failures_fail_at_once(term: Termination | None, job_reaso
 
 def test_retriable_failure_replaces_the_gang_before_deleting_it() -> None:
     failed = job("ft-train-r0", failed=True, failed_reason="BackoffLimitExceeded")
-    d = decide(observe(ftj(), dict(RUNNING), jobs=[failed], terminations={"ft-train-r0": Termination("p", "trainer", 137, "OOMKilled", "")}))
+    d = decide(
+        observe(
+            ftj(),
+            dict(RUNNING),
+            jobs=[failed],
+            terminations={"ft-train-r0": Termination("p", "trainer", 137, "OOMKilled", "")},
+        )
+    )
     assert created(d)[-1] == "Job/ft-train-r1"
     assert d.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")]
-    assert d.status["restarts"] == 1 and d.status["phase"] == "Running"
+    assert d.status["restarts"] == 1
+    assert d.status["phase"] == "Running"
     assert [e.reason for e in d.events] == ["Restarting"]
     again = decide(observe(ftj(), d.status, jobs=[failed, job("ft-train-r1", attempt=1)]))
     assert again.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")], "stale attempts go"
-    assert again.status["restarts"] == 1 and "Job/ft-train-r2" not in created(again)
+    assert again.status["restarts"] == 1
+    assert "Job/ft-train-r2" not in created(again)
 
 
 def test_restarts_are_bounded_by_max_restarts() -> None:
-    failed = job("ft-train-r1", attempt=1, failed=True, failed_reason="BackoffLimitExceeded", failed_message="boom")
+    failed = job(
+        "ft-train-r1", attempt=1, failed=True, failed_reason="BackoffLimitExceeded", failed_message="boom"
+    )
     d = decide(observe(ftj(maxRestarts=1), dict(RUNNING, restarts=1), jobs=[failed]))
     cond = lifecycle.get_condition(d.status["conditions"], "Failed")
-    assert cond is not None and cond["reason"] == "RestartsExhausted" and "boom" in cond["message"]
+    assert cond is not None
+    assert cond["reason"] == "RestartsExhausted"
+    assert "boom" in cond["message"]
 
 
 def test_validation_failure_fails_with_the_runtime_message() -> None:
@@ -166,17 +223,25 @@ def test_validation_failure_fails_with_the_runtime_message() -> None:
     d = decide(observe(ftj(), status, jobs=[failed], terminations={"ft-validate": term}))
     assert d.status["phase"] == "Failed"
     validated = lifecycle.get_condition(d.status["conditions"], "Validated")
-    assert validated is not None and validated["status"] == "False" and validated["reason"] == "InvalidInput"
+    assert validated is not None
+    assert validated["status"] == "False"
+    assert validated["reason"] == "InvalidInput"
     assert "line 3 is not JSON" in validated["message"]
 
 
 def test_deadline_counts_only_unsuspended_time() -> None:
     running = job("ft-train-r0", active=2)
     late = decide(observe(ftj(activeDeadlineSeconds=60), dict(RUNNING), jobs=[running]))
-    assert late.status["phase"] == "Failed" and late.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")]
+    assert late.status["phase"] == "Failed"
+    assert late.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")]
     assert lifecycle.get_condition(late.status["conditions"], "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
     paused = decide(
-        observe(ftj(activeDeadlineSeconds=60), dict(RUNNING), jobs=[running], annotations={lifecycle.ANNOTATION_PAUSED: "50"})
+        observe(
+            ftj(activeDeadlineSeconds=60),
+            dict(RUNNING),
+            jobs=[running],
+            annotations={lifecycle.ANNOTATION_PAUSED: "50"},
+        )
     )
     assert paused.status["phase"] == "Running"
 
@@ -187,9 +252,7 @@ def test_suspend_and_resume_toggle_the_job_and_pause_the_clock() -> None:
     assert [p.body for p in suspended.patch] == [{"spec": {"suspend": True}}]
     assert suspended.status["phase"] == "Suspended"
     later = NOW + timedelta(seconds=30)
-    resumed = decide(
-        observe(ftj(), suspended.status, jobs=[job("ft-train-r0", suspended=True)], now=later)
-    )
+    resumed = decide(observe(ftj(), suspended.status, jobs=[job("ft-train-r0", suspended=True)], now=later))
     assert [p.body for p in resumed.patch] == [{"spec": {"suspend": False}}]
     assert resumed.status["phase"] == "Running"
     assert resumed.annotations == {lifecycle.ANNOTATION_PAUSED: "30"}
@@ -206,17 +269,22 @@ def test_success_records_artifacts_and_serves() -> None:
         "logsUri": "s3://runs/ft/logs",
     }
     assert created(d)[-2:] == ["Service/ft-serve", "Deployment/ft-serve"]
-    assert d.status["serving"]["url"] == "http://ft-serve.ml.svc:8000/v1" and d.status["serving"]["ready"] is False
+    assert d.status["serving"]["url"] == "http://ft-serve.ml.svc:8000/v1"
+    assert d.status["serving"]["ready"] is False
 
 
 def test_serve_changes_patch_the_deployment_and_disabling_removes_it() -> None:
     done = {"phase": "Succeeded", "completionTime": T(NOW), "restarts": 0}
     stale = lifecycle.DeploymentState("ft-serve", replicas=1, ready_replicas=1, spec_hash="old")
     d = decide(observe(ftj(serve={"enabled": True, "replicas": 3}), done, deployment=stale))
-    assert len(d.patch) == 1 and d.patch[0].json_patch
+    assert len(d.patch) == 1
+    assert d.patch[0].json_patch
     assert {"op": "replace", "path": "/spec/replicas", "value": 3} in d.patch[0].body
     off = decide(observe(ftj(), d.status, deployment=stale))
-    assert off.delete == [ChildRef("apps/v1", "Deployment", "ft-serve"), ChildRef("v1", "Service", "ft-serve")]
+    assert off.delete == [
+        ChildRef("apps/v1", "Deployment", "ft-serve"),
+        ChildRef("v1", "Service", "ft-serve"),
+    ]
     assert off.status["serving"] is None
 
 
@@ -244,14 +312,21 @@ def test_ttl_deletes_the_workload_children_once() -> None:
     [
         pytest.param(Upstream("ft", found=False), "Waiting", None, id="missing"),
         pytest.param(Upstream("ft", found=True, phase="Running"), "Waiting", None, id="running"),
-        pytest.param(Upstream("ft", found=True, phase="Failed", message="OOM"), "Failed", "UpstreamFailed", id="failed"),
+        pytest.param(
+            Upstream("ft", found=True, phase="Failed", message="OOM"), "Failed", "UpstreamFailed", id="failed"
+        ),
         pytest.param(
             Upstream("ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model", adapter_only=True),
             "Failed",
             "InvalidInput",
             id="adapter-only",
         ),
-        pytest.param(Upstream("ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model"), "Validating", None, id="ready"),
+        pytest.param(
+            Upstream("ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model"),
+            "Validating",
+            None,
+            id="ready",
+        ),
     ],
 )
 def test_compressjob_follows_its_finetunejob(upstream: Upstream, phase: str, reason: str | None) -> None:
@@ -266,15 +341,29 @@ def test_compressjob_follows_its_finetunejob(upstream: Upstream, phase: str, rea
 
 
 def test_upstream_reads_the_finetunejob_body() -> None:
-    body = {"spec": {"method": {"type": "lora", "mergeAdapter": False}, "output": {"uri": "s3://runs/ft/"}}, "status": {"phase": "Succeeded"}}
+    body = {
+        "spec": {"method": {"type": "lora", "mergeAdapter": False}, "output": {"uri": "s3://runs/ft/"}},
+        "status": {"phase": "Succeeded"},
+    }
     up = lifecycle.upstream_from("ft", body)
-    assert up == Upstream("ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model", adapter_only=True)
+    assert up == Upstream(
+        "ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model", adapter_only=True
+    )
 
 
 def test_conditions_keep_their_transition_time_while_unchanged() -> None:
     first = lifecycle.set_condition([], "Running", True, "Running", "a", NOW, 1)
     later = lifecycle.set_condition(first, "Running", True, "Running", "b", NOW + timedelta(hours=1), 2)
-    assert later == [{"type": "Running", "status": "True", "reason": "Running", "message": "b", "observedGeneration": 2, "lastTransitionTime": T(NOW)}]
+    assert later == [
+        {
+            "type": "Running",
+            "status": "True",
+            "reason": "Running",
+            "message": "b",
+            "observedGeneration": 2,
+            "lastTransitionTime": T(NOW),
+        }
+    ]
     flipped = lifecycle.set_condition(later, "Running", False, "Suspended", "c", NOW + timedelta(hours=2))
     assert flipped[0]["lastTransitionTime"] == T(NOW + timedelta(hours=2))
 
@@ -282,20 +371,48 @@ def test_conditions_keep_their_transition_time_while_unchanged() -> None:
 def test_the_failure_that_explains_a_gang() -> None:
     def pod(name: str, code: int, at: str, message: str = "") -> dict[str, Any]:
         term = {"exitCode": code, "finishedAt": at, "message": message}
-        return {"metadata": {"name": name}, "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": term}}]}}
+        return {
+            "metadata": {"name": name},
+            "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": term}}]},
+        }
 
-    pods = [pod("b", 1, "2026-01-01T00:00:05Z"), pod("a", 137, "2026-01-01T00:00:01Z"), pod("c", 0, "2026-01-01T00:00:00Z")]
-    assert lifecycle.pick_termination(pods) == Termination("a", "trainer", 137, None, "", "2026-01-01T00:00:01Z")
+    pods = [
+        pod("b", 1, "2026-01-01T00:00:05Z"),
+        pod("a", 137, "2026-01-01T00:00:01Z"),
+        pod("c", 0, "2026-01-01T00:00:00Z"),
+    ]
+    assert lifecycle.pick_termination(pods) == Termination(
+        "a", "trainer", 137, None, "", "2026-01-01T00:00:01Z"
+    )
     pods.append(pod("d", 2, "2026-01-01T00:00:09Z", "bad data"))
     picked = lifecycle.pick_termination(pods)
-    assert picked is not None and picked.exit_code == 2 and picked.describe() == "bad data (container trainer of pod d exited with code 2)"
+    assert picked is not None
+    assert picked.exit_code == 2
+    assert picked.describe() == "bad data (container trainer of pod d exited with code 2)"
     assert lifecycle.pick_termination([]) is None
 
 
 def test_job_state_reads_the_job_controllers_conditions() -> None:
     body = {
-        "metadata": {"name": "ft-train-r2", "labels": {"kubetune.io/component": "train", "kubetune.io/attempt": "2"}},
+        "metadata": {
+            "name": "ft-train-r2",
+            "labels": {"kubetune.io/component": "train", "kubetune.io/attempt": "2"},
+        },
         "spec": {"suspend": False},
-        "status": {"active": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "m"}]},
+        "status": {
+            "active": 1,
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "m"}
+            ],
+        },
     }
-    assert lifecycle.job_state(body) == JobState("ft-train-r2", "train", 2, False, active=1, failed=True, failed_reason="PodFailurePolicy", failed_message="m")
+    assert lifecycle.job_state(body) == JobState(
+        "ft-train-r2",
+        "train",
+        2,
+        False,
+        active=1,
+        failed=True,
+        failed_reason="PodFailurePolicy",
+        failed_message="m",
+    )
