@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from kubetune.api import API_VERSION, CompressJob, FineTuneJob
+from kubetune.api.resources import MAX_NAME_LENGTH as API_MAX_NAME_LENGTH
 from kubetune.api.spec import MethodType, ServeRuntime
 from kubetune.errors import EXIT_INVALID_INPUT, EXIT_STORAGE, TERMINATION_LOG
 from kubetune.operator.settings import Settings
@@ -56,10 +57,9 @@ MODELS_DIR: Final = "/models"
 MASTER_PORT: Final = 29500
 SERVE_PORT: Final = 8000
 
-# Longest job names whose every child name stays a valid DNS label (<= 63 characters). The
-# binding one is the hostname of the last pod of the last attempt: "<job>-train-r1000-1023"
-# (maxRestarts <= 1000, workers <= 1024) and "<job>-compress-r1000-1023".
-MAX_NAME_LENGTH: Final = {"FineTuneJob": 46, "CompressJob": 43}
+# Longest job names whose every child name stays a DNS label, enforced by the CRDs' CEL rules: the
+# hostname of the last pod of the last attempt, "<job>-train-r1000-1023", must fit in 63.
+MAX_NAME_LENGTH: Final = API_MAX_NAME_LENGTH
 
 CONTAINER_SECURITY_CONTEXT: Final[Manifest] = {
     "allowPrivilegeEscalation": False,
@@ -607,7 +607,8 @@ def _vllm_containers(
     fetch_args = ["-m", "kubetune.trainer", "serve", "--download-only", "--model", model.model_uri]
     if model.adapter_uri:
         fetch_args += ["--adapter", model.adapter_uri]
-    fetch_args += ["--download-dir", MODELS_DIR]
+    # serve --download-only writes <scratch-dir>/model and <scratch-dir>/adapter, then exits.
+    fetch_args += ["--scratch-dir", MODELS_DIR]
     if endpoint:
         fetch_args += ["--storage-endpoint", endpoint]
     models_mount = {"name": "models", "mountPath": MODELS_DIR}

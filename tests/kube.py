@@ -646,6 +646,8 @@ class Operator:
         self.error = None
         ready = threading.Event()
         namespaces = list(self.settings.namespaces)
+        port = self.settings.health_port
+        liveness = f"http://127.0.0.1:{port}/healthz" if port else None
 
         def main() -> None:
             try:
@@ -653,6 +655,7 @@ class Operator:
                     clusterwide=not namespaces,
                     namespaces=namespaces,
                     standalone=True,
+                    liveness_endpoint=liveness,
                     stop_flag=self.stop_flag,
                     ready_flag=ready,
                     memo=kopf.Memo(config=self.settings),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -440,6 +442,46 @@ async def test_namespaced_operator_ignores_other_namespaces(kube: KubeEmulator, 
         assert kube.names(JOBS, "elsewhere") == []
     finally:
         await running.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_metrics_and_liveness_endpoints(kube: KubeEmulator, kubeconfig: Path) -> None:
+    metrics_port, health_port = free_port(), free_port()
+    settings = TEST_SETTINGS.model_copy(update={"metrics_port": metrics_port, "health_port": health_port})
+    running = Operator(settings=settings)
+    await running.start()
+    try:
+        await create(kube, FTJ, finetunejob("measured", "team-a"))
+        await reach(kube, "team-a", "measured", "Validating")
+        async with aiohttp.ClientSession() as http:
+
+            async def scrape() -> str:
+                async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                    assert response.status == 200
+                    return await response.text()
+
+            gauge = 'kubetune_jobs{kind="FineTuneJob",phase="Validating"} 1.0'
+            text = await eventually(lambda: scrape_if(scrape, gauge), what="phase gauge")
+            assert 'kubetune_jobs{kind="CompressJob",phase="Running"} 0.0' in text
+            assert "kubetune_reconcile_duration_seconds_count" in text
+            assert (
+                "kubetune_reconcile_errors_total" in text
+                or "# TYPE kubetune_reconcile_errors counter" in text
+            )
+            async with http.get(f"http://127.0.0.1:{health_port}/healthz") as response:
+                assert response.status == 200
+    finally:
+        await running.stop()
+
+
+async def scrape_if(scrape: Callable[[], Awaitable[str]], needle: str) -> str | None:
+    text = await scrape()
+    return text if needle in text else None
 
 
 # --- RBAC: the ClusterRole allows exactly what the operator does -----------------------------------

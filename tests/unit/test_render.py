@@ -405,7 +405,7 @@ def test_vllm_serves_an_unmerged_adapter() -> None:
     fetch, vllm = pod["initContainers"][0], pod["containers"][0]
     assert fetch["args"] == [
         "-m", "kubetune.trainer", "serve", "--download-only", "--model", "s3://models/llama-3.2-1b",
-        "--adapter", "s3://runs/support/adapter", "--download-dir", "/models", "--storage-endpoint", "http://minio.storage:9000",
+        "--adapter", "s3://runs/support/adapter", "--scratch-dir", "/models", "--storage-endpoint", "http://minio.storage:9000",
     ]  # fmt: skip
     assert vllm["command"] == ["vllm", "serve"]
     assert vllm["args"] == [
