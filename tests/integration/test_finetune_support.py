@@ -21,10 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from kubetune.api.resources import FineTuneJob
 from kubetune.plan import dumps_plan, plan_finetune
+from kubetune.trainer.tinymodel import build_tiny_causal_lm
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Logged losses of the tiny run (tiny_causal_lm(seed=0), default plan, ZeRO-2, two processes in any
+# topology). They only change when the model builder, the tokenizer, the data pipeline or the
+# optimisation changes: look at why before updating them.
+PINNED_LOSS_CURVE = {
+    1: 5.6608,
+    2: 5.2860,
+    4: 4.7747,
+    6: 4.1865,
+    8: 3.6891,
+    10: 3.2563,
+    12: 2.9108,
+    14: 2.6842,
+    16: 2.5487,
+}
 # Generous: two processes share two cores with whatever else runs; a hung collective still ends.
 RUN_TIMEOUT_S = 300
 
@@ -37,6 +54,16 @@ def alphabet_texts(count: int, *, length: int = 24, seed: int = 0) -> list[str]:
         start = rng.randrange(len(LETTERS))
         texts.append(" ".join(LETTERS[(start + i) % len(LETTERS)] for i in range(length)))
     return texts
+
+
+def tiny_causal_lm(root: Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Llama-style model with its own tokenizer, and a JSONL file of the pattern."""
+    texts = alphabet_texts(96, seed=seed)
+    model = build_tiny_causal_lm(
+        root / "base", texts, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, max_position=64
+    )
+    data = write_jsonl(root / "data" / "train.jsonl", [{"text": t} for t in texts])
+    return model, data
 
 
 def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
@@ -134,17 +161,32 @@ class Gang:
             raise AssertionError(f"training did not finish in {timeout}s\n{self.output()}") from None
         return codes
 
+    def signal(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to every process of the gang at once, without waiting, the way a node loss
+        or an OOM kill of the pod ends them all. torchrun starts its workers in sessions of their
+        own, so they are found by ancestry (killing torchrun alone would orphan them)."""
+        for victim in [p for proc in self.procs for p in _tree(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(sig)
+
     def kill(self) -> None:
-        """SIGKILL every process of the gang: torchrun and its workers (each torchrun leads a session)."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+        """SIGKILL every process of the gang and wait until they are gone."""
+        victims = [p for proc in self.procs for p in _tree(proc.pid)]
+        self.signal()
         for proc in self.procs:
             proc.wait(timeout=60)
+        psutil.wait_procs(victims, timeout=60)
 
     def output(self, tail: int = 12000) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}" for log in self.logs)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def launch(
