@@ -164,9 +164,11 @@ def test_lora_with_zero3_writes_an_adapter_and_a_merged_model_with_the_same_logi
 
     tokenizer = AutoTokenizer.from_pretrained(output / "model")
     batch = tokenizer(["q r s t u v w x y z a b"], return_tensors="pt")
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-    merged = AutoModelForCausalLM.from_pretrained(output / "model").eval()
-    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    # from_pretrained returns models in eval mode (no dropout), so the logits are comparable.
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    merged = AutoModelForCausalLM.from_pretrained(output / "model")
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    assert not (with_adapter.training or merged.training or plain.training)
     with torch.no_grad():
         adapted_logits = with_adapter(**batch).logits
         merged_logits = merged(**batch).logits
