@@ -14,7 +14,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, cast
@@ -75,6 +75,20 @@ class Runtime:
     written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
     # Children created (or found owned) per job uid, for kinds no index tracks.
     ensured: set[tuple[str, str, str]] = field(default_factory=set)
+
+    retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+
+    def retry_later(self, key: Key, delay: float, again: Callable[[], Awaitable[None]]) -> None:
+        """Run ``again`` after ``delay`` seconds unless a retry of this job is already pending."""
+        if key in self.retries:
+            return
+
+        async def retry() -> None:
+            await asyncio.sleep(delay)
+            self.retries.pop(key, None)
+            await again()
+
+        self.retries[key] = asyncio.create_task(retry(), name=f"kubetune retry {key}")
 
     def lock(self, key: Key) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -142,6 +156,8 @@ async def startup(
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = memo.get("runtime")
     if isinstance(rt, Runtime):
+        for task in rt.retries.values():
+            task.cancel()
         await rt.client.close()
         await rt.metrics.stop()
 
@@ -305,11 +321,19 @@ async def compressjob_clock(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> 
 
 
 async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], trigger: str) -> None:
+    """Reconcile a job on behalf of another object's event. kopf does not retry event handlers,
+    so a temporary failure here schedules a retry of its own (a detached task, never a sleep in
+    the handler); the job's own watch events and the next child event may come first."""
     indices = Indices.of(kwargs)
     owner = indices.owner(key)
     if owner is None:  # the job is gone (its children follow by garbage collection)
         return
-    await reconcile(runtime_of(memo), owner, indices, trigger=trigger)
+    rt = runtime_of(memo)
+    try:
+        await reconcile(rt, owner, indices, trigger=trigger)
+    except kopf.TemporaryError as exc:
+        logger.warning("%s %s/%s: will retry in %ss: %s", *key, exc.delay, exc)
+        rt.retry_later(key, exc.delay or RETRY_DELAY, lambda: reconcile_key(memo, key, kwargs, "retry"))
 
 
 # --- Reconciling ---------------------------------------------------------------------------------

@@ -643,3 +643,17 @@ def test_rendering_is_pure_and_the_operator_is_torch_free() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_shipped_example_renders_to_valid_children() -> None:
+    examples = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
+    text = "\n---\n".join(path.read_text() for path in examples)
+    parser = argparse.ArgumentParser()
+    render_cli.add_arguments(parser)
+    args = parser.parse_args(["-"])
+    children = render_cli.render_documents(text, args, Settings(), "manifests/examples")
+    assert {c["kind"] for c in children} >= {"ConfigMap", "Job", "Service", "Role"}
+    for child in children:
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+    for pod in pod_specs(children):
+        assert restricted_violations(pod) == []
