@@ -4,12 +4,13 @@ Layout: ``<output>/checkpoints/step-N/`` holds the Trainer's ``checkpoint-N`` di
 weights, DeepSpeed's ``global_stepN/`` with every rank's ZeRO shards, scheduler, each rank's RNG
 state, trainer state with the data position) and, written last, ``_COMMITTED.json``.
 
-Protocol (:class:`CheckpointPublisher`, on every save):
+Protocol (:class:`CheckpointPublisher`, on every save, in the background while training goes on):
 
 1. every node's first process uploads the files its node wrote (without a shared filesystem each
-   node holds only its own ranks' shards) and reports their sizes and sha256;
-2. rank 0 gathers the reports, checks that storage lists every file with its size, and only then
-   writes ``_COMMITTED.json`` (files, sizes, sha256, step, world size, job, time);
+   node holds only its own ranks' shards), then writes ``_NODE-<node>.json`` listing their sizes
+   and sha256;
+2. rank 0 waits for every node's report, checks that storage lists every file with its size, and
+   only then writes ``_COMMITTED.json`` (files, sizes, sha256, step, world size, job, time);
 3. rank 0 keeps the newest ``keepLast`` committed checkpoints and deletes older committed ones and
    torn ones older than the newest committed; nothing outside ``<output>/checkpoints/`` is touched.
 
@@ -25,6 +26,7 @@ import json
 import logging
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +41,6 @@ from kubetune.plan import CHECKPOINTS_DIR, COMMIT_MARKER, JobRef, RunPlan
 from kubetune.storage import ObjectStore
 from kubetune.trainer.training import (
     Distributed,
-    all_gather_object,
     barrier,
     broadcast_object,
     local_main_first,
@@ -55,6 +56,10 @@ LOCAL_PREFIX: Final = "checkpoint-"  # transformers' PREFIX_CHECKPOINT_DIR
 RECORD_VERSION: Final = 1
 _STEP_DIR: Final = re.compile(r"^step-(\d+)$")
 _HASH_CHUNK: Final = 8 * 1024 * 1024
+NODE_REPORT_PREFIX: Final = "_NODE-"
+# How long rank 0 waits for the other nodes' uploads of one checkpoint (matches the collectives'
+# timeout: a node that takes longer is as good as lost).
+COMMIT_TIMEOUT_S: Final = 2 * 3600.0
 
 
 # --- the commit record ---------------------------------------------------------------------------
@@ -317,21 +322,32 @@ def download_checkpoint(store: ObjectStore, checkpoint: StoredCheckpoint, local_
     return local_dir
 
 
-def prepare_resume(store: ObjectStore, plan: RunPlan, dist: Distributed, trainer_dir: Path) -> Resume | None:
+def prepare_resume(
+    store: ObjectStore, plan: RunPlan, dist: Distributed, trainer_dir: Path, *, owned: bool = False
+) -> Resume | None:
     """Find the newest committed checkpoint (rank 0 decides, so every rank agrees), check it, and
-    download it once per node into ``trainer_dir/checkpoint-N`` for ``trainer.train``."""
+    download it once per node into ``trainer_dir/checkpoint-N`` for ``trainer.train``.
+
+    ``owned``: the output prefix already holds this job's run record, so torn checkpoints newer
+    than the one resumed from are leftovers of this job's killed attempt and are deleted (the
+    steps will be saved again)."""
     chosen: StoredCheckpoint | None = None
+    torn: list[StoredCheckpoint] = []
     if dist.is_main:
         checkpoints = scan_checkpoints(store, plan)
         chosen = latest_committed(checkpoints)
-        for c in checkpoints:
-            if not c.committed and (chosen is None or c.step > chosen.step):
-                log.warning("ignoring checkpoint %s: %s", c.uri, c.problem)
+        torn = [c for c in checkpoints if not c.committed and (chosen is None or c.step > chosen.step)]
+        for c in torn:
+            log.warning("ignoring checkpoint %s: %s", c.uri, c.problem)
     chosen = broadcast_object(chosen)
+    if chosen is not None:
+        check_resumable(chosen, plan, dist.world_size)
+    if dist.is_main and owned:
+        for c in torn:
+            store.delete_prefix(c.uri)
     if chosen is None:
         log.info("no committed checkpoint under %s: starting from the base model", checkpoints_uri(plan))
         return None
-    check_resumable(chosen, plan, dist.world_size)
     local_dir = trainer_dir / f"{LOCAL_PREFIX}{chosen.step}"
     with local_main_first(dist):
         if dist.is_local_main:
@@ -351,6 +367,11 @@ def prepare_resume(store: ObjectStore, plan: RunPlan, dist: Distributed, trainer
 # --- publishing ----------------------------------------------------------------------------------
 
 
+def node_report_name(node: int) -> str:
+    """The object in which one node lists the files it uploaded for a checkpoint."""
+    return f"{NODE_REPORT_PREFIX}{node}.json"
+
+
 @dataclass
 class PublishStats:
     """What the publisher did, for the run record."""
@@ -363,6 +384,12 @@ class PublishStats:
 class CheckpointPublisher(TrainerCallback):
     """Uploads each checkpoint the Trainer saves and commits it (see the module docstring).
 
+    Uploads run in a background thread, overlapping the next training steps: each node's first
+    process uploads its node's files and then writes a node report object; rank 0's thread waits
+    for every node's report, then writes the commit marker. Only storage is touched in the
+    background (no collectives), and at most one checkpoint per node is in flight: the next save,
+    and the end of training, wait for it and re-raise its failure.
+
     ``after_commit`` runs on rank 0 after each commit (the recipe uploads TensorBoard logs there).
     """
 
@@ -374,41 +401,89 @@ class CheckpointPublisher(TrainerCallback):
         *,
         keep_last: int,
         after_commit: Callable[[], None] | None = None,
+        commit_timeout_s: float = COMMIT_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.plan = plan
         self.dist = dist
         self.keep_last = keep_last
         self.after_commit = after_commit
+        self.commit_timeout_s = commit_timeout_s
         self.stats = PublishStats()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         step = state.global_step
         assert args.output_dir is not None, "the recipe always sets output_dir"
-        self.publish(step, Path(args.output_dir) / f"{LOCAL_PREFIX}{step}")
+        self.wait()
+        barrier()  # every local rank has written its files
+        if self.dist.is_local_main:
+            local_dir = Path(args.output_dir) / f"{LOCAL_PREFIX}{step}"
+            self._thread = threading.Thread(
+                target=self._publish_in_background,
+                args=(step, local_dir),
+                name=f"checkpoint-{step}",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.wait()
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is uploaded (and, on rank 0, committed)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _publish_in_background(self, step: int, local_dir: Path) -> None:
+        try:
+            self.publish(step, local_dir)
+        except BaseException as e:
+            self._error = e
 
     def publish(self, step: int, local_dir: Path) -> None:
+        """Upload this node's files of ``step``, report them, and commit on rank 0."""
         started = time.monotonic()
         uri = step_uri(self.plan, step)
-        barrier()  # every rank has written its files
-        if self.dist.is_main and self.store.list(uri):
-            # Leftovers of a torn upload of the same step (this run resumed from an older one).
-            log.info("replacing the uncommitted %s", uri)
-            self.store.delete_prefix(uri)
-        barrier()
-        report: list[FileRecord] = []
-        if self.dist.is_local_main and local_dir.is_dir():
-            report = describe_files(local_dir)
+        files = describe_files(local_dir) if local_dir.is_dir() else []
+        if files:
             self.store.upload_dir(local_dir, uri)
-        reports = all_gather_object(report)
+        report = json.dumps([asdict(f) for f in files]).encode()
+        self.store.write_bytes(f"{uri}/{node_report_name(self.dist.node_rank)}", report)
+        shutil.rmtree(local_dir, ignore_errors=True)  # stored: the node's scratch space is better kept free
         if self.dist.is_main:
-            self._commit(step, uri, merge_file_records(reports))
-        if self.dist.is_local_main:
-            # Everything is in storage; the node's scratch space is better kept free.
-            shutil.rmtree(local_dir, ignore_errors=True)
+            self._commit(step, uri, self._gather_reports(uri))
         self.stats.seconds += time.monotonic() - started
+
+    def _gather_reports(self, uri: str) -> tuple[FileRecord, ...]:
+        names = [node_report_name(node) for node in range(self.dist.nodes)]
+        deadline = time.monotonic() + self.commit_timeout_s
+        delay = 0.05
+        while True:
+            present = {info.key for info in self.store.list(uri)}
+            if all(name in present for name in names):
+                break
+            if time.monotonic() > deadline:
+                missing = ", ".join(n for n in names if n not in present)
+                raise RetriableError(
+                    f"checkpoint {uri}: nodes did not report their uploads in time ({missing})"
+                )
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+        reports = []
+        for name in names:
+            entries = json.loads(self.store.read_bytes(f"{uri}/{name}"))
+            reports.append([FileRecord(e["path"], int(e["size"]), e["sha256"]) for e in entries])
+        return merge_file_records(reports)
 
     def _commit(self, step: int, uri: str, files: tuple[FileRecord, ...]) -> None:
         listed = {info.key: info.size for info in self.store.list(uri)}

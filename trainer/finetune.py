@@ -30,6 +30,7 @@ from kubetune.storage import open_store
 from kubetune.trainer.runtime import run_main, scratch_root, storage_config
 
 if TYPE_CHECKING:
+    from kubetune.trainer.outputs import StartupClock
     from kubetune.trainer.training import Accelerator, Distributed
 
 log = logging.getLogger("kubetune.trainer.finetune")
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(plan_path: Path, scratch_dir: Path | None) -> int:
+    from kubetune.trainer.outputs import StartupClock
+
+    startup = StartupClock()
     plan = load_plan(plan_path)
     scratch = scratch_root(scratch_dir)
     # Before DeepSpeed is imported: it picks its accelerator once. Pods have a read-only root
@@ -84,14 +88,17 @@ def run(plan_path: Path, scratch_dir: Path | None) -> int:
     from kubetune.trainer import training
 
     dist = training.init_distributed(accelerator)
+    startup.mark("process_group")
     try:
-        finetune(plan, scratch, dist, accelerator)
+        finetune(plan, scratch, dist, accelerator, startup)
     finally:
         training.shutdown_distributed()
     return 0
 
 
-def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accelerator) -> None:
+def finetune(
+    plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accelerator, startup: StartupClock
+) -> None:
     """The recipe: setup -> train -> save -> cleanup."""
     from transformers import PrinterCallback, Trainer
 
@@ -106,7 +113,8 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
     out = open_store(plan.output_uri, config)
 
     # --- setup ---------------------------------------------------------------------------------
-    outputs.guard_output(out, plan)  # every rank, so all of them stop on someone else's prefix
+    # Every rank checks, so all of them stop on someone else's prefix.
+    previous_run = outputs.guard_output(out, plan)
     precision = training.resolve_precision(hp.precision, accelerator)
     ds_config = training.deepspeed_config(plan, precision, accelerator)
     if "optimizer" in ds_config and accelerator == "cuda":
@@ -115,9 +123,9 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
     base_dir = scratch / "base-model"
     with clock.phase("download"), training.local_main_first(dist):
         if dist.is_local_main:
-            if base_dir.exists():
-                shutil.rmtree(base_dir)
+            shutil.rmtree(base_dir, ignore_errors=True)
             open_store(plan.model_uri, config).download_prefix(plan.model_uri, base_dir)
+    startup.mark("downloaded")
     with clock.phase("load"):
         tokenizer = training.load_tokenizer(base_dir, plan.model_uri)
         data = prepare_datasets(plan, tokenizer, scratch / f"data-{dist.local_rank}")
@@ -130,11 +138,12 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
             has_eval=data.eval is not None,
         )
         model = training.load_model(plan, base_dir, precision=precision, pad_token_id=pad_token_id(tokenizer))
-    resume = checkpoint.prepare_resume(out, plan, dist, trainer_dir)
-    started_at = outputs.now()
+    startup.mark("loaded")
+    with clock.phase("resume_download"):
+        resume = checkpoint.prepare_resume(out, plan, dist, trainer_dir, owned=previous_run is not None)
     record: dict[str, Any] = {
         "status": "running",
-        "started_at": started_at,
+        "started_at": outputs.now(),
         "world": {
             "processes": dist.world_size,
             "nodes": dist.nodes,
@@ -145,7 +154,7 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
         "data": asdict(data.stats),
     }
     if dist.is_main:
-        outputs.write_run_record(out, plan, {**record, "timings_s": clock.seconds})
+        outputs.write_run_record(out, plan, record)
     logs_dir = scratch / LOGS_DIR
     publisher = checkpoint.CheckpointPublisher(
         out,
@@ -165,7 +174,7 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits,
-        callbacks=[ProgressCallback(reporter), publisher],
+        callbacks=[ProgressCallback(reporter), publisher, startup],
     )
     trainer.remove_callback(PrinterCallback)  # the progress reporter already logs every update
     if plan.task.type == TaskType.sequence_classification:
@@ -173,16 +182,17 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
         # the Trainer passes), so the Trainer must not scale it by the number of processes again.
         trainer.model_accepts_loss_kwargs = False
 
-    # --- train ---------------------------------------------------------------------------------
     try:
+        # --- train -----------------------------------------------------------------------------
         with clock.phase("train"):
-            trainer.train(resume_from_checkpoint=str(resume.local_dir) if resume else None)
+            result = trainer.train(resume_from_checkpoint=str(resume.local_dir) if resume else None)
+        with clock.phase("evaluate"):
             eval_metrics = trainer.evaluate() if data.eval is not None else {}
 
         # --- save ------------------------------------------------------------------------------
         trained_dir = scratch / "final" / "trained"
         with clock.phase("save"):
-            outputs.save_trained(trainer, trained_dir)
+            outputs.save_trained(trainer, trained_dir)  # every rank: ZeRO-3 gathers collectively
         training.barrier()
         if dist.is_main:
             with clock.phase("upload"):
@@ -194,27 +204,23 @@ def finetune(plan: RunPlan, scratch: Path, dist: Distributed, accelerator: Accel
                     work_dir=scratch / "final",
                     tokenizer=tokenizer,
                 )
-                metrics = outputs.final_metrics(
-                    plan, trainer.state.log_history, eval_metrics, trainer.state.global_step
-                )
+                state = trainer.state
+                metrics = outputs.final_metrics(plan, state.log_history, eval_metrics, state.global_step)
                 outputs.write_json(out, plan.output(METRICS_FILE), metrics)
                 outputs.upload_logs(out, plan, logs_dir)
-            clock.seconds["checkpoint_upload"] = round(publisher.stats.seconds, 3)
-            outputs.write_run_record(
-                out,
-                plan,
-                {
-                    **record,
-                    "status": "succeeded",
-                    "finished_at": outputs.now(),
-                    "global_step": trainer.state.global_step,
-                    "total_steps": trainer.state.max_steps,
-                    "checkpoints_committed": publisher.stats.committed,
-                    "metrics": metrics,
-                    "timings_s": clock.seconds,
-                },
+            record.update(
+                status="succeeded",
+                finished_at=outputs.now(),
+                global_step=state.global_step,
+                total_steps=state.max_steps,
+                checkpoints_committed=publisher.stats.committed,
+                metrics=metrics,
+                trainer_metrics=result.metrics,
+                timings_s={**clock.seconds, "checkpoint_upload": round(publisher.stats.seconds, 3)},
+                startup_s=startup.marks,
             )
-            log.info("finished at step %d: %s", trainer.state.global_step, metrics)
+            outputs.write_run_record(out, plan, record)  # last: the run is complete
+            log.info("finished at step %d: %s", state.global_step, metrics)
     # --- cleanup -----------------------------------------------------------------------------------
     finally:
         reporter.close()

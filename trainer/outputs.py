@@ -27,6 +27,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import psutil
+from transformers import TrainerCallback
+
 from kubetune.api.spec import MethodType, TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.plan import (
@@ -42,7 +45,13 @@ from kubetune.storage import ObjectStore
 from kubetune.trainer.checkpoint import describe_job, job_identity, same_job
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase, Trainer
+    from transformers import (
+        PreTrainedTokenizerBase,
+        Trainer,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +123,29 @@ class Timings:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
+
+
+class StartupClock(TrainerCallback):
+    """Seconds from this process's start to each start-up milestone: where time to first step goes
+    (imports and process group, base model download, loading, DeepSpeed engine, first step)."""
+
+    def __init__(self) -> None:
+        self.process_started = psutil.Process().create_time()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, round(time.time() - self.process_started, 3))
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # The Trainer has built the DeepSpeed engine (and loaded a resumed checkpoint) by now.
+        self.mark("engine_ready")
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.mark("first_step")
 
 
 def package_versions() -> dict[str, str]:

@@ -170,17 +170,6 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_gather_object(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order (a list of one outside a process group)."""
-    import torch.distributed
-
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 def broadcast_object(value: Any) -> Any:
     """Rank 0's ``value`` on every rank."""
     import torch.distributed

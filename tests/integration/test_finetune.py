@@ -100,6 +100,10 @@ def test_zero2_on_two_nodes_trains_and_writes_every_output_to_s3(tmp_path: Path,
     assert record["resumed_from"] is None
     assert record["world"] == {"processes": 2, "nodes": 2, "accelerator": "cpu", "precision": "fp32"}
     assert {"download", "load", "train", "save", "upload"} <= set(record["timings_s"])
+    startup = record["startup_s"]  # seconds since the process started, in the order things happen
+    milestones = ["process_group", "downloaded", "loaded", "engine_ready", "first_step"]
+    assert [startup[m] for m in milestones] == sorted(startup[m] for m in milestones)
+    assert record["trainer_metrics"]["train_samples_per_second"] > 0
     assert {"torch", "deepspeed", "transformers", "peft"} <= set(record["versions"])
     assert record["plan"]["deepspeed_config"]["zero_optimization"]["stage"] == 2
     assert record["checkpoints_committed"] == [6, 12, 16]

@@ -21,6 +21,7 @@ from kubetune.trainer.checkpoint import (
     job_identity,
     latest_committed,
     merge_file_records,
+    prepare_resume,
     prune,
     same_job,
     scan_checkpoints,
@@ -171,16 +172,23 @@ def test_resume_refuses_another_jobs_checkpoint_and_another_world_size(tmp_path:
         check_resumable(checkpoint, recreated, world_size=1)
 
 
-def test_republishing_a_step_replaces_the_leftovers_of_a_torn_upload(tmp_path: Path) -> None:
+def test_resuming_downloads_the_newest_committed_and_clears_this_jobs_torn_leftovers(tmp_path: Path) -> None:
     plan = make_plan(tmp_path / "out")
-    torn = tmp_path / "out" / "checkpoints" / "step-4"
-    torn.mkdir(parents=True)
-    (torn / "rng_state_7.pth").write_bytes(b"from a bigger gang")
-
     publish(plan, tmp_path, 4)
+    torn = tmp_path / "out" / "checkpoints" / "step-8"
+    torn.mkdir()
+    (torn / "rng_state_7.pth").write_bytes(b"from the killed attempt")
 
-    assert not (torn / "rng_state_7.pth").exists()
-    assert latest_committed(scan_checkpoints(STORE, plan)) is not None
+    kept = prepare_resume(STORE, plan, ONE_PROCESS, tmp_path / "a", owned=False)
+    assert kept is not None
+    assert torn.is_dir(), "a prefix not known to be ours is left alone"
+
+    resume = prepare_resume(STORE, plan, ONE_PROCESS, tmp_path / "b", owned=True)
+    assert resume is not None
+    assert (resume.step, resume.uri) == (4, f"{(tmp_path / 'out').as_uri()}/checkpoints/step-4")
+    assert resume.local_dir == tmp_path / "b" / "checkpoint-4"
+    assert (resume.local_dir / "trainer_state.json").is_file()
+    assert not torn.exists(), "step 8 will be saved again; its leftovers must not mix in"
 
 
 def test_nodes_reporting_the_same_file_must_agree_on_its_content() -> None:
