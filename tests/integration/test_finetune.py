@@ -172,7 +172,7 @@ def test_lora_with_zero3_writes_an_adapter_and_a_merged_model_with_the_same_logi
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
     merged = AutoModelForCausalLM.from_pretrained(output / "model")
     plain = AutoModelForCausalLM.from_pretrained(base)
-    assert not (with_adapter.training or merged.training or plain.training)
+    assert [m.training for m in (with_adapter, merged, plain)] == [False, False, False]
     with torch.no_grad():
         adapted_logits = with_adapter(**batch).logits
         merged_logits = merged(**batch).logits
