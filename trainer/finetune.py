@@ -85,8 +85,12 @@ def run(plan_path: Path, scratch_dir: Path | None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(scratch / "torch-extensions"))
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(scratch / LOGS_DIR)
 
+    import deepspeed  # noqa: F401  (imported here so the start-up clock can tell imports apart)
+    import transformers.trainer  # noqa: F401
+
     from kubetune.trainer import training
 
+    startup.mark("imports")
     dist = training.init_distributed(accelerator)
     startup.mark("process_group")
     try:
@@ -218,6 +222,7 @@ def finetune(
                 trainer_metrics=result.metrics,
                 timings_s={**clock.seconds, "checkpoint_upload": round(publisher.stats.seconds, 3)},
                 startup_s=startup.marks,
+                process_started_at=startup.started_at,
             )
             outputs.write_run_record(out, plan, record)  # last: the run is complete
             log.info("finished at step %d: %s", state.global_step, metrics)

@@ -133,6 +133,10 @@ class StartupClock(TrainerCallback):
         self.process_started = psutil.Process().create_time()
         self.marks: dict[str, float] = {}
 
+    @property
+    def started_at(self) -> str:
+        return datetime.fromtimestamp(self.process_started, UTC).isoformat(timespec="milliseconds")
+
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, round(time.time() - self.process_started, 3))
 
