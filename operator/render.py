@@ -314,6 +314,9 @@ def _job_env(job: Job, plan: RunPlan) -> list[Manifest]:
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": plan.job.namespace},
         {"name": "KUBETUNE_JOB_NAME", "value": plan.job.name},
         {"name": "KUBETUNE_PLAN", "value": PLAN_PATH},
+        # Rank 0 patches status.progress (and results, checkpoints) through the runner
+        # ServiceAccount, and logs the same lines for `kubectl logs`.
+        {"name": "KUBETUNE_PROGRESS", "value": "kubernetes,log"},
     ]
     if plan.world.gpus_per_worker == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
