@@ -162,8 +162,25 @@ class Termination:
 
     def describe(self) -> str:
         where = f"container {self.container} of pod {self.pod} exited with code {self.exit_code}"
-        text = (self.message or "").strip()
+        text = one_line(self.message or "")
         return f"{text} ({where})" if text else where
+
+
+MAX_REASON_CHARS = 512
+
+
+def one_line(message: str) -> str:
+    """The line of a termination message that says why, for conditions and Events.
+
+    The runtimes write one line; a container that died without writing one falls back to the
+    tail of its log (FallbackToLogsOnError), a traceback cut anywhere, whose last line is the
+    exception that ended it.
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[-1]
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 1] + "…"
 
 
 def pick_termination(pods: Sequence[Mapping[str, Any]]) -> Termination | None:
@@ -384,6 +401,9 @@ class _Reconciler:
             self.status["startTime"] = rfc3339(self.obs.now)
 
     def fail(self, reason: str, message: str) -> None:
+        # The runtimes prefix their termination message with the same reason the condition
+        # carries ("InvalidInput: ..."); say it once.
+        message = message.removeprefix(f"{reason}: ")
         self._phase(Phase.failed, message)
         self.status["completionTime"] = rfc3339(self.obs.now)
         self._cond(ConditionType.failed, True, reason, message)
@@ -483,6 +503,7 @@ class _Reconciler:
         term = self.obs.terminations.get(validation.name)
         reason = failure_reason(term, validation) or REASON_VALIDATION_FAILED
         message = term.describe() if term else (validation.failed_message or "the validation Job failed")
+        message = message.removeprefix(f"{reason}: ")
         self._cond(ConditionType.validated, False, reason, message)
         self.fail(reason, message)
 

@@ -416,3 +416,11 @@ def test_job_state_reads_the_job_controllers_conditions() -> None:
         failed_reason="PodFailurePolicy",
         failed_message="m",
     )
+
+
+def test_a_log_tail_termination_message_becomes_its_last_line() -> None:
+    from kubetune.operator.lifecycle import Termination
+
+    tail = "ning: all_gather is deprecated\nTraceback (most recent call last):\n  File x\nRuntimeError: NCCL timeout\n"
+    term = Termination(pod="p-0", container="trainer", exit_code=1, reason="Error", message=tail)
+    assert term.describe() == "RuntimeError: NCCL timeout (container trainer of pod p-0 exited with code 1)"
