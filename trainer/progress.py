@@ -130,6 +130,9 @@ class ProgressReporter(Protocol):
     def report_results(self, results: Mapping[str, Any]) -> None:
         """The run's headline results (``status.results`` of a CompressJob, wire form), once."""
 
+    def report_checkpoint(self, step: int, uri: str) -> None:
+        """A checkpoint was committed (``status.checkpoints``): the operator cannot see storage."""
+
     def close(self) -> None:
         """Deliver anything still pending and release resources."""
 
@@ -141,6 +144,9 @@ class _ReporterBase:
         raise NotImplementedError
 
     def report_results(self, results: Mapping[str, Any]) -> None:
+        pass
+
+    def report_checkpoint(self, step: int, uri: str) -> None:
         pass
 
     def close(self) -> None:
@@ -175,6 +181,10 @@ class LogReporter(_ReporterBase):
     def report_results(self, results: Mapping[str, Any]) -> None:
         with contextlib.suppress(Exception):
             self._log.info("results: %s", json.dumps(dict(results), sort_keys=True))
+
+    def report_checkpoint(self, step: int, uri: str) -> None:
+        with contextlib.suppress(Exception):
+            self._log.info("checkpoint committed: step %d at %s", step, uri)
 
 
 def describe(update: ProgressUpdate) -> str:
@@ -214,6 +224,9 @@ class FileReporter(_ReporterBase):
     def report_results(self, results: Mapping[str, Any]) -> None:
         self._append({"results": dict(results)})
 
+    def report_checkpoint(self, step: int, uri: str) -> None:
+        self._append({"checkpoint": {"latestStep": step, "latestUri": uri}})
+
     def _append(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
@@ -240,6 +253,10 @@ class MultiReporter(_ReporterBase):
     def report_results(self, results: Mapping[str, Any]) -> None:
         for reporter in self.reporters:
             reporter.report_results(results)
+
+    def report_checkpoint(self, step: int, uri: str) -> None:
+        for reporter in self.reporters:
+            reporter.report_checkpoint(step, uri)
 
     def close(self) -> None:
         for reporter in self.reporters:
@@ -295,6 +312,8 @@ class KubernetesStatusReporter(_ReporterBase):
         self.sent = 0  # successful patches, for tests and the final log line
         self.failures = 0
         self._api_client = api_client
+        self._api: Any = None
+        self._api_lock = threading.Lock()
         self._pending: ProgressUpdate | None = None
         self._closing = False
         self._last_sent_at: float | None = None
@@ -315,21 +334,13 @@ class KubernetesStatusReporter(_ReporterBase):
         """Patched at once, on the caller's thread: it happens once, at the end of a run."""
         self._patch({"results": dict(results)})
 
+    def report_checkpoint(self, step: int, uri: str) -> None:
+        """Patched at once: checkpoints are minutes apart, and the newest must not be lost."""
+        self._patch({"checkpoints": {"latestStep": step, "latestUri": uri}})
+
     def _patch(self, status: Mapping[str, Any]) -> bool:
         try:
-            from kubernetes import client
-
-            api = client.CustomObjectsApi(self._api_client or _load_api_client())
-            api.patch_namespaced_custom_object_status(
-                self.group,
-                self.version,
-                self.job.namespace,
-                self.plural,
-                self.job.name,
-                {"status": dict(status)},
-                _request_timeout=self.request_timeout_s,
-                _content_type="application/merge-patch+json",
-            )
+            self._send(status)
             return True
         except Exception as e:  # best effort by contract
             log.warning(
@@ -340,6 +351,25 @@ class KubernetesStatusReporter(_ReporterBase):
                 _short_error(e),
             )
             return False
+
+    def _send(self, status: Mapping[str, Any]) -> None:
+        """One merge patch of the job's status subresource (the only call the pod's Role allows)."""
+        from kubernetes import client
+
+        with self._api_lock:
+            if self._api is None:
+                self._api = client.CustomObjectsApi(self._api_client or _load_api_client())
+            api = self._api
+        api.patch_namespaced_custom_object_status(
+            self.group,
+            self.version,
+            self.job.namespace,
+            self.plural,
+            self.job.name,
+            {"status": dict(status)},
+            _request_timeout=self.request_timeout_s,
+            _content_type="application/merge-patch+json",
+        )
 
     def close(self, timeout_s: float | None = None) -> None:
         with self._cond:
@@ -369,23 +399,9 @@ class KubernetesStatusReporter(_ReporterBase):
                     self._cond.wait()
 
     def _run(self) -> None:
-        api = None
         while (update := self._next()) is not None:
             try:
-                if api is None:
-                    from kubernetes import client
-
-                    api = client.CustomObjectsApi(self._api_client or _load_api_client())
-                api.patch_namespaced_custom_object_status(
-                    self.group,
-                    self.version,
-                    self.job.namespace,
-                    self.plural,
-                    self.job.name,
-                    {"status": {"progress": update.to_wire()}},
-                    _request_timeout=self.request_timeout_s,
-                    _content_type="application/merge-patch+json",
-                )
+                self._send({"progress": update.to_wire()})
                 self.sent += 1
             except Exception as e:  # best effort by contract: never into the training loop
                 self.failures += 1

@@ -172,3 +172,17 @@ def test_missing_credentials_never_raise(tmp_path: Path, monkeypatch: pytest.Mon
     reporter.report(update(1))
     reporter.close()
     assert (reporter.sent, reporter.failures) == (0, 1)
+
+
+async def test_checkpoints_and_results_are_patched_into_status_at_once(emulator: KubernetesEmulator) -> None:
+    create_job(emulator)
+    reporter = KubernetesStatusReporter(JOB, min_interval_s=3600)
+    await asyncio.to_thread(reporter.report_checkpoint, 40, "s3://out/run/checkpoints/step-40")
+    await asyncio.to_thread(reporter.report_results, {"sizeRatio": 3.5, "metricsAfter": {"perplexity": 9.0}})
+    await asyncio.to_thread(reporter.close)
+
+    status = emulator.objects[RESOURCE, "ml", "tune-me"]["status"]
+    assert status["checkpoints"] == {"latestStep": 40, "latestUri": "s3://out/run/checkpoints/step-40"}
+    assert status["results"] == {"sizeRatio": 3.5, "metricsAfter": {"perplexity": 9.0}}
+    assert status["phase"] == "Running"
+    assert all(r.url.path == STATUS_PATH for r in patches(emulator))

@@ -181,6 +181,9 @@ class Recorder:
     def report_results(self, results: Mapping[str, object]) -> None:
         self.results.append(dict(results))
 
+    def report_checkpoint(self, step: int, uri: str) -> None:
+        self.results.append({"checkpoint": step, "uri": uri})
+
     def close(self) -> None:
         pass
 
