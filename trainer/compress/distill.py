@@ -272,10 +272,68 @@ def _prepare_student(plan: RunPlan, teacher_dir: Path, scratch: Path, dist: Dist
             else:
                 assert distillation.student.layer_stride is not None
                 derive_student(teacher_dir, distillation.student.layer_stride, plan.task.type, student_dir)
+    return student_dir, _student_origin(plan)
+
+
+def _student_origin(plan: RunPlan) -> str:
+    distillation = plan.compression.distillation if plan.compression else None
+    assert distillation is not None
     if distillation.student.uri is not None:
-        return student_dir, distillation.student.uri
+        return str(distillation.student.uri)
     stride = distillation.student.layer_stride
-    return student_dir, f"every {stride}th layer of the teacher (layerStride {stride})"
+    return f"every {stride}th layer of the teacher (layerStride {stride})"
+
+
+def training_finished(checkpoint_dir: Path) -> bool:
+    """Whether a Trainer checkpoint was written at the last step of its run."""
+    import json
+
+    try:
+        state = json.loads((checkpoint_dir / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    max_steps = int(state.get("max_steps") or 0)
+    return max_steps > 0 and int(state.get("global_step") or 0) >= max_steps
+
+
+def export_checkpoint_model(checkpoint_dir: Path, out_dir: Path) -> None:
+    """The Hugging Face model files of a Trainer checkpoint (weights, config), without optimizer
+    states, DeepSpeed shards or RNG states."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for path in checkpoint_dir.iterdir():
+        if path.is_file() and (
+            path.name in ("config.json", "generation_config.json")
+            or (path.name.endswith(".safetensors") or path.name == "model.safetensors.index.json")
+        ):
+            shutil.copy2(path, out_dir / path.name)
+    if not (out_dir / "config.json").is_file() or not any(out_dir.glob("*.safetensors")):
+        raise InvalidInputError(
+            f"the checkpoint in {checkpoint_dir} holds no model weights to take the student from"
+        )
+
+
+def restore_dtype(student_dir: Path, teacher_dir: Path, task: TaskType) -> None:
+    """Store the trained student in the teacher's dtype: training on CPU runs in fp32, and a
+    distilled model must not come out larger per parameter than the model it replaces."""
+    import json
+
+    from kubetune.trainer.compress.evaluate import load_for_task
+
+    def stored(model_dir: Path) -> str | None:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        value = config.get("dtype") or config.get("torch_dtype")
+        return str(value) if value else None
+
+    wanted = stored(teacher_dir)
+    if wanted is None or wanted == stored(student_dir):
+        return
+    student = load_for_task(student_dir, task, dtype=wanted, device="cpu", what="the trained student")
+    for path in student_dir.glob("*.safetensors"):
+        path.unlink()
+    student.save_pretrained(student_dir)
+    log.info("stored the student in the teacher's dtype %s", wanted)
 
 
 def copy_missing_tokenizer(teacher_dir: Path, student_dir: Path) -> None:
@@ -308,6 +366,26 @@ def distill(
     assert plan.hyperparameters is not None
     distillation = compression.distillation
     hp = plan.hyperparameters
+    trainer_dir = scratch / "distill-trainer"
+    student_dir = scratch / "student-trained"
+    resume = checkpoint.prepare_resume(store, plan, dist, trainer_dir)
+    if resume is not None and training_finished(resume.local_dir):
+        # A restart after the last step was committed (the pod died while compressing or
+        # uploading): the checkpoint already holds the trained student. The Trainer would train one
+        # step past max_steps when resumed from its final checkpoint.
+        log.info("checkpoint step %d ends the training: taking the student from it", resume.step)
+        origin = _student_origin(plan)
+        if dist.is_main:
+            export_checkpoint_model(resume.local_dir, student_dir)
+            restore_dtype(student_dir, teacher_dir, plan.task.type)
+            tokenizer.save_pretrained(student_dir)
+        training.barrier()
+        return DistillationResult(
+            student_dir=student_dir,
+            student=origin,
+            global_step=resume.step,
+            resumed_from={"step": resume.step, "uri": resume.uri},
+        )
     with clock.phase("distill_setup"):
         student_initial, origin = _prepare_student(plan, teacher_dir, scratch, dist)
         precision = training.resolve_precision(hp.precision, accelerator)
@@ -317,7 +395,6 @@ def distill(
         teacher = training.load_model(plan, teacher_dir, precision=precision, pad_token_id=pad)
         teacher.eval()
         teacher.requires_grad_(False)
-        trainer_dir = scratch / "distill-trainer"
         args = training.training_arguments(
             plan,
             output_dir=trainer_dir,
@@ -329,7 +406,6 @@ def distill(
         student_plan = plan.model_copy(update={"model_uri": student_uri})
         student = training.load_model(student_plan, student_initial, precision=precision, pad_token_id=pad)
         check_compatible(teacher, student, student_uri, plan.task.type)
-    resume = checkpoint.prepare_resume(store, plan, dist, trainer_dir)
     publisher = checkpoint.CheckpointPublisher(
         store, plan, dist, keep_last=plan.checkpoint.keep_last if plan.checkpoint else 2
     )
@@ -351,7 +427,6 @@ def distill(
         causal=plan.task.type == TaskType.causal_lm,
     )
     trainer.remove_callback(PrinterCallback)
-    student_dir = scratch / "student-trained"
     try:
         with clock.phase("distill"):
             trainer.train(resume_from_checkpoint=str(resume.local_dir) if resume else None)
@@ -361,6 +436,7 @@ def distill(
 
             save_trained(trainer, student_dir)
             if dist.is_main:
+                restore_dtype(student_dir, teacher_dir, plan.task.type)
                 tokenizer.save_pretrained(student_dir)
             training.barrier()
     finally:

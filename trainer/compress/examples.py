@@ -53,7 +53,10 @@ def prepare(plan: RunPlan, tokenizer: PreTrainedTokenizerBase, scratch_dir: Path
     assert compression is not None
     max_length = compression.calibration.max_seq_length
     sized = with_max_length(plan, max_length)
-    records = load_records(sized, scratch_dir)
+    try:
+        records = load_records(sized, scratch_dir)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"cannot build the calibration and evaluation sets: {e}") from e
     calibration = tokenize_split(records.train, sized, tokenizer)
     usable = [e for e in calibration.examples if len(e["input_ids"]) > 1]
     if not usable:
