@@ -20,6 +20,7 @@ import copy
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,10 +165,15 @@ def shutdown_distributed() -> None:
 
 
 def barrier() -> None:
+    import torch
     import torch.distributed
 
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
+        if torch.distributed.get_backend() == "nccl":
+            # NCCL barriers run on a device; name it rather than let NCCL guess.
+            torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            torch.distributed.barrier()
 
 
 def broadcast_object(value: Any) -> Any:
@@ -277,6 +283,7 @@ def check_cpu_adam(accelerator: Accelerator) -> None:
             "cannot be built on this node (no C++ compiler or CUDA toolkit headers in the image); "
             "turn offloading off or use an image with build tools"
         )
+    started = time.monotonic()
     try:
         builder.load(verbose=False)
     except Exception as e:
@@ -284,6 +291,9 @@ def check_cpu_adam(accelerator: Accelerator) -> None:
             f"deepspeed.offloadOptimizer/offloadParams need DeepSpeed's CPU Adam, and compiling it "
             f"failed on this node: {e}; turn offloading off or use an image with build tools"
         ) from e
+    log.info(
+        "DeepSpeed's CPU Adam for offloading is ready (%.1fs to build or load)", time.monotonic() - started
+    )
 
 
 # --- Trainer arguments ---------------------------------------------------------------------------
