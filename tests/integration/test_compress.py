@@ -21,6 +21,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from kubetune.api.resources import CompressJob
 from kubetune.api.status import CompressionResults
 from kubetune.storage import open_store
 from tests.integration.test_compress_support import (
@@ -204,6 +205,75 @@ def test_sparsegpt_50_percent_keeps_perplexity_within_15_percent(
     assert generate(out / "model", "This License").strip()
 
 
+def test_2_4_sparsegpt_then_w4a16_run_as_one_recipe_and_keep_the_2_4_pattern(
+    licence_lm: LicenceLM, tmp_path: Path
+) -> None:
+    out, report = compress_locally(
+        licence_lm,
+        tmp_path,
+        pruning={"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"},
+        quantization={"method": "gptq", "scheme": "W4A16"},
+    )
+    before, after = perplexities(report)
+    assert after <= 1.25 * before, report["quality_delta_relative"]
+    [step] = report["steps_applied"]
+    assert step["step"] == "prune+quantize"
+    assert step["quantization_method_run"] == "rtn"  # GPTQ would move pruned weights off zero
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert "SparseGPTModifier" in recipe["steps"][0]["recipe"]
+    assert "QuantizationModifier" in recipe["steps"][0]["recipe"]
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        out / "model", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert int((weight.reshape(-1, 4) != 0).sum(dim=1).max()) <= 2  # at most 2 of every 4
+    assert report["size_ratio"] >= 3.0
+    assert generate(out / "model", "This License").strip()
+
+
+def test_a_classifier_is_measured_by_accuracy_and_macro_f1(tmp_path: Path) -> None:
+    from kubetune.trainer.tinymodel import build_tiny_classifier, sample_corpus
+
+    lines = sample_corpus(300)
+    model = build_tiny_classifier(tmp_path / "model", lines, 2, labels=["short", "long"], hidden_size=64)
+    records = [{"text": line, "label": "long" if len(line) > 50 else "short"} for line in lines]
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", records[:240])
+    held_out = write_jsonl(tmp_path / "data" / "eval.jsonl", records[240:])
+    job = CompressJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "CompressJob",
+            "metadata": {"name": "classifier", "namespace": "default"},
+            "spec": {
+                "model": {"uri": uri(model)},
+                "task": {"type": "sequence-classification", "numLabels": 2, "labels": ["short", "long"]},
+                "dataset": {
+                    "train": {"uri": uri(train)},
+                    "eval": {"uri": uri(held_out)},
+                    "format": "classification",
+                },
+                "pruning": {"sparsity": 0.5},
+                "quantization": {"method": "rtn", "scheme": "W8A16", "groupSize": 64},
+                "calibration": {"samples": 16, "maxSeqLength": 64},
+                "output": {"uri": uri(tmp_path / "out")},
+            },
+        }
+    )
+    result = run_compress(write_plan(tmp_path / "plan.json", job), tmp_path, env=cpu_env())
+    assert result.returncode == 0, result.stderr[-8000:]
+    report = read_report(tmp_path / "out")
+    for side in ("original", "compressed"):
+        assert set(report[side]["metrics"]) == {"eval_loss", "accuracy", "f1_macro"}
+    assert report["evaluation"]["scored"] == 60
+    assert report["evaluation"]["scored_unit"] == "examples"
+    from transformers import AutoModelForSequenceClassification
+
+    loaded: Any = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    assert loaded.config.id2label == {0: "short", 1: "long"}
+
+
 # --- distillation --------------------------------------------------------------------------------
 
 DISTILL_STEPS = 60
@@ -296,12 +366,14 @@ def test_a_distilled_half_depth_student_beats_the_same_student_trained_from_scra
 
 
 def test_the_schema_rejects_unknown_schemes_and_sparsity_outside_0_1() -> None:
-    common = {"model_uri": "s3://m/base", "train_uri": "s3://d/train.jsonl", "output_uri": "s3://o/out"}
+    def job(**step: Any) -> None:
+        compress_job(model_uri="s3://m/base", train_uri="s3://d/train.jsonl", output_uri="s3://o/out", **step)
+
     with pytest.raises(ValidationError, match="scheme"):
-        compress_job(**common, quantization={"scheme": "W3A5"})
+        job(quantization={"scheme": "W3A5"})
     for sparsity in (0.0, 1.0, 1.2):
         with pytest.raises(ValidationError, match="sparsity"):
-            compress_job(**common, pruning={"sparsity": sparsity})
+            job(pruning={"sparsity": sparsity})
 
 
 def _edited_plan(tmp_path: Path, lm: LicenceLM, edit: dict[str, Any], **job: Any) -> Path:
