@@ -312,6 +312,7 @@ def training_arguments(
     Create them before loading the model: with ZeRO-3 they switch on ``deepspeed.zero.Init`` so
     ``from_pretrained`` loads each rank's shard only.
     """
+    import torch
     from transformers import TrainingArguments
 
     hp = plan.hyperparameters
@@ -356,6 +357,7 @@ def training_arguments(
             label_names=["labels"],
             remove_unused_columns=False,  # our datasets hold exactly the model's inputs
             dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
             disable_tqdm=True,
             log_level="warning",  # kubetune logs progress itself (ProgressCallback)
             log_level_replica="error",
