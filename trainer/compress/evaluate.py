@@ -13,7 +13,8 @@ Sizes: ``size_bytes`` is the sum of the weight files (``*.safetensors``, ``*.bin
 ``*.pth``) in the directory, i.e. what is stored and downloaded; config and tokenizer files are
 left out since compression does not change them. ``linear_weight_bytes`` restricts that to the
 tensors of the linear layers that quantization targets (their weights and, once quantized, their
-packed weights, scales, zero points and group indices), read from the safetensors headers
+packed weights, scales, zero points and group indices, or torchao's flattened int8 data and
+scales), read from the safetensors headers
 without loading any tensor: with a small vocabulary-heavy model the embeddings dominate the file,
 and this figure shows what the quantizer itself achieved.
 """
@@ -119,7 +120,8 @@ def linear_weight_bytes(model_dir: Path, modules: Iterable[str]) -> int | None:
     total = 0
     for name, size in sizes.items():
         module, _, tensor = name.rpartition(".")
-        if module in wanted and tensor in _LINEAR_TENSOR_NAMES:
+        # torchao's safetensors flatten a quantized weight into ``_weight_qdata``, ``_weight_scale``...
+        if module in wanted and (tensor in _LINEAR_TENSOR_NAMES or tensor.startswith("_weight_")):
             total += size
     return total
 
