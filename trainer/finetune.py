@@ -72,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(plan_path: Path, scratch_dir: Path | None) -> int:
-    from kubetune.trainer.outputs import StartupClock
-
-    startup = StartupClock()
     plan = load_plan(plan_path)
     scratch = scratch_root(scratch_dir)
     # Before DeepSpeed is imported: it picks its accelerator once. Pods have a read-only root
@@ -89,7 +86,9 @@ def run(plan_path: Path, scratch_dir: Path | None) -> int:
     import transformers.trainer  # noqa: F401
 
     from kubetune.trainer import training
+    from kubetune.trainer.outputs import StartupClock
 
+    startup = StartupClock()  # counts from the process's start, whenever it is created
     startup.mark("imports")
     dist = training.init_distributed(accelerator)
     startup.mark("process_group")
