@@ -450,7 +450,9 @@ def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace
 
 
 def main_command(job: Job, plan: RunPlan, master_addr: str) -> list[str]:
-    """torchrun over the gang for training; a plain process for single-process compression."""
+    """torchrun over the gang for training (through ``kubetune.trainer launch``, which keeps the
+    workers' exit codes 2 and 3 that plain torchrun turns into 1); a plain process for
+    single-process compression."""
     command = "finetune" if isinstance(job, FineTuneJob) else "compress"
     runtime = ["-m", "kubetune.trainer", command, "--plan", PLAN_PATH]
     distributed = isinstance(job, FineTuneJob) or (
@@ -459,7 +461,10 @@ def main_command(job: Job, plan: RunPlan, master_addr: str) -> list[str]:
     if not distributed:
         return ["python", *runtime]
     return [
-        "torchrun",
+        "python",
+        "-m",
+        "kubetune.trainer",
+        "launch",
         f"--nnodes={plan.world.workers}",
         f"--nproc_per_node={plan.world.processes_per_worker}",
         "--node_rank=$(JOB_COMPLETION_INDEX)",

@@ -10,8 +10,12 @@ import importlib
 import sys
 
 COMMANDS = {
+    "launch": ("kubetune.trainer.launch", "torchrun that keeps the workers' exit-code contract (2, 3)."),
     "finetune": ("kubetune.trainer.finetune", "Fine-tune a model from a run plan (launched by torchrun)."),
-    "validate": ("kubetune.trainer.validate", "Check that a plan's model and data are reachable and well-formed."),
+    "validate": (
+        "kubetune.trainer.validate",
+        "Check that a plan's model and data are reachable and well-formed.",
+    ),
     "compress": ("kubetune.trainer.compress", "Quantize, prune or distill a model from a run plan."),
     "serve": ("kubetune.trainer.serve", "Serve a model over an OpenAI-compatible HTTP API."),
 }

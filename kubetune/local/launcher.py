@@ -1,7 +1,7 @@
 """Command lines and environments of the local processes that stand in for pods.
 
 Pure functions: local mode launches exactly the runtime entry points a cluster runs
-(``python -m kubetune.trainer ...``), with torchrun playing one pod per worker.
+(``python -m kubetune.trainer ...``), with one torchrun (``launch``) playing each pod.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def training_processes(
         argv = [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "kubetune.trainer",
+            "launch",
             f"--nnodes={world.workers}",
             f"--node_rank={rank}",
             f"--nproc_per_node={world.processes_per_worker}",

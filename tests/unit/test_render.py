@@ -265,8 +265,11 @@ def test_gang_runs_torchrun_over_an_indexed_job() -> None:
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == "support-lora-workers"
     container = pod["containers"][0]
-    assert [container["command"][0], *container["args"]] == [
-        "torchrun",
+    assert [*container["command"], *container["args"]] == [
+        "python",
+        "-m",
+        "kubetune.trainer",
+        "launch",  # torchrun that keeps the workers' exit codes 2 and 3
         "--nnodes=2",
         "--nproc_per_node=2",
         "--node_rank=$(JOB_COMPLETION_INDEX)",
@@ -431,7 +434,8 @@ def test_compression_without_distillation_is_one_process() -> None:
 def test_distillation_trains_with_torchrun() -> None:
     train = main_job("compress-distill")
     assert train["spec"]["completions"] == 2
-    assert train["spec"]["template"]["spec"]["containers"][0]["command"] == ["torchrun"]
+    container = train["spec"]["template"]["spec"]["containers"][0]
+    assert [*container["command"], *container["args"][:3]] == ["python", "-m", "kubetune.trainer", "launch"]
 
 
 def test_compressjob_from_finetunejob_needs_the_model_resolved() -> None:

@@ -1,0 +1,40 @@
+"""``python -m kubetune.trainer launch [torchrun options] -m kubetune.trainer finetune ...``
+
+torchrun, keeping the exit-code contract. torchrun itself exits 1 whenever a worker fails, so
+a worker's 2 (invalid input) or 3 (storage) would look retriable to the pod failure policy and
+the operator. This runs torchrun's own launcher in-process and exits with the contract code of
+the failed workers when there is one (invalid input before storage), else with torchrun's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+from kubetune.errors import EXIT_INVALID_INPUT, EXIT_STORAGE
+
+
+def gang_exit_code(worker_exit_codes: Iterable[int]) -> int:
+    """The pod's exit code for a gang whose workers exited with these codes."""
+    codes = [c for c in worker_exit_codes if c != 0]
+    if not codes:
+        return 0
+    for contract in (EXIT_INVALID_INPUT, EXIT_STORAGE):
+        if contract in codes:
+            return contract
+    # Everything else is retriable; a worker killed by a signal reports a negative code.
+    return next((c for c in codes if c > 0), 1)
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        code = gang_exit_code(failure.exitcode for failure in e.failures.values())
+        print(f"kubetune launch: workers failed ({e.name}); exiting with {code}", file=sys.stderr)
+        return code
+    return 0
