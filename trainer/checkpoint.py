@@ -390,7 +390,8 @@ class CheckpointPublisher(TrainerCallback):
     background (no collectives), and at most one checkpoint per node is in flight: the next save,
     and the end of training, wait for it and re-raise its failure.
 
-    ``after_commit`` runs on rank 0 after each commit (the recipe uploads TensorBoard logs there).
+    ``after_commit(step, uri)`` runs on rank 0 after each commit (the recipe reports the commit to
+    the job's status and uploads TensorBoard logs there).
     """
 
     def __init__(
@@ -400,7 +401,7 @@ class CheckpointPublisher(TrainerCallback):
         dist: Distributed,
         *,
         keep_last: int,
-        after_commit: Callable[[], None] | None = None,
+        after_commit: Callable[[int, str], None] | None = None,
         commit_timeout_s: float = COMMIT_TIMEOUT_S,
     ) -> None:
         self.store = store
@@ -505,4 +506,4 @@ class CheckpointPublisher(TrainerCallback):
         if deleted:
             log.info("deleted old checkpoints: %s", ", ".join(f"{STEP_PREFIX}{s}" for s in deleted))
         if self.after_commit is not None:
-            self.after_commit()
+            self.after_commit(step, uri)

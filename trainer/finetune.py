@@ -159,14 +159,20 @@ def finetune(
     if dist.is_main:
         outputs.write_run_record(out, plan, record)
     logs_dir = scratch / LOGS_DIR
+    reporter = make_reporter(plan, dist.rank)
+
+    def after_commit(step: int, uri: str) -> None:
+        # The operator has no storage credentials: the newest checkpoint reaches status from here.
+        reporter.report_checkpoint(step, uri)
+        outputs.upload_logs(out, plan, logs_dir)
+
     publisher = checkpoint.CheckpointPublisher(
         out,
         plan,
         dist,
         keep_last=plan.checkpoint.keep_last if plan.checkpoint else 2,
-        after_commit=lambda: outputs.upload_logs(out, plan, logs_dir),
+        after_commit=after_commit,
     )
-    reporter = make_reporter(plan, dist.rank)
     compute_metrics, preprocess_logits = training.metric_functions(plan)
     trainer = Trainer(
         model=model,
