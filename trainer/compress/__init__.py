@@ -237,7 +237,8 @@ def compress(plan: RunPlan, scratch: Path, dist: Distributed | None, accelerator
             "scored": scored,
             "scored_unit": "examples" if plan.task.type == TaskType.sequence_classification else "tokens",
             "max_seq_length": data.max_length,
-            "dtype": str(dtype).removeprefix("torch."),
+            # On GPUs each model runs in the dtype it is stored in.
+            "dtype": str(dtype).removeprefix("torch.") if dtype != "auto" else f"auto ({original.dtype})",
             "device": device,
         },
         timings=clock.seconds,

@@ -406,10 +406,14 @@ def distill(
         student_plan = plan.model_copy(update={"model_uri": student_uri})
         student = training.load_model(student_plan, student_initial, precision=precision, pad_token_id=pad)
         check_compatible(teacher, student, student_uri, plan.task.type)
-    publisher = checkpoint.CheckpointPublisher(
-        store, plan, dist, keep_last=plan.checkpoint.keep_last if plan.checkpoint else 2
-    )
     reporter = make_reporter(plan, dist.rank)
+    publisher = checkpoint.CheckpointPublisher(
+        store,
+        plan,
+        dist,
+        keep_last=plan.checkpoint.keep_last if plan.checkpoint else 2,
+        after_commit=reporter.report_checkpoint,
+    )
     compute_metrics, preprocess_logits = training.metric_functions(plan)
     trainer = _trainer_class()(
         model=student,
