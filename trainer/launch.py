@@ -30,9 +30,9 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args(argv)
+    args = parse_args(argv)  # type: ignore[no-untyped-call]
     try:
-        run(args)
+        run(args)  # type: ignore[no-untyped-call]
     except ChildFailedError as e:
         code = gang_exit_code(failure.exitcode for failure in e.failures.values())
         print(f"kubetune launch: workers failed ({e.name}); exiting with {code}", file=sys.stderr)
