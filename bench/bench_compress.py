@@ -12,7 +12,7 @@ Columns:
   both evaluations, writing the outputs); ``x eval`` divides it by the baseline measured in the
   same run: one process that only loads the original model and computes its held-out perplexity,
   i.e. what the runtime's fixed costs amount to;
-- peak RSS: the process's maximum resident set (``wait4``);
+- peak RSS: the process's maximum resident set (its own VmHWM, as the report records it);
 - size: original / compressed bytes of the weight files (the original in bf16); linear: the same for
   the tensors of the quantized linear layers only (the bf16 embedding and head are 7% of this model);
 - ppl: held-out perplexity before -> after, and the relative change; zeros: share of zero weights.
@@ -96,17 +96,18 @@ with torch.inference_mode():
         total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
         count += ids.shape[1] - 1
 print(math.exp(total / count))
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print("peak_rss_bytes", int(hwm[0].split()[1]) * 1024)
 """
 
 
-def run_process(argv: list[str], env: dict[str, str], log: Path) -> tuple[int, float, int]:
-    """(exit code, wall seconds, peak RSS bytes) of one child process."""
+def run_process(argv: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
+    """(exit code, wall seconds) of one child process. Its peak RSS is the child's own VmHWM,
+    which it reports itself: ``wait4``'s maxrss would include this (large) process's memory."""
     started = time.monotonic()
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.monotonic() - started, usage.ru_maxrss * 1024
+        code = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+    return code, time.monotonic() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         env = trainer_env(work, {**cpu_env(), "KUBETUNE_TERMINATION_LOG": str(work / "termination-log")})
         print(f"cpus: {os.cpu_count()}, model: {model}", flush=True)
 
-        code, base_wall, base_rss = run_process(
+        code, base_wall = run_process(
             [sys.executable, "-c", BASELINE, str(model), str(held_out)], env, work / "baseline.log"
         )
         if code != 0:
             print((work / "baseline.log").read_text()[-4000:])
             return 1
+        base_rss = next(
+            int(line.split()[1])
+            for line in (work / "baseline.log").read_text().splitlines()
+            if line.startswith("peak_rss_bytes ")
+        )
         rows = []
         for name in methods:
             tag = name.replace(":", "-").replace("%", "pct").replace("/", "-").replace("+", "-")
@@ -161,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             plan = write_plan(work / f"plan-{tag}.json", job)
             argv_ = [sys.executable, "-m", "kubetune.trainer", "compress", "--plan", str(plan)]
             argv_ += ["--scratch-dir", str(work / f"scratch-{tag}")]
-            code, wall, rss = run_process(argv_, env, work / f"{tag}.log")
+            code, wall = run_process(argv_, env, work / f"{tag}.log")
             if code != 0:
                 print(f"{name}: exit {code}\n" + (work / f"{tag}.log").read_text()[-4000:])
                 return 1
             report = json.loads((output / "compression_report.json").read_text())
-            rows.append((name, wall, rss, report))
+            rows.append((name, wall, int(report["peak_rss_bytes"]), report))
             print(f"{name}: done in {wall:.1f} s", flush=True)
 
     header = (

@@ -517,9 +517,21 @@ def build_report(
         "evaluation": evaluation,
         "steps_applied": [{k: v for k, v in e.items() if k != "recipe"} for e in entries],
         "timings": timings,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "versions": versions,
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. ``VmHWM`` where Linux has it: ``getrusage``'s maxrss also
+    counts the parent's memory at fork time, which inflates it for processes started by a large one."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def results_summary(report: dict[str, Any]) -> dict[str, Any]:
