@@ -193,7 +193,7 @@ def progress_patches(kube: KubeEmulator, resource: str, name: str) -> list[tuple
     """(User-Agent, status.progress) of every status patch that carried progress, by anyone but
     the operator: the workload's own reports."""
     out = []
-    for request in kube:
+    for request in kube.log:
         if (
             request.resource != kmock.resource(resource)
             or request.name != name
