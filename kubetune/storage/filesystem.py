@@ -32,13 +32,17 @@ from .base import (
     walk_files,
 )
 from .config import StorageConfig
-from .uri import StorageURI, parse_uri
+from .uri import StorageURI, StoreURIParser
 
 T = TypeVar("T")
 
 
 class FileStore:
     """:class:`~kubetune.storage.ObjectStore` for ``file://`` URIs."""
+
+    _uris = StoreURIParser(
+        "file", "FileStore", "a file:/// URI", "a directory, not a file (expected file:///path/to/file)"
+    )
 
     def __init__(self, config: StorageConfig | None = None) -> None:
         self.config = config if config is not None else StorageConfig()
@@ -47,7 +51,7 @@ class FileStore:
         return "FileStore()"
 
     def list(self, prefix_uri: str) -> ObjectList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         root = Path(prefix.local_path)
         if not root.is_dir():
             return []
@@ -64,24 +68,24 @@ class FileStore:
         return sorted(found, key=lambda info: info.key)
 
     def exists(self, uri: str) -> bool:
-        return Path(self._parse_object(uri).local_path).is_file()
+        return Path(self._uris.parse_object(uri).local_path).is_file()
 
     def read_bytes(self, uri: str) -> bytes:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
         return _local(lambda: Path(target.local_path).read_bytes(), target, "read")
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
         _local(lambda: atomic_write(Path(target.local_path), data), target, "write")
 
     def download_file(self, uri: str, path: str | os.PathLike[str]) -> Path:
-        source = self._parse_object(uri)
+        source = self._uris.parse_object(uri)
         local = Path(path)
         _local(lambda: atomic_copy(Path(source.local_path), local), source, "read")
         return local
 
     def upload_file(self, path: str | os.PathLike[str], uri: str) -> None:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
         local = Path(path)
         if not local.is_file():
             raise InvalidInputError(f"cannot upload {local} to {target}: it is not a file")
@@ -94,7 +98,7 @@ class FileStore:
         *,
         progress: ProgressCallback | None = None,
     ) -> PathList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         objects = self.list(str(prefix))
         if not objects:
             raise StorageAccessError(f"{prefix}: no files under this directory (nothing to download)")
@@ -118,7 +122,7 @@ class FileStore:
         progress: ProgressCallback | None = None,
         exclude: Sequence[str] = (),
     ) -> URIList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         jobs = [
             (prefix.join(rel), path, Path(prefix.join(rel).local_path))
             for rel, path in walk_files(Path(local_dir), exclude)
@@ -127,7 +131,7 @@ class FileStore:
         return [str(uri) for uri, _, _ in jobs]
 
     def delete_prefix(self, prefix_uri: str) -> None:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         if not prefix.key:
             raise InvalidInputError(f"refusing to delete {prefix}: that is the filesystem root")
         try:
@@ -150,18 +154,6 @@ class FileStore:
             ]
             for future in futures:
                 future.result()
-
-    def _parse(self, uri: str) -> StorageURI:
-        parsed = parse_uri(uri)
-        if parsed.scheme != "file":
-            raise InvalidInputError(f"FileStore cannot handle {uri!r}: expected a file:/// URI")
-        return parsed
-
-    def _parse_object(self, uri: str) -> StorageURI:
-        parsed = self._parse(uri)
-        if not parsed.key or parsed.key.endswith("/"):
-            raise InvalidInputError(f"{uri!r} names a directory, not a file (expected file:///path/to/file)")
-        return parsed
 
 
 def _local(fn: Callable[[], T], uri: StorageURI, action: str) -> T:

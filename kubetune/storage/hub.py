@@ -27,7 +27,7 @@ from .base import (
 )
 from .config import StorageConfig
 from .retry import Backoff, call_with_backoff, describe
-from .uri import StorageURI, parse_uri
+from .uri import StorageURI, StoreURIParser
 
 T = TypeVar("T")
 
@@ -39,6 +39,10 @@ class HubStore:
     pre-populated cache volume); ``HF_HUB_OFFLINE=1`` has the same effect. ``HF_TOKEN`` authenticates
     for private and gated repositories.
     """
+
+    _uris = StoreURIParser(
+        "hf", "HubStore", "an hf:// URI", "a repository or folder, not a file (expected hf://org/name/file)"
+    )
 
     def __init__(
         self,
@@ -56,7 +60,7 @@ class HubStore:
         return f"HubStore(cache_dir={self.cache_dir!r}, local_files_only={self.local_files_only})"
 
     def list(self, prefix_uri: str) -> ObjectList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         if self._offline():
             snapshot = self._snapshot(prefix)
             return _walk(snapshot / prefix.key) if snapshot is not None else []
@@ -89,7 +93,7 @@ class HubStore:
 
     def exists(self, uri: str) -> bool:
         """Whether the file exists (a missing repository or revision also answers ``False``)."""
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
         if self._offline():
             from huggingface_hub import try_to_load_from_cache
 
@@ -112,11 +116,11 @@ class HubStore:
         return self._call(check, f"checking {target}", target)
 
     def read_bytes(self, uri: str) -> bytes:
-        return self._download(self._parse_object(uri)).read_bytes()
+        return self._download(self._uris.parse_object(uri)).read_bytes()
 
     def download_file(self, uri: str, path: str | os.PathLike[str]) -> Path:
         local = Path(path)
-        _link_or_copy(self._download(self._parse_object(uri)), local)
+        _link_or_copy(self._download(self._uris.parse_object(uri)), local)
         return local
 
     def download_prefix(
@@ -126,7 +130,7 @@ class HubStore:
         *,
         progress: ProgressCallback | None = None,
     ) -> PathList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         snapshot = self._snapshot(prefix)
         objects = _walk(snapshot / prefix.key) if snapshot is not None else []
         if snapshot is None or not objects:
@@ -252,20 +256,6 @@ class HubStore:
             f"{uri}: hf:// URIs are read-only (the Hub is a source of base models and data); "
             "write outputs to an s3:// or file:// URI"
         )
-
-    def _parse(self, uri: str) -> StorageURI:
-        parsed = parse_uri(uri)
-        if parsed.scheme != "hf":
-            raise InvalidInputError(f"HubStore cannot handle {uri!r}: expected an hf:// URI")
-        return parsed
-
-    def _parse_object(self, uri: str) -> StorageURI:
-        parsed = self._parse(uri)
-        if not parsed.key or parsed.key.endswith("/"):
-            raise InvalidInputError(
-                f"{uri!r} names a repository or folder, not a file (expected hf://org/name/file)"
-            )
-        return parsed
 
 
 def _walk(root: Path) -> ObjectList:

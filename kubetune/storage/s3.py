@@ -45,7 +45,7 @@ from .base import (
 )
 from .config import MiB, StorageConfig
 from .retry import Backoff, call_with_backoff, describe
-from .uri import StorageURI, parse_uri
+from .uri import StorageURI, StoreURIParser
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -142,6 +142,10 @@ class _Subscriber(BaseSubscriber):
 class S3Store:
     """:class:`~kubetune.storage.ObjectStore` for ``s3://`` URIs (any bucket reachable with one config)."""
 
+    _uris = StoreURIParser(
+        "s3", "S3Store", "an s3:// URI", "a prefix, not an object (expected s3://bucket/key)"
+    )
+
     def __init__(self, config: StorageConfig | None = None) -> None:
         self.config = config if config is not None else StorageConfig.from_env()
         self._client = make_s3_client(self.config)
@@ -160,11 +164,11 @@ class S3Store:
     # -- listing and small objects -------------------------------------------------------------
 
     def list(self, prefix_uri: str) -> ObjectList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         return self._call(lambda: self._list(prefix), f"listing {prefix}", prefix)
 
     def exists(self, uri: str) -> bool:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
 
         def head() -> bool:
             try:
@@ -181,7 +185,7 @@ class S3Store:
         return found
 
     def read_bytes(self, uri: str) -> bytes:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
 
         def read() -> bytes:
             data: bytes = self._client.get_object(Bucket=target.bucket, Key=target.key)["Body"].read()
@@ -190,7 +194,7 @@ class S3Store:
         return self._call(read, f"reading {target}", target)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
         self._call(
             lambda: self._client.put_object(Bucket=target.bucket, Key=target.key, Body=data),
             f"writing {target}",
@@ -198,7 +202,7 @@ class S3Store:
         )
 
     def delete_prefix(self, prefix_uri: str) -> None:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         if not prefix.key:
             raise InvalidInputError(f"refusing to delete {prefix}: that is a whole bucket, not a prefix")
 
@@ -219,14 +223,14 @@ class S3Store:
     # -- files and prefixes --------------------------------------------------------------------
 
     def download_file(self, uri: str, path: str | os.PathLike[str]) -> Path:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
         local = Path(path)
         local.parent.mkdir(parents=True, exist_ok=True)
         self._transfer([_Transfer("download", target, local)], None)
         return local
 
     def upload_file(self, path: str | os.PathLike[str], uri: str) -> None:
-        target = self._parse_object(uri)
+        target = self._uris.parse_object(uri)
         local = Path(path)
         if not local.is_file():
             raise InvalidInputError(f"cannot upload {local} to {target}: it is not a file")
@@ -239,7 +243,7 @@ class S3Store:
         *,
         progress: ProgressCallback | None = None,
     ) -> PathList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         objects = self.list(str(prefix))
         if not objects:
             self._require_bucket(prefix)
@@ -265,7 +269,7 @@ class S3Store:
         progress: ProgressCallback | None = None,
         exclude: Sequence[str] = (),
     ) -> URIList:
-        prefix = self._parse(prefix_uri).as_prefix()
+        prefix = self._uris.parse(prefix_uri).as_prefix()
         transfers = [
             _Transfer("upload", prefix.join(rel), path) for rel, path in walk_files(Path(local_dir), exclude)
         ]
@@ -394,18 +398,6 @@ class S3Store:
 
     def _at(self) -> str:
         return f" at {self.config.endpoint}" if self.config.endpoint else ""
-
-    def _parse(self, uri: str) -> StorageURI:
-        parsed = parse_uri(uri)
-        if parsed.scheme != "s3":
-            raise InvalidInputError(f"S3Store cannot handle {uri!r}: expected an s3:// URI")
-        return parsed
-
-    def _parse_object(self, uri: str) -> StorageURI:
-        parsed = self._parse(uri)
-        if not parsed.key or parsed.key.endswith("/"):
-            raise InvalidInputError(f"{uri!r} names a prefix, not an object (expected s3://bucket/key)")
-        return parsed
 
 
 class _DeleteFailed(Exception):

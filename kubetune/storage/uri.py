@@ -155,6 +155,32 @@ def parse_uri(uri: str) -> StorageURI:
     return parsed
 
 
+@dataclass(frozen=True)
+class StoreURIParser:
+    """Parses the URIs one store accepts: its own scheme, and for single objects a non-empty key.
+
+    ``object_error`` completes "``<uri>`` names ..." for a URI that ends at a directory, e.g.
+    ``"a prefix, not an object (expected s3://bucket/key)"``.
+    """
+
+    scheme: Scheme
+    store: str
+    expected: str
+    object_error: str
+
+    def parse(self, uri: str) -> StorageURI:
+        parsed = parse_uri(uri)
+        if parsed.scheme != self.scheme:
+            raise InvalidInputError(f"{self.store} cannot handle {uri!r}: expected {self.expected}")
+        return parsed
+
+    def parse_object(self, uri: str) -> StorageURI:
+        parsed = self.parse(uri)
+        if not parsed.key or parsed.key.endswith("/"):
+            raise InvalidInputError(f"{uri!r} names {self.object_error}")
+        return parsed
+
+
 def _parse_s3(uri: str, rest: str) -> StorageURI:
     bucket, _, key = rest.partition("/")
     if not bucket:
