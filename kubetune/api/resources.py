@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from operator import attrgetter
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
@@ -113,6 +114,11 @@ TRAINING_FIELDS = (
     "deepspeed",
     "checkpoint",
     "output",
+    "storage",
+    # The gang's shape: ZeRO shards are per process, and the plan the pods read is fixed.
+    "resources.workers",
+    "resources.gpus_per_worker",
+    "resources.processes_per_worker",
 )
 
 
@@ -121,15 +127,25 @@ def _started(obj: Any) -> bool:
 
 
 def _always_present(spec: type[KubeModel], field: str) -> bool:
-    """Whether the API server always has a value for ``spec.<field>`` (required or defaulted)."""
-    info = spec.model_fields[field]
-    return info.is_required() or info.default_factory is not None or info.default is not None
+    """Whether the API server always has a value for ``spec.<field>`` (required or defaulted);
+    ``field`` may be a dotted path through nested models that are themselves always present."""
+    model: Any = spec
+    for part in field.split("."):
+        info = model.model_fields[part]
+        if not (info.is_required() or info.default_factory is not None or info.default is not None):
+            return False
+        model = info.annotation
+    return True
+
+
+def _camel_path(field: str) -> str:
+    return ".".join(to_camel(part) for part in field.split("."))
 
 
 def _immutable_rule(spec: type[KubeModel], fields: tuple[str, ...]) -> CelRule:
     comparisons = []
     for field in fields:
-        f = to_camel(field)
+        f = _camel_path(field)
         if _always_present(spec, field):
             comparisons.append(f"self.spec.{f} == oldSelf.spec.{f}")
         else:
@@ -139,14 +155,16 @@ def _immutable_rule(spec: type[KubeModel], fields: tuple[str, ...]) -> CelRule:
                 f"(has(self.spec.{f}) ? has(oldSelf.spec.{f}) && self.spec.{f} == oldSelf.spec.{f} "
                 f": !has(oldSelf.spec.{f}))"
             )
-    camel = [to_camel(f) for f in fields]
+    camel = [_camel_path(f) for f in fields]
     same = " && ".join(comparisons)
     return CelRule(
         f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || ({same})",
         f"spec.{{{', '.join(camel)}}} cannot change once the job has started; create a new job instead "
-        "(serve, suspend, maxRestarts, activeDeadlineSeconds and ttlSecondsAfterFinished may change)",
+        "(serve, suspend, maxRestarts, activeDeadlineSeconds, ttlSecondsAfterFinished and the pods' "
+        "requests, limits and placement may change)",
         lambda pair: (
-            not _started(pair[1]) or all(getattr(pair[0].spec, f) == getattr(pair[1].spec, f) for f in fields)
+            not _started(pair[1])
+            or all(attrgetter(f)(pair[0].spec) == attrgetter(f)(pair[1].spec) for f in fields)
         ),
         reason="FieldValueForbidden",
     )
@@ -361,6 +379,10 @@ COMPRESS_FIELDS = (
     "quantization",
     "calibration",
     "output",
+    "storage",
+    "resources.workers",
+    "resources.gpus_per_worker",
+    "resources.processes_per_worker",
 )
 
 

@@ -367,6 +367,36 @@ TRANSITIONS = [
         True,
     ),
     ("serve after start", started(LORA), edit(started(LORA), spec__serve__replicas=3), True),
+    (
+        "workers after start (ZeRO shards are per process)",
+        started(LORA),
+        edit(started(LORA), spec__resources__workers=4),
+        False,
+    ),
+    (
+        "processesPerWorker set after start",
+        started(LORA),
+        edit(started(LORA), spec__resources__processesPerWorker=2),
+        False,
+    ),
+    (
+        "storage endpoint after start",
+        started(LORA),
+        edit(started(LORA), spec__storage__endpoint="http://minio.other:9000"),
+        False,
+    ),
+    (
+        "memory request after start (applies at the next restart)",
+        started(LORA),
+        edit(started(LORA), spec__resources__requests={"memory": "64Gi"}),
+        True,
+    ),
+    (
+        "compression workers after start",
+        started(COMPRESS),
+        edit(started(COMPRESS), spec__resources__workers=2),
+        False,
+    ),
     ("suspend after start", started(LORA), edit(started(LORA), spec__suspend=True), True),
     ("maxRestarts after start", started(LORA), edit(started(LORA), spec__maxRestarts=5), True),
     (
