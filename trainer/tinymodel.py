@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypedDict
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -98,16 +98,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         show_progress=False,
     )
     backend.train_from_iterator(_non_empty(corpus), trainer=trainer)
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        additional_special_tokens=[IM_START, IM_END],
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return _wrap_tokenizer(backend)
 
 
 def build_tiny_causal_lm(
@@ -133,17 +124,9 @@ def build_tiny_causal_lm(
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
+            **_config_kwargs(tokenizer, ids, hidden_size, num_layers, num_heads, max_position),
             num_key_value_heads=num_heads,
-            max_position_embeddings=max_position,
             tie_word_embeddings=False,
-            bos_token_id=ids.bos,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.pad,
         )
         model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     elif arch == "gpt2":
@@ -202,34 +185,18 @@ def build_tiny_classifier(
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
+            **_config_kwargs(tokenizer, ids, hidden_size, num_layers, num_heads, max_position),
             num_key_value_heads=num_heads,
-            max_position_embeddings=max_position,
             id2label=id2label,
             label2id=label2id,
-            bos_token_id=ids.bos,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.pad,
         )
         config.num_labels = num_labels
         model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
     elif arch == "bert":
         config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            max_position_embeddings=max_position,
+            **_config_kwargs(tokenizer, ids, hidden_size, num_layers, num_heads, max_position),
             id2label=id2label,
             label2id=label2id,
-            bos_token_id=ids.bos,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.pad,
         )
         config.num_labels = num_labels
         model = BertForSequenceClassification(config)  # type: ignore[no-untyped-call]
@@ -239,18 +206,7 @@ def build_tiny_classifier(
             pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
             special_tokens=[(BOS_TOKEN, ids.bos), (EOS_TOKEN, ids.eos)],
         )
-        tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-            tokenizer_object=backend,
-            bos_token=BOS_TOKEN,
-            eos_token=EOS_TOKEN,
-            pad_token=PAD_TOKEN,
-            unk_token=UNK_TOKEN,
-            cls_token=BOS_TOKEN,
-            sep_token=EOS_TOKEN,
-            additional_special_tokens=[IM_START, IM_END],
-            chat_template=CHAT_TEMPLATE,
-            clean_up_tokenization_spaces=False,
-        )
+        tokenizer = _wrap_tokenizer(backend, cls_token=BOS_TOKEN, sep_token=EOS_TOKEN)
     else:
         raise ValueError(f"arch={arch!r} is not supported; allowed: 'llama', 'bert'")
     return _save(out_dir, model, tokenizer, max_position)
@@ -260,6 +216,54 @@ class _SpecialIds(NamedTuple):
     bos: int
     eos: int
     pad: int
+
+
+class _ConfigKwargs(TypedDict):
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+
+def _wrap_tokenizer(backend: Tokenizer, **extra_tokens: str) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        **extra_tokens,
+    )
+
+
+def _config_kwargs(
+    tokenizer: PreTrainedTokenizerFast,
+    ids: _SpecialIds,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    max_position: int,
+) -> _ConfigKwargs:
+    """The sizes and special-token ids that the Llama and BERT configs name alike."""
+    return _ConfigKwargs(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        max_position_embeddings=max_position,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.pad,
+    )
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerFast) -> _SpecialIds:
