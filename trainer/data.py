@@ -646,10 +646,15 @@ def _batched(items: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[l
     return ids
 
 
-def _causal_example(ids: list[int], labels: list[int], max_length: int) -> tuple[Example, bool]:
-    ids, labels = ids[:max_length], labels[:max_length]
-    example = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-    return example, any(label != IGNORE_INDEX for label in labels[1:])
+def _add_causal(out: Tokenized, source: str, ids: list[int], labels: list[int]) -> None:
+    """Add one causal-LM example cut to ``out.max_length``, or drop it when the cut leaves no label."""
+    out.lengths.append(len(ids))
+    ids, labels = ids[: out.max_length], labels[: out.max_length]
+    # The first label never counts: a causal LM predicts each token from those before it.
+    if any(label != IGNORE_INDEX for label in labels[1:]):
+        out.examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    else:
+        out.dropped.append(source)
 
 
 def _eos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -664,12 +669,7 @@ def _tokenize_text(records: Sequence[Record], plan: RunPlan, tokenizer: PreTrain
     out = Tokenized([], [], max_length)
     for record, body in zip(records, bodies, strict=True):
         ids = prefix + body + eos
-        example, learnable = _causal_example(ids, list(ids), max_length)
-        out.lengths.append(len(ids))
-        if learnable:
-            out.examples.append(example)
-        else:
-            out.dropped.append(record.source)
+        _add_causal(out, record.source, ids, list(ids))
     return out
 
 
@@ -688,12 +688,7 @@ def _tokenize_instruction(
         prompt_ids, response_ids = prefix + prompt, response + eos
         ids = prompt_ids + response_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-        example, learnable = _causal_example(ids, labels, max_length)
-        out.lengths.append(len(ids))
-        if learnable:
-            out.examples.append(example)
-        else:
-            out.dropped.append(record.source)
+        _add_causal(out, record.source, ids, labels)
     return out
 
 
@@ -786,12 +781,7 @@ def _tokenize_chat_records(
                 raise InvalidInputError(f"{record.source}: {reason}") from None
             problems.add("chat-template", f"{record.source}: {reason}")
             continue
-        example, learnable = _causal_example(ids, labels, max_length)
-        out.lengths.append(len(ids))
-        if learnable:
-            out.examples.append(example)
-        else:
-            out.dropped.append(record.source)
+        _add_causal(out, record.source, ids, labels)
     return out
 
 
