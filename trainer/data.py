@@ -372,17 +372,23 @@ class _Checker:
         self.missing: Counter[str] = Counter()
         self.seen_fields: Counter[str] = Counter()
 
-    def _string(self, record: Record, name: str, *, allow_empty: bool = False) -> str | None:
+    def _missing(self, record: Record, name: str) -> bool:
+        """Whether the field is absent or null; if so, count it and log the problem."""
         data = record.data
-        if name not in data or data[name] is None:
-            self.missing[name] += 1
-            state = "missing" if name not in data else "null"
-            self.problems.add(
-                "missing-field",
-                f"{record.source}: field {name!r} is {state} (the record has: {_present(data)})",
-            )
+        if name in data and data[name] is not None:
+            return False
+        self.missing[name] += 1
+        state = "missing" if name not in data else "null"
+        self.problems.add(
+            "missing-field",
+            f"{record.source}: field {name!r} is {state} (the record has: {_present(data)})",
+        )
+        return True
+
+    def _string(self, record: Record, name: str, *, allow_empty: bool = False) -> str | None:
+        if self._missing(record, name):
             return None
-        value = data[name]
+        value = record.data[name]
         if not isinstance(value, str):
             self.problems.add(
                 "invalid-value", f"{record.source}: field {name!r} must be a string, got {_json_type(value)}"
@@ -409,30 +415,17 @@ class _Checker:
 
     def _messages(self, record: Record) -> list[dict[str, str]] | None:
         name = self.fields.messages
-        data = record.data
-        if name not in data or data[name] is None:
-            self.missing[name] += 1
-            self.problems.add(
-                "missing-field",
-                f"{record.source}: field {name!r} is {'missing' if name not in data else 'null'} "
-                f"(the record has: {_present(data)})",
-            )
+        if self._missing(record, name):
             return None
         try:
-            return chat_messages(data[name])
+            return chat_messages(record.data[name])
         except ValueError as e:
             self.problems.add("invalid-value", f"{record.source}: field {name!r}: {e}")
             return None
 
     def _label(self, record: Record) -> int | None:
         name = self.fields.label
-        if name not in record.data or record.data[name] is None:
-            self.missing[name] += 1
-            self.problems.add(
-                "missing-field",
-                f"{record.source}: field {name!r} is "
-                f"{'missing' if name not in record.data else 'null'} (the record has: {_present(record.data)})",
-            )
+        if self._missing(record, name):
             return None
         try:
             return label_id(record.data[name], self.plan.task.labels, self.plan.task.num_labels or 0)
