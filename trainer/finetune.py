@@ -27,7 +27,7 @@ from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.plan import LOGS_DIR, METRICS_FILE, RunPlan
 from kubetune.storage import open_store
-from kubetune.trainer.runtime import run_main, scratch_root, storage_config
+from kubetune.trainer.runtime import parse_runtime_args, run_main, scratch_root, storage_config
 
 if TYPE_CHECKING:
     from kubetune.trainer.outputs import StartupClock
@@ -37,19 +37,7 @@ log = logging.getLogger("kubetune.trainer.finetune")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m kubetune.trainer finetune", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--plan", required=True, type=Path, help="run plan JSON (mounted from the job's ConfigMap)"
-    )
-    parser.add_argument(
-        "--scratch-dir",
-        type=Path,
-        default=None,
-        help="node-local scratch space (default: $KUBETUNE_SCRATCH_DIR or /tmp)",
-    )
-    return parser.parse_args(argv)
+    return parse_runtime_args(argv, command="finetune", doc=__doc__)
 
 
 def load_plan(path: Path) -> RunPlan:

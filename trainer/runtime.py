@@ -8,6 +8,7 @@ input, 3 storage, anything else retriable) and shows the one-line reason the run
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -116,6 +117,23 @@ def storage_config(plan: RunPlan) -> StorageConfig:
     elif style == AddressingStyle.virtual:
         config = dataclasses.replace(config, addressing_style="virtual")
     return config
+
+
+def parse_runtime_args(argv: list[str], *, command: str, doc: str | None) -> argparse.Namespace:
+    """Parse ``--plan`` and ``--scratch-dir``, the arguments the launcher gives every runtime."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m kubetune.trainer {command}", description=doc.split("\n")[0] if doc else None
+    )
+    parser.add_argument(
+        "--plan", required=True, type=Path, help="run plan JSON (mounted from the job's ConfigMap)"
+    )
+    parser.add_argument(
+        "--scratch-dir",
+        type=Path,
+        default=None,
+        help="node-local scratch space (default: $KUBETUNE_SCRATCH_DIR or /tmp)",
+    )
+    return parser.parse_args(argv)
 
 
 def scratch_root(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -48,7 +48,7 @@ from kubetune.errors import InvalidInputError
 from kubetune.plan import MODEL_DIR, REPORT_FILE, RUN_RECORD_FILE, RunPlan
 from kubetune.storage import ObjectStore, open_store
 from kubetune.trainer.compress import recipes
-from kubetune.trainer.runtime import run_main, scratch_root, storage_config
+from kubetune.trainer.runtime import parse_runtime_args, run_main, scratch_root, storage_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -63,19 +63,7 @@ REPORT_VERSION = 1
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m kubetune.trainer compress", description=__doc__.split("\n")[0] if __doc__ else None
-    )
-    parser.add_argument(
-        "--plan", required=True, type=Path, help="run plan JSON (mounted from the job's ConfigMap)"
-    )
-    parser.add_argument(
-        "--scratch-dir",
-        type=Path,
-        default=None,
-        help="node-local scratch space (default: $KUBETUNE_SCRATCH_DIR or /tmp)",
-    )
-    return parser.parse_args(argv)
+    return parse_runtime_args(argv, command="compress", doc=__doc__)
 
 
 def _describe_validation(error: ValidationError) -> str:
