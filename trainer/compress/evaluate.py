@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -214,6 +214,22 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
     return [list(r) + [value] * (width - len(r)) for r in rows]
 
 
+def _scored_batches(
+    model: torch.nn.Module,
+    examples: Sequence[Mapping[str, Any]],
+    pad_id: int,
+    device: str,
+    batch_size: int,
+) -> Iterator[tuple[Sequence[Mapping[str, Any]], torch.Tensor]]:
+    """Each batch of examples with the model's float32 logits for it (inputs padded with ``pad_id``)."""
+    import torch
+
+    for batch in _batches(examples, batch_size):
+        ids = torch.tensor(_pad([e["input_ids"] for e in batch], pad_id), device=device)
+        mask = torch.tensor(_pad([e["attention_mask"] for e in batch], 0), device=device)
+        yield batch, model(input_ids=ids, attention_mask=mask).logits.float()
+
+
 def causal_lm_metrics(
     model: torch.nn.Module,
     examples: Sequence[Mapping[str, Any]],
@@ -229,11 +245,8 @@ def causal_lm_metrics(
     total = 0.0
     tokens = 0
     with torch.inference_mode():
-        for batch in _batches(examples, batch_size):
-            ids = torch.tensor(_pad([e["input_ids"] for e in batch], pad_id), device=device)
-            mask = torch.tensor(_pad([e["attention_mask"] for e in batch], 0), device=device)
+        for batch, logits in _scored_batches(model, examples, pad_id, device, batch_size):
             labels = torch.tensor(_pad([e["labels"] for e in batch], IGNORE_INDEX), device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
             shifted = labels[:, 1:]
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -268,11 +281,8 @@ def classification_metrics(
     truth: list[int] = []
     total = 0.0
     with torch.inference_mode():
-        for batch in _batches(examples, batch_size):
-            ids = torch.tensor(_pad([e["input_ids"] for e in batch], pad_id), device=device)
-            mask = torch.tensor(_pad([e["attention_mask"] for e in batch], 0), device=device)
+        for batch, logits in _scored_batches(model, examples, pad_id, device, batch_size):
             labels = torch.tensor([int(e["labels"]) for e in batch], device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
             total += float(F.cross_entropy(logits, labels, reduction="sum"))
             predicted.extend(logits.argmax(dim=-1).tolist())
             truth.extend(labels.tolist())
