@@ -52,8 +52,13 @@ def cpu_threads_per_process(processes: int, cores: int | None = None) -> int:
 
 
 def validate_process(plan_path: Path, env: dict[str, str], scratch: Path) -> ProcessSpec:
-    argv = [sys.executable, "-m", "kubetune.trainer", "validate", "--plan", str(plan_path)]
-    return ProcessSpec(name="validate", argv=[*argv, "--scratch-dir", str(scratch / "validate")], env=env)
+    argv = [sys.executable, *_runtime_args("validate", plan_path, scratch / "validate")]
+    return ProcessSpec(name="validate", argv=argv, env=env)
+
+
+def _runtime_args(command: str, plan_path: Path, scratch: Path) -> list[str]:
+    """``-m kubetune.trainer COMMAND --plan ... --scratch-dir ...``: how every runtime is started."""
+    return ["-m", "kubetune.trainer", command, "--plan", str(plan_path), "--scratch-dir", str(scratch)]
 
 
 def training_processes(
@@ -73,7 +78,6 @@ def training_processes(
     world = plan.world
     specs = []
     for rank in range(world.workers):
-        worker_scratch = scratch / f"worker-{rank}"
         argv = [
             sys.executable,
             "-m",
@@ -84,13 +88,7 @@ def training_processes(
             f"--nproc_per_node={world.processes_per_worker}",
             "--master_addr=127.0.0.1",
             f"--master_port={master_port}",
-            "-m",
-            "kubetune.trainer",
-            command,
-            "--plan",
-            str(plan_path),
-            "--scratch-dir",
-            str(worker_scratch),
+            *_runtime_args(command, plan_path, scratch / f"worker-{rank}"),
         ]
         worker_env = dict(env)
         worker_env["OMP_NUM_THREADS"] = str(cpu_threads)
@@ -100,16 +98,7 @@ def training_processes(
 
 def single_process(plan_path: Path, *, command: str, scratch: Path, env: dict[str, str]) -> ProcessSpec:
     """A runtime that needs no process group (quantization, pruning)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "kubetune.trainer",
-        command,
-        "--plan",
-        str(plan_path),
-        "--scratch-dir",
-        str(scratch / "worker-0"),
-    ]
+    argv = [sys.executable, *_runtime_args(command, plan_path, scratch / "worker-0")]
     return ProcessSpec(name="worker-0", argv=argv, env=env)
 
 
