@@ -25,6 +25,7 @@ import math
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -137,19 +138,20 @@ class ProgressReporter(Protocol):
         """Deliver anything still pending and release resources."""
 
 
-class _ReporterBase:
+class _ReporterBase(ABC):
     """Context-manager sugar shared by the reporters (``with make_reporter(...) as r:``)."""
 
-    def report(self, update: ProgressUpdate) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def report(self, update: ProgressUpdate) -> None: ...
 
-    def report_results(self, results: Mapping[str, Any]) -> None:
+    # Optional hooks: reporters that have nowhere to put them ignore them.
+    def report_results(self, results: Mapping[str, Any]) -> None:  # noqa: B027
         pass
 
-    def report_checkpoint(self, step: int, uri: str) -> None:
+    def report_checkpoint(self, step: int, uri: str) -> None:  # noqa: B027
         pass
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027
         pass
 
     def __enter__(self) -> _ReporterBase:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ EngineObserver = Callable[[str, int], None]
 """Called from the worker thread with ("prefill" | "decode" | "classify", batch size)."""
 
 
-class _Worker:
+class _Worker(ABC):
     """A bounded waiting queue drained by one daemon thread that runs ``_work``."""
 
     def __init__(
@@ -166,8 +167,9 @@ class _Worker:
         with torch.inference_mode():
             self._work()
 
+    @abstractmethod
     def _work(self) -> None:
-        raise NotImplementedError
+        """The worker thread's loop: take waiting requests, run them, answer them."""
 
 
 class GenerationEngine(_Worker):
