@@ -3,7 +3,6 @@ and saying what is allowed; they accept and default every shipped example."""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from kubetune.api.resources import MAX_NAME_LENGTH
 from kubetune.api.spec import MethodType, TaskType
 from kubetune.api.validation import FieldError, parse_resource, validate_document
 from kubetune.errors import InvalidInputError
+from tests.documents import edited
 
 pytestmark = pytest.mark.unit
 
@@ -32,21 +32,6 @@ def example(name: str) -> dict[str, Any]:
 LORA = example("finetune-lora-causal-lm.yaml")
 CLASSIFIER = example("finetune-full-classification.yaml")
 COMPRESS = example("compress-from-finetune.yaml")
-
-
-def edited(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """``base`` with ``a__b__c=value`` set at the document path ``a.b.c`` (``None`` deletes)."""
-    doc = copy.deepcopy(base)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("__")
-        node = doc
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return doc
 
 
 # (id, document, field path, words the message must contain)

@@ -24,6 +24,7 @@ from celpy import celtypes
 from kubetune.api import KINDS, CompressJob, FineTuneJob
 from kubetune.api.crd import generate_crds
 from kubetune.api.validation import validate_document
+from tests.documents import apply_defaults, edited
 
 pytestmark = pytest.mark.unit
 
@@ -46,23 +47,6 @@ COMPRESS = example("compress-from-finetune.yaml")
 
 
 # --- The API server's view ------------------------------------------------------------------
-
-
-def apply_defaults(value: Any, schema: dict[str, Any]) -> Any:
-    """Structural defaulting as the API server does it: missing properties get their default,
-    then defaulting recurses into every value, including the defaults just set."""
-    if isinstance(value, dict):
-        for key, prop in schema.get("properties", {}).items():
-            if key not in value and "default" in prop:
-                value[key] = copy.deepcopy(prop["default"])
-        for key, item in value.items():
-            child = schema.get("properties", {}).get(key) or schema.get("additionalProperties")
-            if isinstance(child, dict):
-                apply_defaults(item, child)
-    elif isinstance(value, list) and "items" in schema:
-        for item in value:
-            apply_defaults(item, schema["items"])
-    return value
 
 
 def to_cel(value: Any, schema: dict[str, Any]) -> Any:
@@ -134,20 +118,7 @@ def python_violations(doc: dict[str, Any]) -> list[tuple[str, str]]:
 def edit(base: dict[str, Any], **changes: Any) -> Callable[[], dict[str, Any]]:
     """A document from ``base`` with dotted paths set (``None`` deletes)."""
 
-    def build() -> dict[str, Any]:
-        doc = copy.deepcopy(base)
-        for dotted, value in changes.items():
-            *parents, last = dotted.split("__")
-            node = doc
-            for part in parents:
-                node = node.setdefault(part, {})
-            if value is None:
-                node.pop(last, None)
-            else:
-                node[last] = value
-        return doc
-
-    return build
+    return lambda: edited(base, **changes)
 
 
 # (id, document, the rule's field path or None when every rule holds)

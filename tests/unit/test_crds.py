@@ -15,6 +15,7 @@ import yaml
 from kubetune.api import KINDS
 from kubetune.api.crd import GENERATED_HEADER, generate_crds, render_crds
 from kubetune.cli import main
+from tests.documents import apply_defaults
 
 pytestmark = pytest.mark.unit
 
@@ -233,27 +234,11 @@ def test_conditions_merge_by_type() -> None:
     assert "type" in conditions["items"]["required"]
 
 
-def _defaulted(value: Any, schema: dict[str, Any]) -> Any:
-    """Structural defaulting, as the API server applies it."""
-    if isinstance(value, dict):
-        for key, prop in schema.get("properties", {}).items():
-            if key not in value and "default" in prop:
-                value[key] = copy.deepcopy(prop["default"])
-        for key, item in value.items():
-            child = schema.get("properties", {}).get(key) or schema.get("additionalProperties")
-            if isinstance(child, dict):
-                _defaulted(item, child)
-    elif isinstance(value, list) and "items" in schema:
-        for item in value:
-            _defaulted(item, schema["items"])
-    return value
-
-
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_crd_defaults_equal_model_defaults(path: Path) -> None:
     """What the API server stores after defaulting is what the models fill in."""
     for doc in yaml.safe_load_all(path.read_text()):
         if doc.get("kind") not in KINDS:
             continue
-        stored = _defaulted(copy.deepcopy(doc), SCHEMAS[doc["kind"]])
+        stored = apply_defaults(copy.deepcopy(doc), SCHEMAS[doc["kind"]])
         assert stored == KINDS[doc["kind"]].model_validate(doc).to_wire()
