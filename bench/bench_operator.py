@@ -104,7 +104,7 @@ async def baseline(kube: KubeEmulator, count: int, concurrency: int) -> float:
             job = FineTuneJob.model_validate(manifest)
             plan = render.render_plan(job, settings, namespace)
             children = [
-                *render.render_base(job, settings, namespace),
+                *render.render_base(job, plan, namespace),
                 render.render_validation_job(job, settings, plan, namespace),
             ]
             for child in children:

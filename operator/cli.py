@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
 
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    tune_gc()
     try:
         asyncio.run(
             kopf.operator(
@@ -75,6 +77,20 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a process that allocates a lot of short-lived dicts.
+
+    Every watch event and API answer is parsed into fresh dicts; with CPython's default gen-0
+    threshold (700) a burst of 1000 new jobs triggered ~1200 collections costing ~18 % of the
+    operator's CPU (bench/bench_operator.py). Freezing what the imports created keeps collections
+    from rescanning modules and classes, and a larger gen-0 threshold lets short-lived objects die
+    by reference counting first; memory stays bounded (cycles are still collected).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,10 @@ class Runtime:
     written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
     # Children created (or found owned) per job uid, for kinds no index tracks.
     ensured: set[tuple[str, str, str]] = field(default_factory=set)
+    # What mattered of each workload Job when its owner was last reconciled on its behalf (or
+    # when we created it), by (namespace, Job name): watch events that change nothing of it --
+    # the echo of our own create, label or annotation edits -- need no reconcile.
+    job_states: dict[tuple[str, str], lifecycle.JobState] = field(default_factory=dict)
 
     retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -255,8 +259,23 @@ async def compressjob_changed(body: kopf.Body, memo: kopf.Memo, reason: str, **k
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 async def workload_job_event(
-    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    labels: kopf.Labels,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    **kwargs: Any,
 ) -> None:
+    rt = runtime_of(memo)
+    job_key = (namespace or "", name)
+    if event.get("type") == "DELETED":
+        rt.job_states.pop(job_key, None)
+    else:
+        state = lifecycle.job_state(body)
+        if rt.job_states.get(job_key) == state:
+            return
+        rt.job_states[job_key] = state
     await reconcile_key(memo, (labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]), kwargs, trigger="job")
 
 
@@ -494,6 +513,8 @@ async def _ensure(rt: Runtime, manifest: Manifest, uid: str, owner: Mapping[str,
         return
     try:
         await rt.client.create(manifest)
+        if kind == "Job":
+            rt.job_states[(manifest["metadata"]["namespace"], name)] = lifecycle.job_state(manifest)
     except ApiError as exc:
         if exc.status != 409:
             raise

@@ -443,7 +443,7 @@ class _Reconciler:
             return
         if self._deadline_passed():
             return
-        self.decision.create += render_base(self.job, self.obs.settings, self.obs.namespace, model_uri)
+        self.decision.create += render_base(self.job, plan, self.obs.namespace)
         if not is_true(self.status.get("conditions"), ConditionType.validated):
             validation = self.jobs.get(self.names.validate)
             if validation is None:

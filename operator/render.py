@@ -245,9 +245,8 @@ def render_runner_identity(job: Job, namespace: str) -> list[Manifest]:
     ]
 
 
-def render_base(job: Job, settings: Settings, namespace: str, model_uri: str | None = None) -> list[Manifest]:
+def render_base(job: Job, plan: RunPlan, namespace: str) -> list[Manifest]:
     """Children every step needs: plan, rendezvous Service, runner identity (in creation order)."""
-    plan = render_plan(job, settings, namespace, model_uri)
     return [
         render_plan_configmap(job, plan, namespace),
         render_workers_service(job, namespace),
@@ -738,9 +737,7 @@ def render_all(
     ns = job_namespace(job, namespace)
     plan = render_plan(job, settings, ns, model_uri)
     children = [
-        render_plan_configmap(job, plan, ns),
-        render_workers_service(job, ns),
-        *render_runner_identity(job, ns),
+        *render_base(job, plan, ns),
         render_validation_job(job, settings, plan, ns),
         render_main_job(job, settings, plan, ns, attempt),
     ]

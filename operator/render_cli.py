@@ -99,11 +99,11 @@ def render_job(
     ns = render.job_namespace(job, namespace)
     if phase == "all":
         return render.render_all(job, settings, ns, model_uri=model_uri, attempt=attempt)
-    if phase == "base":
-        return render.render_base(job, settings, ns, model_uri)
     if phase == "serve":
         return render.render_serving(job, settings, ns)
     plan = render.render_plan(job, settings, ns, model_uri)
+    if phase == "base":
+        return render.render_base(job, plan, ns)
     if phase == "validate":
         return [render.render_validation_job(job, settings, plan, ns)]
     return [render.render_main_job(job, settings, plan, ns, attempt)]
