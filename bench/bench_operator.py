@@ -88,9 +88,11 @@ async def wait_until(predicate: Any, timeout: float) -> bool:
 
 
 async def baseline(kube: KubeEmulator, count: int, concurrency: int) -> float:
-    """The same API traffic per job without the operator: job, 6 children, one status patch."""
+    """The same API traffic per job without the operator: the job, its first-step children (plan,
+    ServiceAccount, validation Job) and one status patch."""
     from kubetune.api import FineTuneJob
     from kubetune.operator import render
+    from kubetune.operator.kube import PLURALS
     from kubetune.operator.settings import Settings
 
     namespace = "baseline"
@@ -108,8 +110,7 @@ async def baseline(kube: KubeEmulator, count: int, concurrency: int) -> float:
                 render.render_validation_job(job, settings, plan, namespace),
             ]
             for child in children:
-                plural = {"ConfigMap": "configmaps", "Service": "services", "ServiceAccount": "serviceaccounts",
-                          "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs"}[child["kind"]]  # fmt: skip
+                plural = PLURALS[child["kind"]]
                 version = child["apiVersion"]
                 await post(kube, api_path(f"{version}/{plural}", namespace), child)
             status = {"status": {"phase": "Validating", "restarts": 0}}

@@ -1,7 +1,7 @@
 """kopf handlers: thin glue between watch events and the pure lifecycle.
 
-Every trigger ends in :func:`reconcile` of one job: a change of the job itself (create, resume,
-update), an event of one of its batch Jobs or its serving Deployment, a terminal phase of the
+Every trigger ends in :func:`reconcile` of one job: a watch event of the job itself (creation,
+spec edit, first sight after a start), an event of one of its batch Jobs or its serving Deployment, a terminal phase of the
 FineTuneJob a CompressJob waits for, or the clock (deadlines, TTL). Reconciling gathers the
 observed state from kopf indices (no API reads except a failed Job's pods), calls
 :func:`kubetune.operator.lifecycle.decide` and applies the decision. Run with
@@ -79,6 +79,8 @@ class Runtime:
     # when we created it), by (namespace, Job name): watch events that change nothing of it --
     # the echo of our own create, label or annotation edits -- need no reconcile.
     job_states: dict[tuple[str, str], lifecycle.JobState] = field(default_factory=dict)
+    # The owner signature (lifecycle.owner_signature) of each job as last reconciled or written.
+    signatures: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
 
     retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -99,6 +101,7 @@ class Runtime:
 
     def forget(self, key: Key, uid: str | None) -> None:
         self.locks.pop(key, None)
+        self.signatures.pop(key, None)
         if uid:
             self.written_status.pop(uid, None)
             self.written_annotations.pop(uid, None)
@@ -243,18 +246,51 @@ class Indices:
 # --- Triggers ------------------------------------------------------------------------------------
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL["FineTuneJob"])
-@kopf.on.create(GROUP, VERSION, PLURAL["FineTuneJob"])
-@kopf.on.update(GROUP, VERSION, PLURAL["FineTuneJob"])
-async def finetunejob_changed(body: kopf.Body, memo: kopf.Memo, reason: str, **kwargs: Any) -> None:
-    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger=str(reason))
+@kopf.on.event(GROUP, VERSION, PLURAL["FineTuneJob"])
+async def finetunejob_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    await job_event(memo, ("FineTuneJob", namespace or "", name), event, body, kwargs)
+    if event.get("type") == "DELETED":
+        return
+    phase = (body.get("status") or {}).get("phase")
+    if phase not in (Phase.succeeded.value, Phase.failed.value):
+        return
+    # CompressJobs waiting for this FineTuneJob move on (or fail) as soon as it finishes.
+    for dependent in kwargs["compressjobs_by_upstream"].get((namespace or "", name), []):
+        await reconcile_key(memo, ("CompressJob", namespace or "", dependent), kwargs, trigger="upstream")
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL["CompressJob"])
-@kopf.on.create(GROUP, VERSION, PLURAL["CompressJob"])
-@kopf.on.update(GROUP, VERSION, PLURAL["CompressJob"])
-async def compressjob_changed(body: kopf.Body, memo: kopf.Memo, reason: str, **kwargs: Any) -> None:
-    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger=str(reason))
+@kopf.on.event(GROUP, VERSION, PLURAL["CompressJob"])
+async def compressjob_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    await job_event(memo, ("CompressJob", namespace or "", name), event, body, kwargs)
+
+
+async def job_event(
+    memo: kopf.Memo, key: Key, event: kopf.RawEvent, body: kopf.Body, kwargs: Mapping[str, Any]
+) -> None:
+    """Reconcile a FineTuneJob or CompressJob on a watch event of its own, unless nothing its
+    decision depends on changed.
+
+    Raw watch events instead of kopf's create/update/resume handlers: those keep a copy of every
+    object's spec in an annotation, which costs a PATCH and one more watch event per change --
+    a third of the operator's work for a burst of new jobs (bench/bench_operator.py). What they
+    would tell apart is in the signature: the spec (``metadata.generation``), what the operator
+    wrote itself, and deletion. The first event of each object after a start (kopf's initial
+    listing) always reconciles, which is what resuming needs.
+    """
+    rt = runtime_of(memo)
+    meta = body.get("metadata") or {}
+    if event.get("type") == "DELETED":
+        rt.forget(key, meta.get("uid"))
+        return
+    signature = lifecycle.owner_signature(meta, body.get("status") or {}, meta.get("annotations") or {})
+    if rt.signatures.get(key) == signature:
+        return
+    rt.signatures[key] = signature
+    await reconcile_key(memo, key, kwargs, trigger="event")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -288,40 +324,6 @@ async def serving_deployment_event(
     )
 
 
-def _deleted_or_finished(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> bool:
-    phase = (body.get("status") or {}).get("phase")
-    return event.get("type") == "DELETED" or phase in (Phase.succeeded.value, Phase.failed.value)
-
-
-def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
-    return event.get("type") == "DELETED"
-
-
-@kopf.on.event(GROUP, VERSION, PLURAL["FineTuneJob"], when=_deleted_or_finished)
-async def finetunejob_event(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
-) -> None:
-    namespace = namespace or ""
-    if event.get("type") == "DELETED":
-        runtime_of(memo).forget(("FineTuneJob", namespace, name), body.get("metadata", {}).get("uid"))
-        return
-    phase = (body.get("status") or {}).get("phase")
-    if phase not in (Phase.succeeded.value, Phase.failed.value):
-        return
-    # CompressJobs waiting for this FineTuneJob move on (or fail) as soon as it finishes.
-    for dependent in kwargs["compressjobs_by_upstream"].get((namespace, name), []):
-        await reconcile_key(memo, ("CompressJob", namespace, dependent), kwargs, trigger="upstream")
-
-
-@kopf.on.event(GROUP, VERSION, PLURAL["CompressJob"], when=_deleted)
-async def compressjob_event(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
-) -> None:
-    namespace = namespace or ""
-    if event.get("type") == "DELETED":
-        runtime_of(memo).forget(("CompressJob", namespace, name), body.get("metadata", {}).get("uid"))
-
-
 def _needs_clock(body: kopf.Body, **_: Any) -> bool:
     meta = body.get("metadata") or {}
     return lifecycle.needs_clock(
@@ -340,8 +342,8 @@ async def compressjob_clock(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> 
 
 
 async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], trigger: str) -> None:
-    """Reconcile a job on behalf of another object's event. kopf does not retry event handlers,
-    so a temporary failure here schedules a retry of its own (a detached task, never a sleep in
+    """Reconcile a job on a watch event (its own or a child's). kopf does not retry event
+    handlers, so a failure here schedules a retry of its own (a detached task, never a sleep in
     the handler); the job's own watch events and the next child event may come first."""
     indices = Indices.of(kwargs)
     owner = indices.owner(key)
@@ -350,9 +352,14 @@ async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], tr
     rt = runtime_of(memo)
     try:
         await reconcile(rt, owner, indices, trigger=trigger)
+    except kopf.PermanentError:
+        return  # the job's status says why (e.g. an invalid spec); nothing to retry
     except kopf.TemporaryError as exc:
         logger.warning("%s %s/%s: will retry in %ss: %s", *key, exc.delay, exc)
         rt.retry_later(key, exc.delay or RETRY_DELAY, lambda: reconcile_key(memo, key, kwargs, "retry"))
+    except Exception:
+        logger.exception("%s %s/%s: reconcile failed; will retry in %ss", *key, RETRY_DELAY)
+        rt.retry_later(key, RETRY_DELAY, lambda: reconcile_key(memo, key, kwargs, "retry"))
 
 
 # --- Reconciling ---------------------------------------------------------------------------------
@@ -461,6 +468,10 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
         )
         rt.written_annotations.setdefault(uid, {}).update(decision.annotations)
     await _write_status(rt, owner, status, decision.status)
+    # The watch echoes these writes back; that event brings nothing this decision did not know.
+    rt.signatures[key] = lifecycle.owner_signature(
+        meta, {**status, **decision.status}, {**annotations, **decision.annotations}
+    )
     _emit(rt, owner, decision)
 
 

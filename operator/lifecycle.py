@@ -31,6 +31,7 @@ from kubetune.operator.render import (
     initially_suspended,
     output_uri,
     render_base,
+    render_gang_support,
     render_main_job,
     render_plan,
     render_serving,
@@ -517,14 +518,15 @@ class _Reconciler:
         current = self.jobs.get(name)
         self.status["restarts"] = attempt
         self.status["activeJob"] = name
+        if current is not None and current.complete:
+            self.succeed()
+            return
+        self.decision.create += render_gang_support(self.job, self.obs.namespace)
         if current is None:
             self.decision.create.append(
                 render_main_job(self.job, self.obs.settings, plan, self.obs.namespace, attempt)
             )
             self._step(Phase.running, f"{self.noun} started", suspended=initially_suspended(self.job))
-            return
-        if current.complete:
-            self.succeed()
             return
         if current.failed:
             self._main_failed(current, plan)
@@ -781,6 +783,21 @@ def active_seconds(status: Mapping[str, Any], annotations: Mapping[str, str], no
         if since is not None and since >= started:
             active -= (now - since).total_seconds()
     return active
+
+
+def owner_signature(
+    meta: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]
+) -> tuple[Any, ...]:
+    """All a job's reconcile can depend on besides its children: two observations with the same
+    signature lead to the same decision (the spec is covered by ``metadata.generation``)."""
+    return (
+        meta.get("uid"),
+        meta.get("generation"),
+        meta.get("deletionTimestamp"),
+        annotations.get(ANNOTATION_PAUSED),
+        annotations.get(ANNOTATION_CLEANED),
+        *(status.get(key) for key in OPERATOR_FIELDS),
+    )
 
 
 def needs_clock(spec: Mapping[str, Any], status: Mapping[str, Any], annotations: Mapping[str, str]) -> bool:

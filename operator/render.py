@@ -211,17 +211,21 @@ def render_workers_service(job: Job, namespace: str) -> Manifest:
     }
 
 
-def render_runner_identity(job: Job, namespace: str) -> list[Manifest]:
-    """ServiceAccount + Role + RoleBinding: the pods may get and patch this one job's status."""
+def render_runner_account(job: Job, namespace: str) -> Manifest:
+    """The pods' ServiceAccount (no token mounted unless a pod needs one; see the gang's pods)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(job, child_names(job).runner, namespace, COMPONENT_RUNNER),
+        "automountServiceAccountToken": False,
+    }
+
+
+def render_status_access(job: Job, namespace: str) -> list[Manifest]:
+    """Role + RoleBinding: the runner may get and patch this one job's status, nothing else."""
     names = child_names(job)
     plural = type(job).plural
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _metadata(job, names.runner, namespace, COMPONENT_RUNNER),
-            "automountServiceAccountToken": False,
-        },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
@@ -245,13 +249,20 @@ def render_runner_identity(job: Job, namespace: str) -> list[Manifest]:
     ]
 
 
+def render_runner_identity(job: Job, namespace: str) -> list[Manifest]:
+    """ServiceAccount + Role + RoleBinding: the pods may get and patch this one job's status."""
+    return [render_runner_account(job, namespace), *render_status_access(job, namespace)]
+
+
 def render_base(job: Job, plan: RunPlan, namespace: str) -> list[Manifest]:
-    """Children every step needs: plan, rendezvous Service, runner identity (in creation order)."""
-    return [
-        render_plan_configmap(job, plan, namespace),
-        render_workers_service(job, namespace),
-        *render_runner_identity(job, namespace),
-    ]
+    """Children every step needs, validation included: the plan and the pods' ServiceAccount."""
+    return [render_plan_configmap(job, plan, namespace), render_runner_account(job, namespace)]
+
+
+def render_gang_support(job: Job, namespace: str) -> list[Manifest]:
+    """What only the training (or compression) gang uses: its rendezvous Service and the right to
+    report status. Created with the gang's Job, so a job that fails validation never had them."""
+    return [render_workers_service(job, namespace), *render_status_access(job, namespace)]
 
 
 # --- Pods ---------------------------------------------------------------------------------------
@@ -739,6 +750,7 @@ def render_all(
     children = [
         *render_base(job, plan, ns),
         render_validation_job(job, settings, plan, ns),
+        *render_gang_support(job, ns),
         render_main_job(job, settings, plan, ns, attempt),
     ]
     if job.spec.serve.enabled if serving is None else serving:

@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--phase",
         choices=PHASES,
         default="all",
-        help="all: every child over the job's life (serving only with serve.enabled); base: plan, "
-        "rendezvous Service, runner identity; validate: the validation Job; train: the training "
-        "(or compression) Job; serve: the serving Deployment and Service",
+        help="all: every child over the job's life (serving only with serve.enabled); base: plan and "
+        "ServiceAccount; validate: the validation Job; train: the gang's rendezvous Service, status "
+        "Role and RoleBinding and the training (or compression) Job; serve: the serving Deployment and Service",
     )
     parser.add_argument("--attempt", type=int, default=0, help="restart number of the rendered gang Job")
     parser.add_argument(
@@ -106,7 +106,7 @@ def render_job(
         return render.render_base(job, plan, ns)
     if phase == "validate":
         return [render.render_validation_job(job, settings, plan, ns)]
-    return [render.render_main_job(job, settings, plan, ns, attempt)]
+    return [*render.render_gang_support(job, ns), render.render_main_job(job, settings, plan, ns, attempt)]
 
 
 def render_documents(

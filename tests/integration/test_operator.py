@@ -92,15 +92,27 @@ async def scenario_children_owned(kube: KubeEmulator, ns: str) -> None:
     created = await create(kube, FTJ, finetunejob("owned", ns))
     await job_exists(kube, ns, "owned-validate")
     uid = created["metadata"]["uid"]
-    children = [
+    before_validation = [
         ("v1/configmaps", "owned-plan"),
-        ("v1/services", "owned-workers"),
         ("v1/serviceaccounts", "owned-runner"),
-        ("rbac.authorization.k8s.io/v1/roles", "owned-runner"),
-        ("rbac.authorization.k8s.io/v1/rolebindings", "owned-runner"),
         (JOBS, "owned-validate"),
     ]
-    for resource, name in children:
+    gang = [
+        ("v1/services", "owned-workers"),
+        ("rbac.authorization.k8s.io/v1/roles", "owned-runner"),
+        ("rbac.authorization.k8s.io/v1/rolebindings", "owned-runner"),
+        (JOBS, "owned-train-r0"),
+    ]
+    for resource, name in before_validation:
+        assert kube.get(resource, ns, name) is not None, f"{resource} {name} missing"
+    for resource, name in gang:
+        assert kube.get(resource, ns, name) is None, f"{resource} {name} exists before validation"
+    st = await reach(kube, ns, "owned", "Validating")
+    assert st["observedGeneration"] == 1
+    assert st["startTime"]
+    assert st["restarts"] == 0
+    await validated(kube, ns, "owned")
+    for resource, name in before_validation + gang:
         child = kube.get(resource, ns, name)
         assert child is not None, f"{resource} {name} missing"
         refs = child["metadata"]["ownerReferences"]
@@ -122,11 +134,6 @@ async def scenario_children_owned(kube: KubeEmulator, ns: str) -> None:
         "name": "owned",
         "uid": uid,
     }
-    st = await reach(kube, ns, "owned", "Validating")
-    assert st["observedGeneration"] == 1
-    assert st["startTime"]
-    assert st["restarts"] == 0
-    assert kube.get(JOBS, ns, "owned-train-r0") is None, "the gang waits for validation"
 
 
 async def scenario_success_and_serving(kube: KubeEmulator, ns: str) -> None:
@@ -315,7 +322,11 @@ async def scenario_compress_waits(kube: KubeEmulator, ns: str) -> None:
 
 async def scenario_compress_upstream_failed(kube: KubeEmulator, ns: str) -> None:
     await create(kube, FTJ, finetunejob("doomedbase", ns))
-    await create(kube, CJ, compressjob("orphan", ns, model={"fromFineTuneJob": "doomedbase"}))
+    await create(
+        kube,
+        CJ,
+        compressjob("orphan", ns, model={"fromFineTuneJob": "doomedbase"}, ttlSecondsAfterFinished=0),
+    )
     await reach(kube, ns, "orphan", "Waiting", CJ)
     await job_exists(kube, ns, "doomedbase-validate")
     await fail_job(
@@ -327,6 +338,13 @@ async def scenario_compress_upstream_failed(kube: KubeEmulator, ns: str) -> None
     assert "FineTuneJob doomedbase failed" in failed["message"]
     assert "config.json is not valid JSON" in failed["message"]
     assert not [n for n in kube.names(JOBS, ns) if n.startswith("orphan")]
+
+    # Its TTL applies to a failed CompressJob too: the operator marks the cleanup as done.
+    def cleaned() -> bool:
+        annotations = (kube.get(CJ, ns, "orphan") or {})["metadata"].get("annotations") or {}
+        return annotations.get("kubetune.io/children-deleted") == "true"
+
+    await eventually(cleaned, what="orphan's TTL cleanup")
 
 
 async def scenario_restart_no_duplicates(kube: KubeEmulator, ns: str, running: Operator) -> None:

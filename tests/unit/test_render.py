@@ -596,7 +596,12 @@ def test_render_command_prints_what_the_operator_creates(
 def test_render_command_phases(tmp_path: Path) -> None:
     code, out = render_command(tmp_path, [FT_DOC], "--phase", "train", "--attempt", "2")
     assert code == 0
-    assert [d["metadata"]["name"] for d in yaml.safe_load_all(out)] == ["support-lora-train-r2"]
+    assert [f"{d['kind']}/{d['metadata']['name']}" for d in yaml.safe_load_all(out)] == [
+        "Service/support-lora-workers",
+        "Role/support-lora-runner",
+        "RoleBinding/support-lora-runner",
+        "Job/support-lora-train-r2",
+    ]
     code, out = render_command(tmp_path, [FT_DOC], "--phase", "serve")
     assert [d["kind"] for d in yaml.safe_load_all(out)] == ["Deployment", "Service"]
 

@@ -91,16 +91,9 @@ def created(decision: lifecycle.Decision) -> list[str]:
     return [f"{m['kind']}/{m['metadata']['name']}" for m in decision.create]
 
 
-def test_a_new_job_gets_its_children_and_validation() -> None:
+def test_a_new_job_gets_its_plan_identity_and_validation_only() -> None:
     d = decide(observe(ftj()))
-    assert created(d) == [
-        "ConfigMap/ft-plan",
-        "Service/ft-workers",
-        "ServiceAccount/ft-runner",
-        "Role/ft-runner",
-        "RoleBinding/ft-runner",
-        "Job/ft-validate",
-    ]
+    assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
     assert d.status == {
         "observedGeneration": 1,
         "restarts": 0,
@@ -135,7 +128,13 @@ def test_a_queued_job_is_pending_until_kueue_admits_it() -> None:
 def test_validation_passed_starts_the_gang() -> None:
     status = {"phase": "Validating", "startTime": T(NOW), "restarts": 0}
     d = decide(observe(ftj(), status, jobs=[job("ft-validate", "validate", complete=True)]))
-    assert created(d)[-1] == "Job/ft-train-r0"
+    # The rendezvous Service and the right to report status come with the gang, before its Job.
+    assert created(d)[-4:] == [
+        "Service/ft-workers",
+        "Role/ft-runner",
+        "RoleBinding/ft-runner",
+        "Job/ft-train-r0",
+    ]
     assert d.status["phase"] == "Running"
     assert d.status["activeJob"] == "ft-train-r0"
     assert lifecycle.is_true(d.status["conditions"], "Validated")
