@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -493,6 +494,42 @@ async def test_metrics_and_liveness_endpoints(kube: KubeEmulator, kubeconfig: Pa
             )
             async with http.get(f"http://127.0.0.1:{health_port}/healthz") as response:
                 assert response.status == 200
+    finally:
+        await running.stop()
+
+
+async def test_progress_reports_and_own_writes_trigger_no_reconcile(
+    kube: KubeEmulator, kubeconfig: Path
+) -> None:
+    metrics_port = free_port()
+    running = Operator(settings=TEST_SETTINGS.model_copy(update={"metrics_port": metrics_port}))
+    await running.start()
+    ns = "team-a"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def reconciles() -> float:
+                async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                    text = await response.text()
+                counts = re.findall(
+                    r'kubetune_reconcile_duration_seconds_count\{kind="FineTuneJob",trigger="event"\} (\S+)',
+                    text,
+                )
+                return float(counts[0]) if counts else 0.0
+
+            await create(kube, FTJ, finetunejob("chatty", ns))
+            await validated(kube, ns, "chatty")
+            await reach(kube, ns, "chatty", "Running")
+            before = await reconciles()
+            for step in range(1, 6):
+                progress = {"status": {"progress": {"step": step, "totalSteps": 10, "loss": 2.0 / step}}}
+                await patch(kube, FTJ, ns, "chatty", progress, "status")
+            # A spec edit afterwards is the sync point: once it is handled, so are the reports.
+            await patch(kube, FTJ, ns, "chatty", {"spec": {"serve": {"enabled": True}}})
+            await eventually(
+                lambda: status(kube, ns, "chatty").get("observedGeneration") == 2, what="edit handled"
+            )
+            assert await reconciles() == before + 1, "only the spec edit is reconciled"
     finally:
         await running.stop()
 
