@@ -12,12 +12,18 @@ plus small JSON files.
 Runs alternate between the two, and the best of ``--repeat`` runs is reported for each, which
 damps noise from other work on the machine. Goal: ratio >= 1.5.
 
+The CPU seconds the S3 server spent are printed for each run: on a small machine the server, not
+the client, is the bottleneck, and its cost per byte depends on how the client sends (moto
+reassembles a multipart upload by copying every part again on completion). ``--max-concurrency``,
+``--multipart-threshold-mib`` and ``--chunk-mib`` change kubetune's side only, to show that.
+
     .venv/bin/python bench/bench_storage.py [--size-mib 1024] [--shards 4] [--repeat 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -53,7 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=4, help="number of large weight files")
     parser.add_argument("--repeat", type=int, default=2, help="runs per side; the best one counts")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--max-concurrency", type=int, help="kubetune's StorageConfig.max_concurrency")
+    parser.add_argument("--multipart-threshold-mib", type=int, help="kubetune's multipart threshold")
+    parser.add_argument("--chunk-mib", type=int, help="kubetune's multipart part size")
     args = parser.parse_args(argv)
+    tuning: dict[str, Any] = {}
+    if args.max_concurrency is not None:
+        tuning["max_concurrency"] = args.max_concurrency
+    if args.multipart_threshold_mib is not None:
+        tuning["multipart_threshold"] = args.multipart_threshold_mib * MiB
+    if args.chunk_mib is not None:
+        tuning["multipart_chunksize"] = args.chunk_mib * MiB
 
     available = _mem_available_mib()
     print(f"memory available: {available} MiB, cpus: {os.cpu_count()}")
@@ -70,12 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
         print(f"model directory: {len(files)} files, {total / MiB:.0f} MiB")
 
-        with moto_server() as endpoint:
+        with moto_server() as server:
+            endpoint = server.endpoint
             baseline_client = boto3.client(
                 "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"})
             )
             baseline_client.create_bucket(Bucket="bench")
-            store = S3Store(StorageConfig.from_env(endpoint=endpoint))
+            config = dataclasses.replace(StorageConfig.from_env(endpoint=endpoint), **tuning)
+            store = S3Store(config)
+            print(
+                f"kubetune: max_concurrency {config.max_concurrency}, multipart threshold "
+                f"{config.multipart_threshold // MiB} MiB, parts {config.multipart_chunksize // MiB} MiB"
+            )
             results: dict[str, dict[str, list[float]]] = {
                 "baseline": {"upload": [], "download": []},
                 "kubetune": {"upload": [], "download": []},
@@ -104,14 +127,18 @@ def main(argv: list[str] | None = None) -> int:
                         def download(prefix: str = prefix, dest: Path = dest) -> None:
                             store.download_prefix(f"s3://bench/{prefix}/", dest)
 
+                    cpu = server.cpu_seconds()
                     up = timed(upload)
+                    cpu_up, cpu = server.cpu_seconds() - cpu, server.cpu_seconds()
                     down = timed(download)
+                    cpu_down = server.cpu_seconds() - cpu
                     check_copy(source, dest, files)
                     results[side]["upload"].append(total / MiB / up)
                     results[side]["download"].append(total / MiB / down)
                     print(
-                        f"run {run + 1} {side:>8}: upload {total / MiB / up:7.1f} MiB/s ({up:5.1f} s), "
-                        f"download {total / MiB / down:7.1f} MiB/s ({down:5.1f} s)",
+                        f"run {run + 1} {side:>8}: upload {total / MiB / up:7.1f} MiB/s ({up:5.1f} s, "
+                        f"server CPU {cpu_up:4.1f} s), download {total / MiB / down:7.1f} MiB/s "
+                        f"({down:5.1f} s, server CPU {cpu_down:4.1f} s)",
                         flush=True,
                     )
                     shutil.rmtree(dest)
@@ -129,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{direction:>8}: baseline {base:7.1f} MiB/s, kubetune {ours:7.1f} MiB/s, ratio {ours / base:.2f} (goal >= 1.5)"
         )
-    print(json.dumps({"size_mib": args.size_mib, "shards": args.shards, "repeat": args.repeat, **summary}))
+    print(
+        json.dumps(
+            {"size_mib": args.size_mib, "shards": args.shards, "repeat": args.repeat, **tuning, **summary}
+        )
+    )
     return 0
 
 
@@ -173,7 +204,14 @@ def check_copy(source: Path, dest: Path, files: list[str]) -> None:
 class moto_server:
     """moto's S3 server in a child process on a free loopback port."""
 
-    def __enter__(self) -> str:
+    endpoint: str
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> moto_server:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -186,7 +224,8 @@ class moto_server:
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return f"http://127.0.0.1:{port}"
+                self.endpoint = f"http://127.0.0.1:{port}"
+                return self
             except OSError:
                 if time.monotonic() > deadline or self._process.poll() is not None:
                     self._process.kill()

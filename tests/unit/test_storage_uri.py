@@ -172,7 +172,7 @@ class TestStorageConfig:
         config = StorageConfig.from_env(environ={"AWS_ENDPOINT_URL": "  "})
 
         assert config == StorageConfig()
-        assert (config.endpoint, config.max_concurrency, config.multipart_chunksize) == (None, 16, 32 * MiB)
+        assert (config.endpoint, config.max_concurrency, config.multipart_chunksize) == (None, 16, 16 * MiB)
 
     @pytest.mark.parametrize(
         ("kwargs", "message"),
