@@ -32,6 +32,7 @@ from kubetune.operator.render import (
     LABEL_JOB,
     LABEL_KIND,
     LABEL_MANAGED_BY,
+    LABEL_RUNNER,
     MANAGER,
     Job,
     Manifest,
@@ -81,6 +82,8 @@ class Runtime:
     job_states: dict[tuple[str, str], lifecycle.JobState] = field(default_factory=dict)
     # The owner signature (lifecycle.owner_signature) of each job as last reconciled or written.
     signatures: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
+    # (job uid, ServiceAccount) pairs found labelled kubetune.io/runner: "true".
+    allowed_accounts: set[tuple[str, str]] = field(default_factory=set)
 
     retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -105,6 +108,7 @@ class Runtime:
         if uid:
             self.written_status.pop(uid, None)
             self.written_annotations.pop(uid, None)
+            self.allowed_accounts = {item for item in self.allowed_accounts if item[0] != uid}
             self.ensured = {item for item in self.ensured if item[0] != uid}
 
 
@@ -351,7 +355,9 @@ async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], tr
         return
     rt = runtime_of(memo)
     try:
-        await reconcile(rt, owner, indices, trigger=trigger)
+        recheck = await reconcile(rt, owner, indices, trigger=trigger)
+        if recheck is not None:
+            rt.retry_later(key, recheck, lambda: reconcile_key(memo, key, kwargs, "recheck"))
     except kopf.PermanentError:
         return  # the job's status says why (e.g. an invalid spec); nothing to retry
     except kopf.TemporaryError as exc:
@@ -365,19 +371,20 @@ async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], tr
 # --- Reconciling ---------------------------------------------------------------------------------
 
 
-async def reconcile(rt: Runtime, owner: Mapping[str, Any], indices: Indices, *, trigger: str) -> None:
-    """Bring one job a step forward. Serialised per job; errors become kopf retries."""
+async def reconcile(rt: Runtime, owner: Mapping[str, Any], indices: Indices, *, trigger: str) -> float | None:
+    """Bring one job a step forward. Serialised per job; errors become kopf retries. Returns when
+    to look again if the job waits for something no watch reports (see _reconcile_locked)."""
     kind = str(owner["kind"])
     meta = owner["metadata"]
     key: Key = (kind, meta["namespace"], meta["name"])
     started = time.perf_counter()
     try:
         async with rt.lock(key):
-            await _reconcile_locked(rt, owner, indices, key)
+            return await _reconcile_locked(rt, owner, indices, key)
     except ApiError as exc:
         rt.metrics.reconcile_errors.labels(kind, f"Api{exc.status}").inc()
         if exc.status == 404:
-            return  # the job was deleted while we worked
+            return None  # the job was deleted while we worked
         raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from exc
     except (kopf.PermanentError, kopf.TemporaryError) as exc:
         rt.metrics.reconcile_errors.labels(kind, type(exc).__name__).inc()
@@ -399,7 +406,11 @@ def parse_job(owner: Mapping[str, Any]) -> Job:
     return cls.model_validate({k: owner[k] for k in ("apiVersion", "kind", "metadata", "spec")})
 
 
-async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indices, key: Key) -> None:
+async def _reconcile_locked(
+    rt: Runtime, owner: Mapping[str, Any], indices: Indices, key: Key
+) -> float | None:
+    """Observe, decide, apply. Returns the seconds after which to look again when the job waits
+    for something no watch reports (a ServiceAccount to appear), else None."""
     kind, namespace, name = key
     meta = owner["metadata"]
     uid = str(meta.get("uid") or "")
@@ -429,6 +440,10 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
         term = await _diagnose(rt, namespace, failed)
         if term is not None:
             terminations[failed] = term
+    runner_account = None
+    phase = status.get("phase")
+    if phase is None or not Phase(phase).finished:
+        runner_account = await _runner_account(rt, job, namespace, uid)
     obs = Observation(
         job=job,
         namespace=namespace,
@@ -441,6 +456,7 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
         deployment=deployments[0] if deployments else None,
         terminations=terminations,
         upstream=upstream,
+        runner_account=runner_account,
     )
     decision = lifecycle.decide(obs)
     # Plan, Services and the runner identity do not depend on each other: create them together;
@@ -473,6 +489,26 @@ async def _reconcile_locked(rt: Runtime, owner: Mapping[str, Any], indices: Indi
         meta, {**status, **decision.status}, {**annotations, **decision.annotations}
     )
     _emit(rt, owner, decision)
+    return RETRY_DELAY if runner_account == lifecycle.RunnerAccount.missing else None
+
+
+async def _runner_account(rt: Runtime, job: Job, namespace: str, uid: str) -> lifecycle.RunnerAccount | None:
+    """Whether the job may run as the ServiceAccount it names (None: it names none)."""
+    name = job.spec.storage.service_account_name
+    if not name:
+        return None
+    if (uid, name) in rt.allowed_accounts:
+        return lifecycle.RunnerAccount.allowed
+    try:
+        account = await rt.client.get("v1", "ServiceAccount", namespace, name)
+    except ApiError as exc:
+        if exc.status == 404:
+            return lifecycle.RunnerAccount.missing
+        raise
+    if ((account.get("metadata") or {}).get("labels") or {}).get(LABEL_RUNNER) != "true":
+        return lifecycle.RunnerAccount.not_allowed
+    rt.allowed_accounts.add((uid, name))
+    return lifecycle.RunnerAccount.allowed
 
 
 async def _write_status(

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any, Final
 
 from kubetune.api import CompressJob, ConditionType, FineTuneJob, Phase
@@ -24,6 +25,7 @@ from kubetune.operator.render import (
     ANNOTATION_SPEC_HASH,
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
+    LABEL_RUNNER,
     Job,
     Manifest,
     RenderError,
@@ -53,6 +55,7 @@ REASON_RESTARTS_EXHAUSTED: Final = "RestartsExhausted"
 REASON_UPSTREAM_FAILED: Final = "UpstreamFailed"
 REASON_NAME_CONFLICT: Final = "NameConflict"
 REASON_INVALID_SPEC: Final = "InvalidSpec"
+REASON_ACCOUNT_NOT_ALLOWED: Final = "ServiceAccountNotAllowed"
 
 # Status fields the operator owns; the runtimes own progress, checkpoints and results.
 OPERATOR_FIELDS: Final = (
@@ -310,6 +313,14 @@ class Event:
     message: str
 
 
+class RunnerAccount(StrEnum):
+    """What the operator found of the ServiceAccount named by spec.storage.serviceAccountName."""
+
+    missing = "missing"
+    not_allowed = "not-allowed"  # exists without the kubetune.io/runner: "true" label
+    allowed = "allowed"
+
+
 @dataclass
 class Observation:
     job: Job
@@ -323,6 +334,7 @@ class Observation:
     deployment: DeploymentState | None = None
     terminations: Mapping[str, Termination] = field(default_factory=dict)
     upstream: Upstream | None = None
+    runner_account: RunnerAccount | None = None
 
 
 @dataclass
@@ -442,7 +454,7 @@ class _Reconciler:
         except (RenderError, ValueError) as exc:
             self.fail(REASON_INVALID_SPEC, str(exc))
             return
-        if self._deadline_passed():
+        if self._deadline_passed() or not self._runner_account_usable():
             return
         self.decision.create += render_base(self.job, plan, self.obs.namespace)
         if not is_true(self.status.get("conditions"), ConditionType.validated):
@@ -468,6 +480,25 @@ class _Reconciler:
             )
             self._event("Normal", "Validated", "model and data are readable and well-formed")
         self._reconcile_main(plan)
+
+    def _runner_account_usable(self) -> bool:
+        """A ServiceAccount of the user's may be run as once it exists and is labelled for it."""
+        name = self.spec.storage.service_account_name
+        if not name or self.obs.runner_account == RunnerAccount.allowed:
+            return True
+        if self.obs.runner_account == RunnerAccount.not_allowed:
+            self.fail(
+                REASON_ACCOUNT_NOT_ALLOWED,
+                f"ServiceAccount {name} (spec.storage.serviceAccountName) lacks the label "
+                f'{LABEL_RUNNER}: "true"; whoever manages identities in namespace {self.obs.namespace} '
+                "adds it to let kubetune jobs run as it",
+            )
+        else:
+            self._phase(
+                Phase.waiting,
+                f"waiting for ServiceAccount {name} (spec.storage.serviceAccountName) to exist",
+            )
+        return False
 
     def _resolve_model(self) -> str | None:
         """The model to work on; None while a CompressJob waits for its FineTuneJob (or failed)."""
@@ -760,7 +791,8 @@ def workload_refs(job: Job, jobs: Sequence[JobState]) -> list[ChildRef]:
         ChildRef("v1", "Service", names.workers),
         ChildRef("rbac.authorization.k8s.io/v1", "RoleBinding", names.runner),
         ChildRef("rbac.authorization.k8s.io/v1", "Role", names.runner),
-        ChildRef("v1", "ServiceAccount", names.runner),
+        # Never the user's own ServiceAccount (spec.storage.serviceAccountName).
+        *([] if job.spec.storage.service_account_name else [ChildRef("v1", "ServiceAccount", names.runner)]),
     ]
 
 

@@ -39,6 +39,9 @@ LABEL_KIND: Final = "kubetune.io/kind"
 LABEL_COMPONENT: Final = "kubetune.io/component"
 LABEL_ATTEMPT: Final = "kubetune.io/attempt"
 LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+# On a ServiceAccount: jobs may run as it (spec.storage.serviceAccountName). An opt-in by whoever
+# manages the namespace's identities, since a job's pods run code the job's author chooses.
+LABEL_RUNNER: Final = "kubetune.io/runner"
 ANNOTATION_SPEC_HASH: Final = "kubetune.io/spec-hash"
 
 COMPONENT_PLAN: Final = "plan"
@@ -211,6 +214,11 @@ def render_workers_service(job: Job, namespace: str) -> Manifest:
     }
 
 
+def runner_account_name(job: Job) -> str:
+    """The ServiceAccount the job's pods run as: the user's (workload identity) or NAME-runner."""
+    return job.spec.storage.service_account_name or child_names(job).runner
+
+
 def render_runner_account(job: Job, namespace: str) -> Manifest:
     """The pods' ServiceAccount (no token mounted unless a pod needs one; see the gang's pods)."""
     return {
@@ -244,7 +252,9 @@ def render_status_access(job: Job, namespace: str) -> list[Manifest]:
             "kind": "RoleBinding",
             "metadata": _metadata(job, names.runner, namespace, COMPONENT_RUNNER),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.runner},
-            "subjects": [{"kind": "ServiceAccount", "name": names.runner, "namespace": namespace}],
+            "subjects": [
+                {"kind": "ServiceAccount", "name": runner_account_name(job), "namespace": namespace}
+            ],
         },
     ]
 
@@ -255,7 +265,10 @@ def render_runner_identity(job: Job, namespace: str) -> list[Manifest]:
 
 
 def render_base(job: Job, plan: RunPlan, namespace: str) -> list[Manifest]:
-    """Children every step needs, validation included: the plan and the pods' ServiceAccount."""
+    """Children every step needs, validation included: the plan and the pods' ServiceAccount
+    (unless the job runs as one of the user's, spec.storage.serviceAccountName)."""
+    if job.spec.storage.service_account_name:
+        return [render_plan_configmap(job, plan, namespace)]
     return [render_plan_configmap(job, plan, namespace), render_runner_account(job, namespace)]
 
 
@@ -430,7 +443,7 @@ def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace
     }
     pod_spec: Manifest = {
         "restartPolicy": "Never",
-        "serviceAccountName": names.runner,
+        "serviceAccountName": runner_account_name(job),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security_context(settings),
@@ -512,7 +525,7 @@ def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str,
     pod_spec: Manifest = {
         "restartPolicy": "Never",
         "subdomain": names.workers,
-        "serviceAccountName": names.runner,
+        "serviceAccountName": runner_account_name(job),
         # Rank 0 patches status.progress with this token (its Role allows nothing else).
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
@@ -687,7 +700,13 @@ def render_serving(
     endpoint = job.spec.storage.endpoint or settings.storage_endpoint
     serve = job.spec.serve
     pod_spec: Manifest = {
-        # Serving pods need no API access, and outlive the runner identity (TTL).
+        # Serving pods need no API access, and outlive the NAME-runner identity (TTL); a user's
+        # ServiceAccount (workload identity) stays and gives them the same storage access.
+        **(
+            {"serviceAccountName": job.spec.storage.service_account_name}
+            if job.spec.storage.service_account_name
+            else {}
+        ),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security_context(settings),

@@ -399,7 +399,19 @@ class Storage(KubeModel):
     )
     secret_ref: SecretKeyNames | None = Field(
         None,
-        description="Secret with the keys; omit to use the pod's own identity (IRSA, workload identity).",
+        description="Secret with the keys; omit to use the pods' own identity (see serviceAccountName).",
+    )
+    service_account_name: str | None = Field(
+        None,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description=(
+            "An existing ServiceAccount of the job's namespace that the job's pods (validation, "
+            "training, serving) run as, for storage access by workload identity (EKS IRSA, GKE "
+            'Workload Identity). It must carry the label kubetune.io/runner: "true", set by whoever '
+            "may hand out that identity. Omit to run as the NAME-runner ServiceAccount the operator "
+            "creates."
+        ),
     )
 
 

@@ -348,6 +348,30 @@ async def scenario_compress_upstream_failed(kube: KubeEmulator, ns: str) -> None
     await eventually(cleaned, what="orphan's TTL cleanup")
 
 
+def service_account(name: str, ns: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+    }
+
+
+async def scenario_workload_identity(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("irsa", ns, storage={"serviceAccountName": "team-s3"}))
+    st = await reach(kube, ns, "irsa", "Waiting")
+    assert "ServiceAccount team-s3 (spec.storage.serviceAccountName)" in st["message"]
+    await create(kube, "v1/serviceaccounts", service_account("team-s3", ns, {"kubetune.io/runner": "true"}))
+    validate = await job_exists(kube, ns, "irsa-validate")  # the operator looks again every 10 s
+    assert validate["spec"]["template"]["spec"]["serviceAccountName"] == "team-s3"
+    assert kube.get("v1/serviceaccounts", ns, "irsa-runner") is None, "no ServiceAccount of its own"
+
+    await create(kube, "v1/serviceaccounts", service_account("deployer", ns))
+    await create(kube, FTJ, finetunejob("borrower", ns, storage={"serviceAccountName": "deployer"}))
+    await reach(kube, ns, "borrower", "Failed")
+    assert condition(kube, ns, "borrower", "Failed")["reason"] == "ServiceAccountNotAllowed"
+    assert not [n for n in kube.names(JOBS, ns) if n.startswith("borrower")]
+
+
 async def scenario_restart_no_duplicates(kube: KubeEmulator, ns: str, running: Operator) -> None:
     await create(kube, FTJ, finetunejob("steady", ns, serve={"enabled": True}))
     await validated(kube, ns, "steady")
@@ -433,6 +457,7 @@ SCENARIOS: dict[str, Scenario] = {
     "compress_waits": scenario_compress_waits,
     "compress_upstream_failed": scenario_compress_upstream_failed,
     "name_conflict": scenario_name_conflict,
+    "workload_identity": scenario_workload_identity,
 }
 
 

@@ -94,6 +94,11 @@ CASES: dict[str, FineTuneJob | CompressJob] = {
             }
         },
     ),
+    "workload-identity": job(
+        "FineTuneJob",
+        "irsa",
+        BASE_FT | {"storage": {"region": "eu-west-1", "serviceAccountName": "team-s3-reader"}},
+    ),
     "suspend-queue": job(
         "FineTuneJob",
         "queued",
@@ -320,6 +325,21 @@ def test_gpu_placement_comes_from_the_spec() -> None:
     assert "--nproc_per_node=8" in container["args"]
     assert "DS_ACCELERATOR" not in {e["name"] for e in container["env"]}
     assert {"name": "scratch", "emptyDir": {"sizeLimit": "500Gi"}} in pod["volumes"]
+
+
+def test_a_named_service_account_replaces_the_runner_account_everywhere() -> None:
+    children = render.render_all(CASES["workload-identity"], SETTINGS, "ml", serving=True)
+    kinds = [f"{c['kind']}/{c['metadata']['name']}" for c in children]
+    assert "ServiceAccount/irsa-runner" not in kinds, "the user's ServiceAccount is used, none is created"
+    pods = [c["spec"]["template"]["spec"] for c in children if c["kind"] in ("Job", "Deployment")]
+    assert [pod["serviceAccountName"] for pod in pods] == ["team-s3-reader"] * 3
+    binding = next(c for c in children if c["kind"] == "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "team-s3-reader", "namespace": "ml"}]
+    # Only the training gang gets a token (to report progress); validation and serving do not.
+    assert [pod["automountServiceAccountToken"] for pod in pods] == [False, True, False]
+    assert not any(
+        e["name"].startswith("AWS_ACCESS_KEY") for pod in pods for e in pod["containers"][0]["env"]
+    )
 
 
 def test_s3_keys_come_from_the_secret_by_reference() -> None:

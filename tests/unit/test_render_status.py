@@ -105,6 +105,34 @@ def test_a_new_job_gets_its_plan_identity_and_validation_only() -> None:
     assert [(e.type, e.reason) for e in d.events] == [("Normal", "Validating")]
 
 
+IDENTITY = {"storage": {"serviceAccountName": "team-s3"}}
+
+
+def test_a_job_waits_for_the_service_account_it_names() -> None:
+    d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.missing))
+    assert d.create == []
+    assert d.status["phase"] == "Waiting"
+    assert "ServiceAccount team-s3 (spec.storage.serviceAccountName)" in d.status["message"]
+
+
+def test_a_service_account_without_the_runner_label_fails_the_job() -> None:
+    d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.not_allowed))
+    assert d.create == []
+    assert d.status["phase"] == "Failed"
+    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    assert failed is not None
+    assert failed["reason"] == "ServiceAccountNotAllowed"
+    assert 'kubetune.io/runner: "true"' in failed["message"]
+
+
+def test_a_labelled_service_account_is_used_and_never_created_or_deleted() -> None:
+    d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.allowed))
+    assert created(d) == ["ConfigMap/ft-plan", "Job/ft-validate"]
+    done = {"phase": "Succeeded", "completionTime": T(NOW - timedelta(seconds=10)), "restarts": 0}
+    ttl = decide(observe(ftj(ttlSecondsAfterFinished=5, **IDENTITY), done))
+    assert "ServiceAccount" not in {ref.kind for ref in ttl.delete}
+
+
 def test_deciding_again_on_the_written_status_changes_nothing() -> None:
     first = decide(observe(ftj()))
     second = decide(observe(ftj(), first.status, jobs=[job("ft-validate", "validate")]))
