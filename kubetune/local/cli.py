@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from rich.console import Console
 
 from kubetune.api.validation import load_resources
+from kubetune.local import processes
 from kubetune.local.runner import LocalRunner, RunOptions
 
 DEFAULT_WORKDIR = Path(".kubetune/runs")
@@ -48,13 +50,16 @@ def run(args: argparse.Namespace) -> int:
         console,
     )
     try:
-        for job in jobs:
-            outcome = runner.run(job)
-            if outcome.exit_code != 0:
-                return outcome.exit_code
-    except KeyboardInterrupt:
+        with processes.stop_on_termination():
+            for job in jobs:
+                outcome = runner.run(job)
+                if outcome.exit_code != 0:
+                    return outcome.exit_code
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, processes.Terminated) else signal.SIGINT
         console.print(
-            "[yellow]interrupted: every process was stopped; run again to resume from the last checkpoint"
+            f"[yellow]{signal.Signals(signum).name}: every process was stopped; run again to resume "
+            "from the last checkpoint"
         )
-        return 130
+        return 128 + signum
     return 0

@@ -60,6 +60,34 @@ def stop(processes: list[RunningProcess], grace: float = GRACE_SECONDS) -> None:
             proc.popen.wait()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, delivered as an interrupt so that the same cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_termination() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP stop the run as Ctrl-C does.
+
+    Python's default for them ends the process at once, and the trainers and the server -- each in
+    a session of its own (see :func:`start`), so that a terminal's Ctrl-C reaches only us -- would
+    keep running, holding CPUs and the port. Must be entered from the main thread.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass(frozen=True)
 class GangResult:
     exit_code: int
