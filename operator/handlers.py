@@ -1,9 +1,10 @@
 """kopf handlers: thin glue between watch events and the pure lifecycle.
 
 Every trigger ends in :func:`reconcile` of one job: a watch event of the job itself (creation,
-spec edit, first sight after a start), an event of one of its batch Jobs or its serving Deployment, a terminal phase of the
-FineTuneJob a CompressJob waits for, or the clock (deadlines, TTL). Reconciling gathers the
-observed state from kopf indices (no API reads except a failed Job's pods), calls
+spec edit, first sight after a start), an event of one of its batch Jobs or its serving
+Deployment, a terminal phase of the FineTuneJob a CompressJob waits for, or the clock (deadlines,
+TTL). Reconciling gathers the observed state from kopf indices (no API reads except a failed Job's
+pods and a ServiceAccount named by the spec), calls
 :func:`kubetune.operator.lifecycle.decide` and applies the decision. Run with
 ``kopf run -m kubetune.operator.handlers -A`` or ``kubetune operator``.
 """
