@@ -38,7 +38,7 @@ from kubetune.operator.render import (
     Job,
     Manifest,
 )
-from kubetune.operator.settings import Settings, SettingsError
+from kubetune.operator.settings import Settings
 
 KINDS: Final[dict[str, type[FineTuneJob] | type[CompressJob]]] = {
     "FineTuneJob": FineTuneJob,
@@ -53,11 +53,6 @@ CHILD_LABELS: Final[dict[str, Any]] = {
 ANNOTATION_PREFIX: Final = "kubetune.io"
 RETRY_DELAY: Final = 10.0
 WORKLOAD_KINDS: Final = ("Job", "Deployment")
-
-try:
-    _CLOCK_INTERVAL = Settings.from_env().resync_seconds
-except SettingsError:  # reported by the startup handler, which reads the same settings
-    _CLOCK_INTERVAL = Settings().resync_seconds
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 logger = logging.getLogger("kubetune.operator")
@@ -87,6 +82,7 @@ class Runtime:
     allowed_accounts: set[tuple[str, str]] = field(default_factory=set)
 
     retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    clock: asyncio.Task[None] | None = None
 
     def retry_later(self, key: Key, delay: float, again: Callable[[], Awaitable[None]]) -> None:
         """Run ``again`` after ``delay`` seconds unless a retry of this job is already pending."""
@@ -155,7 +151,11 @@ async def startup(
     indices = {"FineTuneJob": kwargs["finetunejob_index"], "CompressJob": kwargs["compressjob_index"]}
     metrics = Metrics(lambda: phases_of(indices))
     client = KubeClient(lambda: connection(settings, logger))
-    memo["runtime"] = Runtime(settings=config, client=client, metrics=metrics)
+    rt = memo["runtime"] = Runtime(settings=config, client=client, metrics=metrics)
+    index_kwargs = {name: kwargs[name] for name in INDEX_NAMES}
+    rt.clock = asyncio.create_task(
+        run_clock(memo, index_kwargs, config.resync_seconds), name="kubetune clock"
+    )
     if config.metrics_port:
         await metrics.serve(config.metrics_port)
     logger.info(
@@ -168,7 +168,7 @@ async def startup(
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = memo.get("runtime")
     if isinstance(rt, Runtime):
-        for task in rt.retries.values():
+        for task in [*rt.retries.values(), *([rt.clock] if rt.clock else [])]:
             task.cancel()
         await rt.client.close()
         await rt.metrics.stop()
@@ -226,6 +226,15 @@ def serving_deployment_index(
     body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
 ) -> dict[Any, Any]:
     return {(labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]): lifecycle.deployment_state(body)}
+
+
+INDEX_NAMES: Final = (
+    "finetunejob_index",
+    "compressjob_index",
+    "compressjobs_by_upstream",
+    "workload_job_index",
+    "serving_deployment_index",
+)
 
 
 @dataclass(frozen=True)
@@ -329,21 +338,27 @@ async def serving_deployment_event(
     )
 
 
-def _needs_clock(body: kopf.Body, **_: Any) -> bool:
-    meta = body.get("metadata") or {}
-    return lifecycle.needs_clock(
-        body.get("spec") or {}, body.get("status") or {}, meta.get("annotations") or {}
-    )
+async def run_clock(memo: kopf.Memo, index_kwargs: Mapping[str, Any], interval: float) -> None:
+    """Reconcile, every ``interval`` seconds, the jobs that time alone can change (a running
+    deadline, a pending TTL).
 
-
-@kopf.timer(GROUP, VERSION, PLURAL["FineTuneJob"], interval=_CLOCK_INTERVAL, when=_needs_clock)
-async def finetunejob_clock(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger="clock")
-
-
-@kopf.timer(GROUP, VERSION, PLURAL["CompressJob"], interval=_CLOCK_INTERVAL, when=_needs_clock)
-async def compressjob_clock(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    await reconcile(runtime_of(memo), snapshot(body), Indices.of(kwargs), trigger="clock")
+    A loop of our own over the owner indices rather than kopf timers: kopf puts a finalizer on
+    every object a timer watches, so a job with a deadline or TTL could not be deleted (nor
+    pruned by a GitOps tool) while the operator is down or uninstalled.
+    """
+    indices = Indices.of(index_kwargs)
+    while True:
+        await asyncio.sleep(interval)
+        for kind, owners in indices.owners.items():
+            for (namespace, name), store in list(owners.items()):
+                owner = next(iter(store), None)
+                if owner is None:
+                    continue
+                meta = owner.get("metadata") or {}
+                spec, status = owner.get("spec") or {}, owner.get("status") or {}
+                if lifecycle.needs_clock(spec, status, meta.get("annotations") or {}):
+                    # reconcile_key logs and retries whatever fails; the loop goes on.
+                    await reconcile_key(memo, (kind, namespace, name), index_kwargs, trigger="clock")
 
 
 async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], trigger: str) -> None:

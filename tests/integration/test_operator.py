@@ -297,6 +297,28 @@ async def scenario_ttl(kube: KubeEmulator, ns: str) -> None:
     assert status(kube, ns, "shortlived")["phase"] == "Succeeded"
 
 
+async def scenario_deadline(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTJ, finetunejob("hasty", ns, activeDeadlineSeconds=2))
+    await validated(kube, ns, "hasty")
+    await reach(kube, ns, "hasty", "Running")
+    # The operator's clock needs no finalizer: the job stays deletable without the operator.
+    assert not kube.get(FTJ, ns, "hasty")["metadata"].get("finalizers")  # type: ignore[index]
+    await reach(kube, ns, "hasty", "Failed")
+    failed = condition(kube, ns, "hasty", "Failed")
+    assert failed["reason"] == "DeadlineExceeded"
+    assert "longer than activeDeadlineSeconds 2" in failed["message"]
+    await eventually(lambda: kube.get(JOBS, ns, "hasty-train-r0") is None, what="the gang Job deleted")
+
+    # Earlier versions ran the clock as kopf timers, which left this finalizer; it is released.
+    legacy = finetunejob("legacy", ns, activeDeadlineSeconds=3600)
+    legacy["metadata"]["finalizers"] = ["kubetune.io/finalizer"]
+    await create(kube, FTJ, legacy)
+    await eventually(
+        lambda: not (kube.get(FTJ, ns, "legacy") or {})["metadata"].get("finalizers"),
+        what="finalizer released",
+    )
+
+
 async def scenario_compress_waits(kube: KubeEmulator, ns: str) -> None:
     await create(kube, CJ, compressjob("squeeze", ns, model={"fromFineTuneJob": "base"}))
     st = await reach(kube, ns, "squeeze", "Waiting", CJ)
@@ -454,6 +476,7 @@ SCENARIOS: dict[str, Scenario] = {
     "serve_edit": scenario_serve_edit,
     "delete": scenario_delete,
     "ttl": scenario_ttl,
+    "deadline": scenario_deadline,
     "compress_waits": scenario_compress_waits,
     "compress_upstream_failed": scenario_compress_upstream_failed,
     "name_conflict": scenario_name_conflict,
