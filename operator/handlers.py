@@ -121,11 +121,8 @@ def runtime_of(memo: kopf.Memo) -> Runtime:
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
-    """kopf keeps its bookkeeping in kubetune.io annotations: status is pruned to the CRD schema."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-    )
+    """Only raw-event handlers and indices: kopf keeps no per-object state (no progress or diff-base
+    annotations). The finalizer's name is the one earlier versions added, so kopf releases it."""
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     settings.posting.enabled = True
     settings.posting.level = logging.INFO

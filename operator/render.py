@@ -259,11 +259,6 @@ def render_status_access(job: Job, namespace: str) -> list[Manifest]:
     ]
 
 
-def render_runner_identity(job: Job, namespace: str) -> list[Manifest]:
-    """ServiceAccount + Role + RoleBinding: the pods may get and patch this one job's status."""
-    return [render_runner_account(job, namespace), *render_status_access(job, namespace)]
-
-
 def render_base(job: Job, plan: RunPlan, namespace: str) -> list[Manifest]:
     """Children every step needs, validation included: the plan and the pods' ServiceAccount
     (unless the job runs as one of the user's, spec.storage.serviceAccountName)."""

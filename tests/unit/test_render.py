@@ -190,7 +190,8 @@ def test_children_match_the_reviewed_manifests(case: str) -> None:
 
 
 def test_runner_identity_allows_only_this_jobs_status() -> None:
-    sa, role, binding = render.render_runner_identity(CASES["lora-2-workers"], "ml")
+    sa = render.render_runner_account(CASES["lora-2-workers"], "ml")
+    role, binding = render.render_status_access(CASES["lora-2-workers"], "ml")
     owner = [render.owner_reference(CASES["lora-2-workers"])]
     meta = {
         "name": "support-lora-runner",
