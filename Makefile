@@ -15,8 +15,9 @@ EXAMPLE ?= manifests/examples/quickstart.yaml
 
 setup: $(EDITABLE_STAMP)
 
-# torch first (the CPU build on local disk), then deepspeed without build isolation (its setup
-# imports torch), then everything else resolved against the pinned set in constraints.txt.
+# torch first (PyPI's build: it carries the CUDA libraries, about 3 GB, and runs on the CPU), then
+# deepspeed without build isolation (its setup imports torch), then everything else resolved in one
+# pass against the pinned set in constraints.txt (`pip freeze` of that pass, CUDA wheels included).
 $(DEPS_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
