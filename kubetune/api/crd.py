@@ -96,9 +96,12 @@ class _CrdJsonSchema(GenerateJsonSchema):
         factory = schema.get("default_factory")
         if factory is not None and not schema.get("default_factory_takes_data"):
             value = factory()  # type: ignore[call-arg]
-            # An empty object lets the API server fill in the nested defaults itself, which
-            # keeps the schema small and the defaults declared in one place.
-            return {} if isinstance(value, BaseModel) else value
+            # The whole defaulted object, not {}: the API server checks each default against the
+            # object's CEL rules without applying the nested defaults first, so a rule reading a
+            # defaulted field fails on {} ("no such key") and the CRD is refused at install.
+            if isinstance(value, BaseModel):
+                return value.model_dump(by_alias=True, mode="json", exclude_none=True)
+            return value
         return super().get_default_value(schema)
 
     def model_schema(self, schema: core_schema.ModelSchema) -> JsonSchemaValue:
