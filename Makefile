@@ -11,7 +11,7 @@ EDITABLE_STAMP := $(VENV)/.editable-stamp
 PKG_DIRS := $(shell find kubetune operator trainer -type d -not -name __pycache__ 2>/dev/null)
 EXAMPLE ?= manifests/examples/quickstart.yaml
 
-.PHONY: setup dev-install run test test-unit lint format crds docs bench clean
+.PHONY: setup dev-install testbin run test test-unit lint format crds docs bench clean
 
 setup: $(EDITABLE_STAMP)
 
@@ -38,7 +38,12 @@ run: setup
 	$(VENV)/bin/kubetune quickstart-data
 	$(VENV)/bin/kubetune run $(EXAMPLE)
 
-test: setup
+# The real-cluster tier's binaries (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+# etcd, MinIO), built from their Go modules once per version into ~/.cache/kubetune/testbin.
+testbin:
+	bash tests/testbin/build.sh
+
+test: setup testbin
 	$(PY) -m pytest -q -ra
 
 test-unit: setup
