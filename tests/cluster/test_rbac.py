@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client, config
+from kubernetes import config
 
 from kubetune.api import FineTuneJob
 from kubetune.operator import render
