@@ -24,7 +24,7 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune.api import GROUP, VERSION, CompressJob, FineTuneJob, Phase
-from kubetune.operator import lifecycle
+from kubetune.operator import lifecycle, render
 from kubetune.operator.kube import ApiError, KubeClient, connection
 from kubetune.operator.lifecycle import Decision, Observation
 from kubetune.operator.metrics import Metrics, phases_of
@@ -34,6 +34,7 @@ from kubetune.operator.render import (
     LABEL_KIND,
     LABEL_MANAGED_BY,
     LABEL_RUNNER,
+    LABEL_STORAGE_CREDENTIALS,
     MANAGER,
     Job,
     Manifest,
@@ -70,8 +71,9 @@ class Runtime:
     # that runs before the watch delivers our own write must not act on the older state.
     written_status: dict[str, dict[str, Any]] = field(default_factory=dict)
     written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
-    # Children created (or found owned) per job uid, for kinds no index tracks.
-    ensured: set[tuple[str, str, str]] = field(default_factory=set)
+    # Children created (or found owned) per (job uid, kind, name), for kinds no index tracks, with
+    # the job generation they were brought up to date with (see lifecycle.Decision.update).
+    ensured: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
     # What mattered of each workload Job when its owner was last reconciled on its behalf (or
     # when we created it), by (namespace, Job name): watch events that change nothing of it --
     # the echo of our own create, label or annotation edits -- need no reconcile.
@@ -80,6 +82,8 @@ class Runtime:
     signatures: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
     # (job uid, ServiceAccount) pairs found labelled kubetune.io/runner: "true".
     allowed_accounts: set[tuple[str, str]] = field(default_factory=set)
+    # (job uid, Secret) pairs found labelled kubetune.io/storage-credentials: "true".
+    allowed_secrets: set[tuple[str, str]] = field(default_factory=set)
 
     retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     clock: asyncio.Task[None] | None = None
@@ -106,11 +110,20 @@ class Runtime:
             self.written_status.pop(uid, None)
             self.written_annotations.pop(uid, None)
             self.allowed_accounts = {item for item in self.allowed_accounts if item[0] != uid}
-            self.ensured = {item for item in self.ensured if item[0] != uid}
+            self.allowed_secrets = {item for item in self.allowed_secrets if item[0] != uid}
+            self.ensured = {key: value for key, value in self.ensured.items() if key[0] != uid}
 
 
 class ChildConflict(Exception):
     """A child's name is taken by an object this job does not own."""
+
+
+class ChildRejected(Exception):
+    """The API server refused a child as invalid (422): retrying the same object cannot help."""
+
+
+def rejected(manifest_kind: str, name: str, exc: ApiError) -> ChildRejected:
+    return ChildRejected(f"the API server rejected {manifest_kind} {name}: {exc.message}")
 
 
 def runtime_of(memo: kopf.Memo) -> Runtime:
@@ -453,10 +466,11 @@ async def _reconcile_locked(
         term = await _diagnose(rt, namespace, failed)
         if term is not None:
             terminations[failed] = term
-    runner_account = None
+    runner_account = storage_secret = None
     phase = status.get("phase")
     if phase is None or not Phase(phase).finished:
         runner_account = await _runner_account(rt, job, namespace, uid)
+        storage_secret = await _storage_secret(rt, job, namespace, uid)
     obs = Observation(
         job=job,
         namespace=namespace,
@@ -470,6 +484,7 @@ async def _reconcile_locked(
         terminations=terminations,
         upstream=upstream,
         runner_account=runner_account,
+        storage_secret=storage_secret,
     )
     decision = lifecycle.decide(obs)
     # Plan, Services and the runner identity do not depend on each other: create them together;
@@ -477,16 +492,23 @@ async def _reconcile_locked(
     supporting = [m for m in decision.create if m["kind"] not in WORKLOAD_KINDS]
     workloads = [m for m in decision.create if m["kind"] in WORKLOAD_KINDS]
     try:
-        await asyncio.gather(*(_ensure(rt, manifest, uid, owner) for manifest in supporting))
+        await asyncio.gather(
+            *(
+                _ensure(rt, manifest, uid, owner, update=lifecycle.ref_of(manifest) in decision.update)
+                for manifest in supporting
+            )
+        )
         for manifest in workloads:
             await _ensure(rt, manifest, uid, owner)
+        for patch in decision.patch:
+            await _patch_child(rt, namespace, patch)
     except ChildConflict as conflict:
-        decision = lifecycle.conflict_failure(obs, decision, str(conflict))
-    for patch in decision.patch:
-        await _patch_child(rt, namespace, patch)
+        decision = lifecycle.child_failure(obs, decision, lifecycle.REASON_NAME_CONFLICT, str(conflict))
+    except ChildRejected as invalid:
+        decision = lifecycle.child_failure(obs, decision, lifecycle.REASON_INVALID_CHILD, str(invalid))
     for ref in decision.delete:
         await rt.client.delete(ref.api_version, ref.kind, namespace, ref.name)
-        rt.ensured.discard((uid, ref.kind, ref.name))
+        rt.ensured.pop((uid, ref.kind, ref.name), None)
     if decision.annotations:
         await rt.client.merge_patch(
             str(owner["apiVersion"]),
@@ -502,7 +524,10 @@ async def _reconcile_locked(
         meta, {**status, **decision.status}, {**annotations, **decision.annotations}
     )
     _emit(rt, owner, decision)
-    return RETRY_DELAY if runner_account == lifecycle.RunnerAccount.missing else None
+    missing = (
+        runner_account == lifecycle.RunnerAccount.missing or storage_secret == lifecycle.StorageSecret.missing
+    )
+    return RETRY_DELAY if missing else None
 
 
 async def _runner_account(rt: Runtime, job: Job, namespace: str, uid: str) -> lifecycle.RunnerAccount | None:
@@ -522,6 +547,26 @@ async def _runner_account(rt: Runtime, job: Job, namespace: str, uid: str) -> li
         return lifecycle.RunnerAccount.not_allowed
     rt.allowed_accounts.add((uid, name))
     return lifecycle.RunnerAccount.allowed
+
+
+async def _storage_secret(rt: Runtime, job: Job, namespace: str, uid: str) -> lifecycle.StorageSecret | None:
+    """Whether the job may take storage credentials from the Secret it names (None: it names
+    none). Reads the Secret's metadata only (labels), never its values."""
+    ref = job.spec.storage.secret_ref
+    if ref is None:
+        return None
+    if (uid, ref.name) in rt.allowed_secrets:
+        return lifecycle.StorageSecret.allowed
+    try:
+        secret = await rt.client.get_metadata("v1", "Secret", namespace, ref.name)
+    except ApiError as exc:
+        if exc.status == 404:
+            return lifecycle.StorageSecret.missing
+        raise
+    if (secret["metadata"].get("labels") or {}).get(LABEL_STORAGE_CREDENTIALS) != "true":
+        return lifecycle.StorageSecret.not_allowed
+    rt.allowed_secrets.add((uid, ref.name))
+    return lifecycle.StorageSecret.allowed
 
 
 async def _write_status(
@@ -566,29 +611,55 @@ def _emit(rt: Runtime, owner: Mapping[str, Any], decision: Decision) -> None:
         rt.metrics.transitions.labels(str(owner["kind"]), str(phase)).inc()
 
 
-async def _ensure(rt: Runtime, manifest: Manifest, uid: str, owner: Mapping[str, Any]) -> None:
-    """Create a child unless it exists; a 409 is fine if the existing object is ours."""
+async def _ensure(
+    rt: Runtime, manifest: Manifest, uid: str, owner: Mapping[str, Any], *, update: bool = False
+) -> None:
+    """Create a child unless it exists; a 409 is fine if the existing object is ours. With
+    ``update`` (a ConfigMap), an existing one rendered from another generation of the job's spec
+    is brought up to date. A child the API server refuses as invalid raises ChildRejected."""
     kind, name = manifest["kind"], manifest["metadata"]["name"]
-    if (uid, kind, name) in rt.ensured:
+    namespace = manifest["metadata"]["namespace"]
+    generation = render.rendered_generation(manifest) if update else None
+    key = (uid, kind, name)
+    if key in rt.ensured and rt.ensured[key] == generation:
         return
     try:
         await rt.client.create(manifest)
         if kind == "Job":
-            rt.job_states[(manifest["metadata"]["namespace"], name)] = lifecycle.job_state(manifest)
+            rt.job_states[(namespace, name)] = lifecycle.job_state(manifest)
     except ApiError as exc:
+        if exc.status == 422:
+            raise rejected(kind, name, exc) from exc
         if exc.status != 409:
             raise
-        existing = await rt.client.get(manifest["apiVersion"], kind, manifest["metadata"]["namespace"], name)
+        existing = await rt.client.get(manifest["apiVersion"], kind, namespace, name)
         owners = (existing.get("metadata") or {}).get("ownerReferences") or []
         if not any(ref.get("uid") == uid for ref in owners):
             raise ChildConflict(
                 f"{kind} {name} already exists and does not belong to {owner['kind']} "
                 f"{owner['metadata']['name']}; delete it or choose another job name"
             ) from exc
+        if update and render.rendered_generation(existing) != generation:
+            await _refresh_configmap(rt, manifest, existing)
     # Jobs and Deployments are tracked by the indices; remembering them here would hide a
     # deletion by someone else.
     if kind not in WORKLOAD_KINDS:
-        rt.ensured.add((uid, kind, name))
+        rt.ensured[key] = generation
+
+
+async def _refresh_configmap(rt: Runtime, manifest: Manifest, existing: Mapping[str, Any]) -> None:
+    """Replace an owned ConfigMap's data with the newly rendered one (keys it no longer has go)."""
+    if manifest["kind"] != "ConfigMap":
+        raise ValueError(f"only ConfigMaps are brought up to date in place, not {manifest['kind']}")
+    meta = manifest["metadata"]
+    data = {key: None for key in existing.get("data") or {}} | dict(manifest.get("data") or {})
+    body = {"metadata": {"annotations": dict(meta.get("annotations") or {})}, "data": data}
+    try:
+        await rt.client.merge_patch("v1", "ConfigMap", meta["namespace"], meta["name"], body)
+    except ApiError as exc:
+        if exc.status == 422:
+            raise rejected("ConfigMap", meta["name"], exc) from exc
+        raise
 
 
 async def _patch_child(rt: Runtime, namespace: str, patch: lifecycle.ChildPatch) -> None:
@@ -599,6 +670,8 @@ async def _patch_child(rt: Runtime, namespace: str, patch: lifecycle.ChildPatch)
         else:
             await rt.client.merge_patch(ref.api_version, ref.kind, namespace, ref.name, patch.body)
     except ApiError as exc:
+        if exc.status == 422:
+            raise rejected(ref.kind, ref.name, exc) from exc
         if exc.status != 404:  # gone meanwhile: the next event shows it
             raise
 

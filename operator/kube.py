@@ -20,6 +20,9 @@ import kopf
 from kubetune import __version__
 
 FIELD_MANAGER: Final = "kubetune-operator"
+# Ask for an object's metadata only (metav1.PartialObjectMetadata), with no fallback to the full
+# object: a Secret's values never reach the operator.
+ACCEPT_METADATA_ONLY: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 USER_AGENT: Final = f"kubetune-operator/{__version__}"
 
 # kind -> plural of every kind the operator touches.
@@ -32,6 +35,7 @@ PLURALS: Final[dict[str, str]] = {
     "Job": "jobs",
     "Deployment": "deployments",
     "Pod": "pods",
+    "Secret": "secrets",
     "FineTuneJob": "finetunejobs",
     "CompressJob": "compressjobs",
 }
@@ -114,13 +118,17 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str | None = None,
     ) -> Any:
         session = await self._ensure_session()
         for attempt in (1, 2):
             kwargs: dict[str, Any] = {"params": dict(params or {})}
+            headers = {"Accept": accept} if accept else {}
             if body is not None:
                 kwargs["json"] = body
-                kwargs["headers"] = {"Content-Type": content_type}
+                headers["Content-Type"] = content_type
+            if headers:
+                kwargs["headers"] = headers
             async with session.request(method, self._server + path, **kwargs) as response:
                 if response.status == 401 and attempt == 1:
                     session = await self._ensure_session(renew=True)
@@ -145,6 +153,15 @@ class KubeClient:
 
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> Any:
         return await self.request("GET", resource_path(api_version, kind, namespace, name))
+
+    async def get_metadata(self, api_version: str, kind: str, namespace: str | None, name: str) -> Any:
+        """An object's metadata alone (PartialObjectMetadata): for Secrets, whose values the
+        operator must never receive. Anything but a PartialObjectMetadata answer is refused."""
+        path = resource_path(api_version, kind, namespace, name)
+        payload = await self.request("GET", path, accept=ACCEPT_METADATA_ONLY)
+        if not isinstance(payload, dict) or payload.get("kind") != "PartialObjectMetadata":
+            raise ApiError(406, "NotAcceptable", "the answer was not metadata only", "GET", path)
+        return {"metadata": payload.get("metadata") or {}}
 
     async def list_objects(
         self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None

@@ -21,11 +21,14 @@ from typing import Any, Final
 from kubetune.api import CompressJob, ConditionType, FineTuneJob, Phase
 from kubetune.api.spec import MethodType
 from kubetune.errors import EXIT_INVALID_INPUT, EXIT_STORAGE
+from kubetune.operator.admission import child_problems, disallowed_images, images_message
 from kubetune.operator.render import (
+    ANNOTATION_GENERATION,
     ANNOTATION_SPEC_HASH,
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_RUNNER,
+    LABEL_STORAGE_CREDENTIALS,
     Job,
     Manifest,
     RenderError,
@@ -56,6 +59,9 @@ REASON_UPSTREAM_FAILED: Final = "UpstreamFailed"
 REASON_NAME_CONFLICT: Final = "NameConflict"
 REASON_INVALID_SPEC: Final = "InvalidSpec"
 REASON_ACCOUNT_NOT_ALLOWED: Final = "ServiceAccountNotAllowed"
+REASON_SECRET_NOT_ALLOWED: Final = "SecretNotAllowed"
+REASON_IMAGE_NOT_ALLOWED: Final = "ImageNotAllowed"
+REASON_INVALID_CHILD: Final = "InvalidChild"
 
 # Status fields the operator owns; the runtimes own progress, checkpoints and results.
 OPERATOR_FIELDS: Final = (
@@ -103,6 +109,7 @@ class JobState:
     failed: bool = False
     failed_reason: str | None = None
     failed_message: str | None = None
+    generation: int | None = None  # the job generation it was rendered from, if recorded
 
 
 def job_state(body: Mapping[str, Any]) -> JobState:
@@ -119,6 +126,7 @@ def job_state(body: Mapping[str, Any]) -> JobState:
         elif cond.get("type") == "Failed":
             failed, reason, message = True, cond.get("reason"), cond.get("message")
     attempt = labels.get(LABEL_ATTEMPT, "0")
+    generation = str((meta.get("annotations") or {}).get(ANNOTATION_GENERATION, ""))
     return JobState(
         name=meta.get("name", ""),
         component=labels.get(LABEL_COMPONENT, ""),
@@ -131,6 +139,7 @@ def job_state(body: Mapping[str, Any]) -> JobState:
         failed=failed,
         failed_reason=reason,
         failed_message=message,
+        generation=int(generation) if generation.isdigit() else None,
     )
 
 
@@ -321,6 +330,14 @@ class RunnerAccount(StrEnum):
     allowed = "allowed"
 
 
+class StorageSecret(StrEnum):
+    """What the operator found of the Secret named by spec.storage.secretRef (metadata only)."""
+
+    missing = "missing"
+    not_allowed = "not-allowed"  # exists without the kubetune.io/storage-credentials: "true" label
+    allowed = "allowed"
+
+
 @dataclass
 class Observation:
     job: Job
@@ -335,12 +352,16 @@ class Observation:
     terminations: Mapping[str, Termination] = field(default_factory=dict)
     upstream: Upstream | None = None
     runner_account: RunnerAccount | None = None
+    storage_secret: StorageSecret | None = None
 
 
 @dataclass
 class Decision:
     status: dict[str, Any]
     create: list[Manifest] = field(default_factory=list)
+    # Of the children in ``create``, those to bring up to date where they exist from another
+    # generation of the spec (kubetune.io/generation): the plan ConfigMap until the job starts.
+    update: list[ChildRef] = field(default_factory=list)
     patch: list[ChildPatch] = field(default_factory=list)
     delete: list[ChildRef] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
@@ -454,11 +475,36 @@ class _Reconciler:
         except (RenderError, ValueError) as exc:
             self.fail(REASON_INVALID_SPEC, str(exc))
             return
-        if self._deadline_passed() or not self._runner_account_usable():
+        if (
+            self._deadline_passed()
+            or not self._spec_acceptable()
+            or not self._runner_account_usable()
+            or not self._storage_secret_usable()
+        ):
             return
-        self.decision.create += render_base(self.job, plan, self.obs.namespace)
+        follows = self._plan_follows_spec()
+        base = render_base(self.job, plan, self.obs.namespace)
+        self.decision.create += base
+        if follows:
+            # Until the job starts its spec may change: the plan follows it (ANNOTATION_GENERATION).
+            self.decision.update += [ref_of(m) for m in base if m["kind"] == "ConfigMap"]
         if not is_true(self.status.get("conditions"), ConditionType.validated):
             validation = self.jobs.get(self.names.validate)
+            if validation is not None and follows and self._rendered_before(validation):
+                # Its pod template is immutable: replace it; the next reconcile (its deletion's
+                # watch event) creates it from the current spec, which the plan already is.
+                self.decision.delete.append(ChildRef("batch/v1", "Job", validation.name))
+                self.status["activeJob"] = validation.name
+                self._event(
+                    "Normal",
+                    "SpecChanged",
+                    f"the spec changed before the job started (generation {self.obs.generation}): "
+                    "the plan was updated and the validation Job is recreated",
+                )
+                self._step(
+                    Phase.validating, "validating model and data", suspended=initially_suspended(self.job)
+                )
+                return
             if validation is None:
                 self.decision.create.append(
                     render_validation_job(self.job, self.obs.settings, plan, self.obs.namespace)
@@ -480,6 +526,50 @@ class _Reconciler:
             )
             self._event("Normal", "Validated", "model and data are readable and well-formed")
         self._reconcile_main(plan)
+
+    def _plan_follows_spec(self) -> bool:
+        """Whether the plan and the validation Job still follow spec edits: until the job starts
+        (no startTime, and the validation Job absent or still suspended, e.g. by spec.suspend or
+        waiting for Kueue). Afterwards the training fields are immutable (the CRD's rule)."""
+        if self.old.get("startTime"):
+            return False
+        validation = self.jobs.get(self.names.validate)
+        return validation is None or validation.suspended
+
+    def _rendered_before(self, state: JobState) -> bool:
+        """Whether a child was rendered from another generation of the spec than the current one."""
+        return self.obs.generation is not None and state.generation != self.obs.generation
+
+    def _spec_acceptable(self) -> bool:
+        """What the API server would refuse in the children's pod templates (checked before the
+        job starts; later edits the server itself refuses, see InvalidChild), and images outside
+        the operator's allowed prefixes."""
+        if not self.old.get("startTime"):
+            problems = child_problems(self.job)
+            if problems:
+                self.fail(REASON_INVALID_SPEC, "; ".join(problems))
+                return False
+        images = disallowed_images(self.job, self.obs.settings)
+        if images:
+            self.fail(REASON_IMAGE_NOT_ALLOWED, images_message(images, self.obs.settings))
+            return False
+        return True
+
+    def _storage_secret_usable(self) -> bool:
+        """A Secret may supply storage credentials once it exists and is labelled for it."""
+        ref = self.spec.storage.secret_ref
+        if ref is None or self.obs.storage_secret == StorageSecret.allowed:
+            return True
+        if self.obs.storage_secret == StorageSecret.not_allowed:
+            self.fail(
+                REASON_SECRET_NOT_ALLOWED,
+                f"Secret {ref.name} (spec.storage.secretRef) lacks the label "
+                f'{LABEL_STORAGE_CREDENTIALS}: "true"; whoever owns the Secret in namespace '
+                f"{self.obs.namespace} adds it to let kubetune jobs' pods receive its keys",
+            )
+        else:
+            self._phase(Phase.waiting, f"waiting for Secret {ref.name} (spec.storage.secretRef) to exist")
+        return False
 
     def _runner_account_usable(self) -> bool:
         """A ServiceAccount of the user's may be run as once it exists and is labelled for it."""
@@ -694,6 +784,14 @@ class _Reconciler:
                 self.status["serving"] = None
                 self._cond(ConditionType.serving_ready, False, "Disabled", "spec.serve.enabled is false")
             return
+        images = disallowed_images(self.job, self.obs.settings, serving_only=True)
+        if images:
+            message = images_message(images, self.obs.settings)
+            old = get_condition(self.old.get("conditions"), ConditionType.serving_ready) or {}
+            self._cond(ConditionType.serving_ready, False, REASON_IMAGE_NOT_ALLOWED, message)
+            if old.get("reason") != REASON_IMAGE_NOT_ALLOWED:
+                self._event("Warning", REASON_IMAGE_NOT_ALLOWED, message)
+            return
         deployment, service = render_serving(self.job, self.obs.settings, self.obs.namespace)
         self.decision.create.append(service)
         if dep is None:
@@ -842,16 +940,22 @@ def needs_clock(spec: Mapping[str, Any], status: Mapping[str, Any], annotations:
 
 
 def conflict_failure(obs: Observation, decided: Decision, message: str) -> Decision:
-    """A child's name is taken by an object the job does not own: the job fails, or, once it has
-    succeeded (possibly in ``decided`` itself), only its serving does. Nothing is created."""
+    """A child's name is taken by an object the job does not own."""
+    return child_failure(obs, decided, REASON_NAME_CONFLICT, message)
+
+
+def child_failure(obs: Observation, decided: Decision, reason: str, message: str) -> Decision:
+    """A child could not be created or updated, and never will be as the spec stands (its name is
+    taken: NameConflict; the API server rejected it: InvalidChild): the job fails, or, once it
+    has succeeded (possibly in ``decided`` itself), only its serving does. Nothing more is done."""
     reconciler = _Reconciler(obs)
     reconciler.status = copy.deepcopy(decided.status)
     reconciler.decision = Decision(status=reconciler.status, annotations=dict(decided.annotations))
     if reconciler.status.get("phase") == Phase.succeeded.value:
-        reconciler._cond(ConditionType.serving_ready, False, REASON_NAME_CONFLICT, message)
-        reconciler._event("Warning", REASON_NAME_CONFLICT, message)
+        reconciler._cond(ConditionType.serving_ready, False, reason, message)
+        reconciler._event("Warning", reason, message)
     else:
-        reconciler.fail(REASON_NAME_CONFLICT, message)
+        reconciler.fail(reason, message)
     reconciler._transition_events()
     return reconciler.decision
 

@@ -42,7 +42,15 @@ LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 # On a ServiceAccount: jobs may run as it (spec.storage.serviceAccountName). An opt-in by whoever
 # manages the namespace's identities, since a job's pods run code the job's author chooses.
 LABEL_RUNNER: Final = "kubetune.io/runner"
+# On a Secret: jobs may use it for storage credentials (spec.storage.secretRef), an opt-in by
+# whoever owns the Secret, since a job's pods receive its values. The operator reads only the
+# Secret's metadata to check it.
+LABEL_STORAGE_CREDENTIALS: Final = "kubetune.io/storage-credentials"
 ANNOTATION_SPEC_HASH: Final = "kubetune.io/spec-hash"
+# On the plan ConfigMap and the validation Job: the job's metadata.generation they were rendered
+# from. Until the job starts, the operator brings them up to date when the spec changes.
+ANNOTATION_GENERATION: Final = "kubetune.io/generation"
+GPU_RESOURCE: Final = "nvidia.com/gpu"
 
 COMPONENT_PLAN: Final = "plan"
 COMPONENT_WORKERS: Final = "workers"
@@ -184,12 +192,27 @@ def render_plan(job: Job, settings: Settings, namespace: str, model_uri: str | N
     return plan_compress(job, model_uri=resolved, namespace=ns, default_endpoint=settings.storage_endpoint)
 
 
+def _generation_annotations(job: Job) -> dict[str, str]:
+    generation = job.metadata.generation
+    return {ANNOTATION_GENERATION: str(generation)} if generation is not None else {}
+
+
+def rendered_generation(manifest: Manifest) -> str | None:
+    """The job generation a child was rendered from (None: unknown, e.g. an older operator's)."""
+    annotations = (manifest.get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(ANNOTATION_GENERATION)
+    return str(value) if value is not None else None
+
+
 def render_plan_configmap(job: Job, plan: RunPlan, namespace: str) -> Manifest:
     names = child_names(job)
+    meta = _metadata(job, names.plan, namespace, COMPONENT_PLAN)
+    if annotations := _generation_annotations(job):
+        meta["annotations"] = annotations
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, names.plan, namespace, COMPONENT_PLAN),
+        "metadata": meta,
         "data": {PLAN_KEY: dumps_plan(plan)},
     }
 
@@ -370,7 +393,7 @@ def _resources(requests: dict[str, str] | None, limits: dict[str, str] | None, g
         out["requests"] = dict(requests)
     merged_limits = dict(limits or {})
     if gpus:
-        merged_limits["nvidia.com/gpu"] = str(gpus)
+        merged_limits[GPU_RESOURCE] = str(gpus)
     if merged_limits:
         out["limits"] = merged_limits
     return out
@@ -447,11 +470,15 @@ def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace
     }
     if job.spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = job.spec.resources.priority_class_name
+    meta = _metadata(job, names.validate, namespace, COMPONENT_VALIDATE) | {
+        "labels": _job_labels(job, COMPONENT_VALIDATE)
+    }
+    if annotations := _generation_annotations(job):
+        meta["annotations"] = annotations
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(job, names.validate, namespace, COMPONENT_VALIDATE)
-        | {"labels": _job_labels(job, COMPONENT_VALIDATE)},
+        "metadata": meta,
         "spec": {
             "suspend": initially_suspended(job),
             "completions": 1,

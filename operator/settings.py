@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -33,6 +33,7 @@ ENVIRONMENT = {
     "KUBETUNE_VALIDATION_CPU": "validation_cpu",
     "KUBETUNE_VALIDATION_MEMORY": "validation_memory",
     "KUBETUNE_RESYNC_SECONDS": "resync_seconds",
+    "KUBETUNE_ALLOWED_IMAGE_PREFIXES": "allowed_image_prefixes",
 }
 
 
@@ -58,13 +59,36 @@ class Settings(BaseModel):
     validation_cpu: str = Field("1", pattern=QUANTITY_PATTERN)
     validation_memory: str = Field("4Gi", pattern=QUANTITY_PATTERN)
     resync_seconds: float = Field(10.0, gt=0, description="Period of deadline and TTL checks.")
+    allowed_image_prefixes: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        (),
+        description="Prefixes the images a job names (spec.resources.image, spec.serve.image) must "
+        "start with, e.g. registry.example.com/ml/; empty allows any image.",
+    )
 
-    @field_validator("namespaces", mode="before")
+    @field_validator("namespaces", "allowed_image_prefixes", mode="before")
     @classmethod
-    def _split_namespaces(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    def image_allowed(self, image: str) -> bool:
+        """Whether a job may name ``image``. A prefix matches at a boundary of the reference: a
+        prefix ``registry.example.com`` allows ``registry.example.com/x`` but not
+        ``registry.example.com.evil.io/x``; one ending in ``/``, ``:`` or ``@`` matches as written."""
+        if not self.allowed_image_prefixes:
+            return True
+        for prefix in self.allowed_image_prefixes:
+            if not image.startswith(prefix):
+                continue
+            if prefix.endswith(("/", ":", "@")) or image[len(prefix) : len(prefix) + 1] in (
+                "",
+                "/",
+                ":",
+                "@",
+            ):
+                return True
+        return False
 
     @property
     def effective_serve_image(self) -> str:

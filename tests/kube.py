@@ -57,6 +57,7 @@ RESOURCES: tuple[tuple[str, str, bool, frozenset[str]], ...] = (
     ("v1/configmaps", "ConfigMap", True, frozenset()),
     ("v1/services", "Service", True, frozenset({"status"})),
     ("v1/serviceaccounts", "ServiceAccount", True, frozenset()),
+    ("v1/secrets", "Secret", True, frozenset()),
     ("rbac.authorization.k8s.io/v1/roles", "Role", True, frozenset()),
     ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True, frozenset()),
 )
@@ -338,6 +339,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj = self._find(request.resource, request.namespace, request.name)
         if obj is None:
             raise kmock.KubernetesObjectNotFoundError()
+        if "as=PartialObjectMetadata" in str(request.headers.get("Accept", "")):
+            # What a metadata-only GET answers: the object's metadata, none of its data.
+            return {
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadata",
+                "metadata": copy.deepcopy(obj.raw.get("metadata", {})),
+            }
         return obj.raw
 
     async def _serve_create(self, request: kmock.Request) -> Any:
@@ -705,7 +713,9 @@ def finetunejob(name: str, namespace: str = "default", **spec: Any) -> dict[str,
         "hyperparameters": {"maxSteps": 20, "learningRate": 0.0002},
         "resources": {"workers": 2, "requests": {"cpu": "2", "memory": "8Gi"}},
         "output": {"uri": f"s3://runs/{name}"},
-        "storage": {"endpoint": "http://minio.storage:9000", "secretRef": {"name": "s3-credentials"}},
+        # No secretRef: a job may use a Secret only once it is labelled for it (see the
+        # operator's storage_secret scenario).
+        "storage": {"endpoint": "http://minio.storage:9000"},
     }
     return {
         "apiVersion": "kubetune.io/v1alpha1",

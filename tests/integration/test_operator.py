@@ -394,6 +394,154 @@ async def scenario_workload_identity(kube: KubeEmulator, ns: str) -> None:
     assert not [n for n in kube.names(JOBS, ns) if n.startswith("borrower")]
 
 
+def plan_of(kube: KubeEmulator, ns: str, name: str) -> dict[str, Any]:
+    configmap = kube.get("v1/configmaps", ns, f"{name}-plan") or {}
+    return dict(json.loads((configmap.get("data") or {}).get("plan.json") or "{}"))
+
+
+def generation_of(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata", {}).get("annotations") or {}).get("kubetune.io/generation")
+
+
+async def scenario_spec_edit_before_start(kube: KubeEmulator, ns: str) -> None:
+    """A job created suspended already has its plan and validation Job; edits until it starts
+    reach both (they used to keep the first plan while status advertised the new output)."""
+    await create(kube, FTJ, finetunejob("drafted", ns, suspend=True))
+    first = await job_exists(kube, ns, "drafted-validate")
+    assert first["spec"]["suspend"] is True
+    await reach(kube, ns, "drafted", "Suspended")
+    assert plan_of(kube, ns, "drafted")["output_uri"] == "s3://runs/drafted"
+    assert generation_of(kube.get("v1/configmaps", ns, "drafted-plan")) == "1"
+    await patch(
+        kube,
+        FTJ,
+        ns,
+        "drafted",
+        {"spec": {"output": {"uri": "s3://runs/drafted-v2"}, "hyperparameters": {"maxSteps": 40}}},
+    )
+    await eventually(
+        lambda: plan_of(kube, ns, "drafted").get("output_uri") == "s3://runs/drafted-v2",
+        what="the plan follows the edit",
+    )
+    assert plan_of(kube, ns, "drafted")["hyperparameters"]["max_steps"] == 40
+    assert generation_of(kube.get("v1/configmaps", ns, "drafted-plan")) == "2"
+
+    def recreated() -> dict[str, Any] | None:
+        job = kube.get(JOBS, ns, "drafted-validate")
+        return job if job and job["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+    second = await eventually(recreated, what="the validation Job recreated")
+    assert generation_of(second) == "2"
+    assert second["spec"]["suspend"] is True
+    await eventually(lambda: events(kube, ns, "SpecChanged"))
+    # Resuming is an edit too (generation 3); then the job starts and its plan is frozen.
+    await patch(kube, FTJ, ns, "drafted", {"spec": {"suspend": False}})
+
+    def started() -> dict[str, Any] | None:
+        job = kube.get(JOBS, ns, "drafted-validate")
+        return job if job and job["spec"]["suspend"] is False else None
+
+    running = await eventually(started, what="the validation Job runs")
+    assert generation_of(running) == "3"
+    st = await reach(kube, ns, "drafted", "Validating")
+    assert st["startTime"]
+    await validated(kube, ns, "drafted")
+    assert plan_of(kube, ns, "drafted")["output_uri"] == "s3://runs/drafted-v2"
+    assert status(kube, ns, "drafted")["observedGeneration"] == 3
+
+
+def secret(name: str, ns: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+        "stringData": {"AWS_ACCESS_KEY_ID": "AKIA-TEST-ID", "AWS_SECRET_ACCESS_KEY": "not-for-the-operator"},
+    }
+
+
+STORAGE_WITH_SECRET = {"endpoint": "http://minio.storage:9000", "secretRef": {"name": "team-keys"}}
+
+
+async def scenario_storage_secret(kube: KubeEmulator, ns: str) -> None:
+    """A Secret supplies storage credentials only once its owner labels it for kubetune."""
+    await create(kube, FTJ, finetunejob("keyed", ns, storage=STORAGE_WITH_SECRET))
+    st = await reach(kube, ns, "keyed", "Waiting")
+    assert "Secret team-keys (spec.storage.secretRef)" in st["message"]
+    assert kube.get(JOBS, ns, "keyed-validate") is None
+    await create(kube, "v1/secrets", secret("team-keys", ns, {"kubetune.io/storage-credentials": "true"}))
+    validate = await job_exists(kube, ns, "keyed-validate")  # the operator looks again every 10 s
+    env = validate["spec"]["template"]["spec"]["containers"][0]["env"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e}
+    assert refs == {"AWS_ACCESS_KEY_ID": "team-keys", "AWS_SECRET_ACCESS_KEY": "team-keys"}
+
+    await create(kube, "v1/secrets", secret("deploy-keys", ns))
+    unlabelled = {**STORAGE_WITH_SECRET, "secretRef": {"name": "deploy-keys"}}
+    await create(kube, FTJ, finetunejob("borrowed", ns, storage=unlabelled))
+    await reach(kube, ns, "borrowed", "Failed")
+    failed = condition(kube, ns, "borrowed", "Failed")
+    assert failed["reason"] == "SecretNotAllowed"
+    assert 'kubetune.io/storage-credentials: "true"' in failed["message"]
+    assert not [n for n in kube.names(JOBS, ns) if n.startswith("borrowed")]
+    await eventually(lambda: events(kube, ns, "SecretNotAllowed"))
+    assert_secrets_read_as_metadata_only(kube)
+
+
+def assert_secrets_read_as_metadata_only(kube: KubeEmulator) -> None:
+    secret_requests = [
+        r for r in operator_requests(kube) if r.resource is not None and r.resource.plural == "secrets"
+    ]
+    assert secret_requests, "the operator checked the Secrets"
+    for request in secret_requests:
+        assert (
+            str(request.method.value if hasattr(request.method, "value") else request.method).upper() == "GET"
+        )
+        assert request.name, "a single Secret, never a list or watch"
+        assert str(request.headers.get("Accept")) == (
+            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+        ), "metadata only, with no fallback to the whole Secret"
+
+
+REJECTION = (
+    'Job.batch "picky-validate" is invalid: spec.template.spec.priorityClassName: Invalid value: '
+    '"batch-low": denied by ValidatingAdmissionPolicy require-team-priority'
+)
+
+
+async def scenario_rejected_child(kube: KubeEmulator, ns: str) -> None:
+    """A child the API server refuses (422) fails the job at once with the server's message; it
+    used to be retried every 10 seconds forever with nothing on the job."""
+    path = f"/apis/batch/v1/namespaces/{ns}/jobs"
+    (
+        kube[f"post {path}"]
+        << 422
+        << {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "reason": "Invalid",
+            "code": 422,
+            "message": REJECTION,
+        }
+    )
+    await create(kube, FTJ, finetunejob("picky", ns))
+    st = await reach(kube, ns, "picky", "Failed")
+    failed = condition(kube, ns, "picky", "Failed")
+    assert failed["reason"] == "InvalidChild"
+    assert failed["message"] == f"the API server rejected Job picky-validate: {REJECTION}"
+    assert st["message"] == failed["message"]
+    await eventually(lambda: any(REJECTION in e["message"] for e in events(kube, ns, "InvalidChild")))
+    posts = [
+        r
+        for r in operator_requests(kube)
+        if r.resource is not None
+        and r.resource.plural == "jobs"
+        and r.namespace == ns
+        and not r.name
+        and str(r.method.value if hasattr(r.method, "value") else r.method).upper() == "POST"
+    ]
+    assert len(posts) == 1, "tried once, not again"
+
+
 async def scenario_restart_no_duplicates(kube: KubeEmulator, ns: str, running: Operator) -> None:
     await create(kube, FTJ, finetunejob("steady", ns, serve={"enabled": True}))
     await validated(kube, ns, "steady")
@@ -481,6 +629,10 @@ SCENARIOS: dict[str, Scenario] = {
     "compress_upstream_failed": scenario_compress_upstream_failed,
     "name_conflict": scenario_name_conflict,
     "workload_identity": scenario_workload_identity,
+    "spec_edit_before_start": scenario_spec_edit_before_start,
+    "storage_secret": scenario_storage_secret,
+    # Last: its reaction sends the emulator's later requests through KMock's slower matching.
+    "rejected_child": scenario_rejected_child,
 }
 
 
@@ -660,7 +812,8 @@ async def test_clusterrole_allows_exactly_what_the_operator_uses(
     assert not used - granted, f"requests the ClusterRole does not allow: {sorted(used - granted)}"
     unused = granted - used - delegated_triples()
     assert not unused, f"ClusterRole rules never used: {sorted(unused)}"
-    assert not {t for t in granted if t[2] == "secrets"}, "the operator never reads Secrets"
+    assert {t for t in granted if t[2] == "secrets"} == {("get", "", "secrets")}
+    assert_secrets_read_as_metadata_only(kube)
     rendered_roles = [
         kube.get("rbac.authorization.k8s.io/v1/roles", "rbac-0", "owned-runner"),
     ]

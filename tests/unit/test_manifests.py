@@ -138,10 +138,14 @@ def test_operator_deployment_meets_pod_security_restricted() -> None:
     assert pod["serviceAccountName"] == load("operator/serviceaccount.yaml")["metadata"]["name"]
 
 
-def test_operator_cannot_read_secrets() -> None:
+def test_operator_cannot_list_or_watch_secrets() -> None:
+    """Only "get" on Secrets, which the operator sends as metadata-only requests (the
+    integration RBAC test checks every one); never list or watch, which would stream values."""
     role = load("operator/clusterrole.yaml")
     for rule in role["rules"]:
-        assert "secrets" not in rule.get("resources", []), rule
+        if "secrets" in rule.get("resources", []):
+            assert rule["resources"] == ["secrets"], rule
+            assert rule["verbs"] == ["get"], rule
         assert "*" not in rule.get("verbs", []), rule
         assert "*" not in rule.get("resources", []), rule
 
@@ -187,6 +191,8 @@ def test_secret_template_holds_only_placeholders() -> None:
     secret = load("examples/s3-secret.yaml")
     assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all(value.startswith("REPLACE-WITH-") for value in secret["stringData"].values())
+    # Jobs may use it for storage credentials only with this opt-in label.
+    assert secret["metadata"]["labels"] == {"kubetune.io/storage-credentials": "true"}
 
 
 # --- Dockerfiles ------------------------------------------------------------------------------
