@@ -663,6 +663,29 @@ async def test_namespaced_operator_ignores_other_namespaces(kube: KubeEmulator, 
         await running.stop()
 
 
+async def test_images_outside_the_allowed_prefixes_are_refused(kube: KubeEmulator, kubeconfig: Path) -> None:
+    settings = TEST_SETTINGS.model_copy(update={"allowed_image_prefixes": ("registry.example.com/ml/",)})
+    running = Operator(settings=settings)
+    await running.start()
+    ns = "team-a"
+    try:
+        rogue = {"workers": 2, "image": "docker.io/someone/miner:latest"}
+        await create(kube, FTJ, finetunejob("rogue", ns, resources=rogue))
+        await reach(kube, ns, "rogue", "Failed")
+        failed = condition(kube, ns, "rogue", "Failed")
+        assert failed["reason"] == "ImageNotAllowed"
+        assert "spec.resources.image docker.io/someone/miner:latest is not allowed" in failed["message"]
+        assert "registry.example.com/ml/ (KUBETUNE_ALLOWED_IMAGE_PREFIXES)" in failed["message"]
+        assert not [n for n in kube.names(JOBS, ns) if n.startswith("rogue")]
+        await eventually(lambda: events(kube, ns, "ImageNotAllowed"))
+        vetted = {"workers": 2, "image": "registry.example.com/ml/trainer:2"}
+        await create(kube, FTJ, finetunejob("vetted", ns, resources=vetted))
+        validate = await job_exists(kube, ns, "vetted-validate")
+        assert validate["spec"]["template"]["spec"]["containers"][0]["image"] == vetted["image"]
+    finally:
+        await running.stop()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -660,6 +660,22 @@ def test_settings_from_environment() -> None:
     assert settings.storage_endpoint is None
     with pytest.raises(SettingsError, match="KUBETUNE_LOG_FORMAT='xml'"):
         Settings.from_env({"KUBETUNE_LOG_FORMAT": "xml"})
+    prefixes = Settings.from_env(
+        {"KUBETUNE_ALLOWED_IMAGE_PREFIXES": "registry.example.com/ml/, ghcr.io/acme,"}
+    )
+    assert prefixes.allowed_image_prefixes == ("registry.example.com/ml/", "ghcr.io/acme")
+    assert Settings.from_env({}).allowed_image_prefixes == ()
+
+
+def test_plan_and_validation_job_record_the_generation_they_were_rendered_from() -> None:
+    doc = CASES["lora-2-workers"].model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc["metadata"]["generation"] = 4
+    edited = FineTuneJob.model_validate(doc)
+    children = {m["metadata"]["name"]: m for m in render.render_all(edited, SETTINGS, "ml")}
+    for name in ("support-lora-plan", "support-lora-validate"):
+        assert children[name]["metadata"]["annotations"] == {"kubetune.io/generation": "4"}, name
+        assert render.rendered_generation(children[name]) == "4"
+    assert "annotations" not in children["support-lora-train-r0"]["metadata"]
 
 
 def test_rendering_is_pure_and_the_operator_is_torch_free() -> None:

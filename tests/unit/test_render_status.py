@@ -451,3 +451,265 @@ def test_a_log_tail_termination_message_becomes_its_last_line() -> None:
     tail = "ning: all_gather is deprecated\nTraceback (most recent call last):\n  File x\nRuntimeError: NCCL timeout\n"
     term = Termination(pod="p-0", container="trainer", exit_code=1, reason="Error", message=tail)
     assert term.describe() == "RuntimeError: NCCL timeout (container trainer of pod p-0 exited with code 1)"
+
+
+# --- Spec edits before the job starts (issue 12, part 3) ----------------------------------------
+
+
+def edited(generation: int, **spec: Any) -> FineTuneJob:
+    job = ftj(**spec)
+    job.metadata.generation = generation
+    return job
+
+
+def validation(generation: int | None, suspended: bool = True) -> JobState:
+    return job("ft-validate", "validate", suspended=suspended, generation=generation)
+
+
+def plan_ref(d: lifecycle.Decision) -> list[str]:
+    return [f"{ref.kind}/{ref.name}" for ref in d.update]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"suspend": True}, {"queueName": "team-queue"}],
+    ids=["suspended", "waiting-for-kueue"],
+)
+def test_an_edit_before_the_start_re_renders_the_plan_and_the_validation_job(spec: dict[str, Any]) -> None:
+    first = decide(observe(edited(1, **spec)))
+    configmap = next(m for m in first.create if m["kind"] == "ConfigMap")
+    assert configmap["metadata"]["annotations"] == {"kubetune.io/generation": "1"}
+    assert plan_ref(first) == ["ConfigMap/ft-plan"], "the plan follows the spec until the start"
+    new = edited(2, output={"uri": "s3://runs/ft-v2"}, **spec)
+    obs = observe(new, first.status, jobs=[validation(1)])
+    obs.generation = 2
+    d = decide(obs)
+    configmap = next(m for m in d.create if m["kind"] == "ConfigMap")
+    assert '"output_uri": "s3://runs/ft-v2"' in configmap["data"]["plan.json"]
+    assert configmap["metadata"]["annotations"] == {"kubetune.io/generation": "2"}
+    assert plan_ref(d) == ["ConfigMap/ft-plan"]
+    assert d.delete == [ChildRef("batch/v1", "Job", "ft-validate")], "its pod template is immutable"
+    assert "Job/ft-validate" not in created(d), "created again once the old one is gone"
+    assert ("Normal", "SpecChanged") in [(e.type, e.reason) for e in d.events]
+    assert "startTime" not in d.status
+    # Once gone, it comes back from the current generation.
+    again = observe(new, d.status, jobs=[])
+    again.generation = 2
+    validate = next(m for m in decide(again).create if m["metadata"]["name"] == "ft-validate")
+    assert validate["metadata"]["annotations"] == {"kubetune.io/generation": "2"}
+    # The same generation changes nothing.
+    same = observe(new, d.status, jobs=[validation(2)])
+    same.generation = 2
+    assert decide(same).delete == []
+
+
+def test_after_the_start_the_plan_and_validation_job_stay_as_they_are() -> None:
+    started = {"phase": "Validating", "startTime": T(NOW), "restarts": 0, "activeJob": "ft-validate"}
+    obs = observe(edited(2, serve={"enabled": True}), started, jobs=[validation(1, suspended=False)])
+    obs.generation = 2
+    d = decide(obs)
+    assert d.update == []
+    assert d.delete == []
+    # A running validation Job of a job whose startTime is not written yet is not replaced either.
+    obs = observe(edited(2), {}, jobs=[validation(1, suspended=False)])
+    obs.generation = 2
+    d = decide(obs)
+    assert d.update == []
+    assert d.delete == []
+
+
+def test_the_generation_a_job_was_rendered_from_is_observed() -> None:
+    body = {"metadata": {"name": "ft-validate", "annotations": {"kubetune.io/generation": "7"}}}
+    assert lifecycle.job_state(body).generation == 7
+    assert lifecycle.job_state({"metadata": {"name": "ft-validate"}}).generation is None
+
+
+# --- Children the API server would refuse (issue 12, part 5) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        (
+            {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "a100"}]},
+            "spec.resources.tolerations[0].value: must be empty when operator is Exists (got 'a100')",
+        ),
+        (
+            {"tolerations": [{"operator": "Equal", "value": "x"}]},
+            "spec.resources.tolerations[0].operator: must be Exists when key is empty",
+        ),
+        (
+            {"tolerations": [{"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 60}]},
+            "spec.resources.tolerations[0].tolerationSeconds: only allowed with effect NoExecute",
+        ),
+        (
+            {"tolerations": [{"key": "bad key!", "operator": "Exists"}]},
+            "spec.resources.tolerations[0].key: invalid value 'bad key!'",
+        ),
+        ({"nodeSelector": {"gpu type": "a100"}}, "spec.resources.nodeSelector: invalid key 'gpu type'"),
+        (
+            {"nodeSelector": {"example.com/gpu": "a100 80gb"}},
+            "spec.resources.nodeSelector[example.com/gpu]: invalid value 'a100 80gb'",
+        ),
+        (
+            {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "8Gi"}},
+            "spec.resources.requests[memory]: 16Gi is more than the limit 8Gi (spec.resources.limits[memory])",
+        ),
+        (
+            {"requests": {"cpu": "1500m"}, "limits": {"cpu": "1"}},
+            "spec.resources.requests[cpu]: 1500m is more than the limit 1",
+        ),
+        (
+            {"gpusPerWorker": 1, "requests": {"nvidia.com/gpu": "2"}},
+            "spec.resources.requests[nvidia.com/gpu]: 2 is more than the limit 1 (spec.resources.gpus)",
+        ),
+        ({"requests": {"cpu": "-1"}}, "spec.resources.requests[cpu]: must not be negative (got -1)"),
+        (
+            {"requests": {"gpu": "1"}},
+            "spec.resources.requests[gpu]: 'gpu' is not a resource the API server accepts",
+        ),
+    ],
+    ids=[
+        "exists-with-value",
+        "no-key-equal",
+        "seconds-without-noexecute",
+        "bad-toleration-key",
+        "bad-selector-key",
+        "bad-selector-value",
+        "memory-above-limit",
+        "cpu-above-limit",
+        "gpu-request-above-gpus",
+        "negative",
+        "unknown-resource",
+    ],
+)
+def test_children_the_api_server_would_refuse_fail_the_job_before_any_exists(
+    resources: dict[str, Any], expected: str
+) -> None:
+    d = decide(observe(ftj(resources={"workers": 2, **resources})))
+    assert d.create == []
+    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    assert failed is not None
+    assert failed["reason"] == "InvalidSpec"
+    assert expected in failed["message"]
+
+
+def test_valid_placement_and_resources_pass() -> None:
+    resources = {
+        "workers": 2,
+        "gpusPerWorker": 1,
+        "requests": {"cpu": "3500m", "memory": "16Gi", "nvidia.com/gpu": "1"},
+        "limits": {"memory": "16Gi", "cpu": "4"},
+        "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": ""},
+        "tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"operator": "Exists"},
+            {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 30},
+        ],
+    }
+    d = decide(observe(ftj(resources=resources)))
+    assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
+
+
+def test_a_rejected_child_fails_the_job_or_after_success_only_its_serving() -> None:
+    obs = observe(ftj())
+    rejected = "the API server rejected Job ft-validate: spec.template.spec.x: Invalid value: 1"
+    d = lifecycle.child_failure(obs, decide(obs), lifecycle.REASON_INVALID_CHILD, rejected)
+    assert d.create == []
+    assert d.status["phase"] == "Failed"
+    assert d.status["message"] == rejected
+    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    assert failed is not None
+    assert failed["reason"] == "InvalidChild"
+    assert ("Warning", "InvalidChild") in [(e.type, e.reason) for e in d.events]
+    done = {"phase": "Succeeded", "completionTime": T(NOW), "restarts": 0}
+    served = observe(ftj(serve={"enabled": True}), done)
+    d = lifecycle.child_failure(served, decide(served), lifecycle.REASON_INVALID_CHILD, rejected)
+    assert d.status["phase"] == "Succeeded"
+    serving = lifecycle.get_condition(d.status["conditions"], "ServingReady")
+    assert serving is not None
+    assert serving["reason"] == "InvalidChild"
+
+
+# --- What a job may reference (issue 12, part 7) --------------------------------------------------
+
+SECRET = {"storage": {"secretRef": {"name": "team-keys"}}}
+
+
+def test_a_job_waits_for_the_secret_it_names() -> None:
+    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.missing))
+    assert d.create == []
+    assert d.status["phase"] == "Waiting"
+    assert d.status["message"] == "waiting for Secret team-keys (spec.storage.secretRef) to exist"
+
+
+def test_a_secret_without_the_storage_credentials_label_fails_the_job() -> None:
+    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.not_allowed))
+    assert d.create == []
+    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    assert failed is not None
+    assert failed["reason"] == "SecretNotAllowed"
+    assert (
+        'Secret team-keys (spec.storage.secretRef) lacks the label kubetune.io/storage-credentials: "true"'
+        in (failed["message"])
+    )
+
+
+def test_a_labelled_secret_is_used() -> None:
+    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.allowed))
+    assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
+
+
+ALLOWED = Settings(allowed_image_prefixes=("registry.example.com/ml/", "ghcr.io/acme"))
+
+
+@pytest.mark.parametrize(
+    ("image", "allowed"),
+    [
+        ("registry.example.com/ml/trainer:1", True),
+        ("ghcr.io/acme/trainer@sha256:abc", True),
+        ("ghcr.io/acme", True),
+        ("ghcr.io/acme-evil/trainer:1", False),
+        ("ghcr.io/acme.evil.io/x", False),
+        ("registry.example.com/other/trainer:1", False),
+        ("trainer:1", False),
+    ],
+)
+def test_image_prefixes_match_at_a_boundary(image: str, allowed: bool) -> None:
+    assert ALLOWED.image_allowed(image) is allowed
+    assert Settings().image_allowed(image), "no prefixes: any image"
+
+
+def test_an_image_outside_the_allowed_prefixes_fails_the_job() -> None:
+    job = ftj(resources={"workers": 2, "image": "docker.io/someone/miner:1"})
+    obs = observe(job)
+    obs.settings = ALLOWED
+    d = decide(obs)
+    assert d.create == []
+    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    assert failed is not None
+    assert failed["reason"] == "ImageNotAllowed"
+    assert failed["message"] == (
+        "spec.resources.image docker.io/someone/miner:1 is not allowed: the operator runs only images "
+        "starting with registry.example.com/ml/, ghcr.io/acme (KUBETUNE_ALLOWED_IMAGE_PREFIXES)"
+    )
+    ok = observe(ftj(resources={"workers": 2, "image": "registry.example.com/ml/trainer:2"}))
+    ok.settings = ALLOWED
+    validate = next(m for m in decide(ok).create if m["metadata"]["name"] == "ft-validate")
+    assert (
+        validate["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/ml/trainer:2"
+    )
+
+
+def test_a_serving_image_edited_after_success_is_refused_without_touching_serving() -> None:
+    done = {"phase": "Succeeded", "completionTime": T(NOW), "restarts": 0}
+    obs = observe(ftj(serve={"enabled": True, "image": "docker.io/someone/server:1"}), done)
+    obs.settings = ALLOWED
+    d = decide(obs)
+    assert d.create == []
+    assert d.patch == []
+    assert d.status["phase"] == "Succeeded"
+    serving = lifecycle.get_condition(d.status["conditions"], "ServingReady")
+    assert serving is not None
+    assert serving["reason"] == "ImageNotAllowed"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "ImageNotAllowed")]
