@@ -5,9 +5,11 @@
 kube-scheduler built from source, tests/cluster/controlplane.py), kubetune installed with
 ``kubectl apply -k manifests``; the requests of the benchmark itself are made as the cluster admin,
 the operator authenticates with a token of its own ServiceAccount, so the real RBAC authorizer and
-admission chain judge every request it makes. No kubelet: Jobs are created, not run (the Job
-controller creates their pods, which stay Pending). Requests the server refused the operator are
-counted from the audit log and printed.
+admission chain judge every request it makes. No kubelet: Jobs are created, not run, and the
+controller manager and scheduler are stopped once kubetune is installed, so only the operator and
+this script load the API server (``--with-controllers`` keeps them: the Job controller then creates
+every job's pod, which stays Pending, under Pod Security ``restricted``). Requests the server
+refused the operator are counted from the audit log and printed.
 
 Either way the operator runs as its own process (``python -m kubetune.operator`` against the
 emulator, ``kubetune operator`` against the real server, as in a cluster). For every job the clock
@@ -19,7 +21,8 @@ Baseline, measured in the same run against the same server with the operator sto
 client creating the same jobs, the same children and status writes directly (no watch, no
 decisions), i.e. what the API server alone costs; the ratio is the operator's overhead on top.
 
-    .venv/bin/python bench/bench_operator.py [--server emulator|real] [--jobs 1000] [--concurrency 50]
+    .venv/bin/python bench/bench_operator.py [--server emulator|real [--with-controllers]] [--jobs 1000]
+        [--concurrency 50]
 """
 
 from __future__ import annotations
@@ -159,20 +162,20 @@ async def baseline(send: Send, namespace: str, count: int, concurrency: int) -> 
 
 @dataclass
 class Measurement:
-    """What one operator run produced, for :func:`report`."""
+    """What one operator run produced, for :func:`report`; filled in as the run goes."""
 
     server: str
     count: int
     concurrency: int
-    create_seconds: float
-    finished: bool
-    started: float
-    job_at: dict[str, float]
-    status_at: dict[str, float]
-    created: dict[str, float]
-    rss_mb: float
-    rss_idle_mb: float
-    cpu: dict[str, float]
+    create_seconds: float = float("nan")
+    finished: bool = False
+    started: float = float("nan")
+    created: dict[str, float] = field(default_factory=dict)
+    job_at: dict[str, float] = field(default_factory=dict)
+    status_at: dict[str, float] = field(default_factory=dict)
+    rss_mb: float = float("nan")
+    rss_idle_mb: float = float("nan")
+    cpu: dict[str, float] = field(default_factory=dict)
     baseline_seconds: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
@@ -222,6 +225,7 @@ def report(m: Measurement) -> int:
 
 
 async def run_emulator(count: int, concurrency: int, timeout: float) -> Measurement:
+    m = Measurement("emulator", count, concurrency)
     async with KubeEmulator() as kube, kmock.Server(kube):
         kube.register_resources()
         send = emulator_sender(kube)
@@ -250,17 +254,17 @@ async def run_emulator(count: int, concurrency: int, timeout: float) -> Measurem
         try:
             # Warm-up: one job through to its validation Job, so the operator is watching.
             await send("POST", api_path(FTJ, "warmup"), finetunejob("warmup", "warmup"))
-            if not await wait_until(lambda: kube.get("batch/v1/jobs", "warmup", "warmup-validate"), 60):
+            if not await wait_until(lambda: bool(kube.get("batch/v1/jobs", "warmup", "warmup-validate")), 60):
                 raise SystemExit(f"operator did not start; see {workdir / 'operator.log'}")
-            rss_idle = peak_rss_mb(proc.pid)
+            m.rss_idle_mb = peak_rss_mb(proc.pid)
             cpu_operator_before = cpu_seconds(proc.pid)
             cpu_emulator_before = cpu_seconds(os.getpid())
 
             ns = "bench"
             journal_start = len(kube.journal)
-            started = time.monotonic()
-            created = await create_jobs(send, ns, count, concurrency)
-            create_seconds = time.monotonic() - started
+            m.started = time.monotonic()
+            m.created = await create_jobs(send, ns, count, concurrency)
+            m.create_seconds = time.monotonic() - m.started
 
             seen_jobs: set[str] = set()
             seen_status: set[str] = set()
@@ -276,9 +280,9 @@ async def run_emulator(count: int, concurrency: int, timeout: float) -> Measurem
                         seen_status.add(name)
                 return len(seen_jobs) >= count and len(seen_status) >= count
 
-            finished = await wait_until(done, timeout)
-            rss = peak_rss_mb(proc.pid)
-            cpu = {
+            m.finished = await wait_until(done, timeout)
+            m.rss_mb = peak_rss_mb(proc.pid)
+            m.cpu = {
                 "operator": cpu_seconds(proc.pid) - cpu_operator_before,
                 "emulator+client": cpu_seconds(os.getpid()) - cpu_emulator_before,
             }
@@ -299,22 +303,9 @@ async def run_emulator(count: int, concurrency: int, timeout: float) -> Measurem
                 job_at.setdefault(name.removesuffix("-validate"), at)
             elif action == "update" and plural == "finetunejobs/status":
                 status_at.setdefault(name, at)
-        measurement = Measurement(
-            "emulator",
-            count,
-            concurrency,
-            create_seconds,
-            finished,
-            started,
-            job_at,
-            status_at,
-            created,
-            rss,
-            rss_idle,
-            cpu,
-        )
-        measurement.baseline_seconds = await baseline(send, "baseline", count, concurrency)
-        return measurement
+        m.job_at, m.status_at = job_at, status_at
+        m.baseline_seconds = await baseline(send, "baseline", count, concurrency)
+        return m
 
 
 # --- a real API server --------------------------------------------------------------------------
@@ -423,13 +414,21 @@ def refused_operator_requests(plane: ControlPlane) -> Counter[str]:
     return refused
 
 
-async def run_real(count: int, concurrency: int, timeout: float) -> Measurement:
+async def run_real(count: int, concurrency: int, timeout: float, with_controllers: bool) -> Measurement:
+    m = Measurement("real", count, concurrency)
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     plane = ControlPlane(workdir / "control-plane")
     print(f"control plane and operator logs: {workdir}")
+    api: RealAPI | None = None
     try:
         plane.start()
         install_kubetune(plane)
+        if not with_controllers:
+            # Creating a Job needs neither: without them nothing else loads the API server (the
+            # Job controller would create every job's pod at its own 20 requests/s meanwhile).
+            for component in plane.components:
+                if component.name in ("kube-controller-manager", "kube-scheduler"):
+                    component.stop()
         for namespace in ("warmup", "bench", "baseline"):
             manifest = {
                 "apiVersion": "v1",
@@ -443,7 +442,7 @@ async def run_real(count: int, concurrency: int, timeout: float) -> Measurement:
         deployment_env = operator_env(KUBETUNE_RESYNC_SECONDS=str(Settings().resync_seconds))
         operator = OperatorProcess(plane, workdir, deployment_env)
         api = RealAPI(plane, concurrency + 4)
-        server_pids = {c.name: c.process.pid for c in plane.components if c.process is not None}
+        server_pids = {c.name: c.process.pid for c in plane.components if c.process is not None and c.alive()}
         try:
             operator.start()
             assert operator.process is not None
@@ -459,61 +458,50 @@ async def run_real(count: int, concurrency: int, timeout: float) -> Measurement:
                 if time.monotonic() > deadline or not operator.alive():
                     raise SystemExit(f"the operator did not create the warm-up Job; see {operator.log}")
                 await asyncio.sleep(0.2)
-            rss_idle = peak_rss_mb(pid)
+            m.rss_idle_mb = peak_rss_mb(pid)
             before = {"operator": cpu_seconds(pid)} | {n: cpu_seconds(p) for n, p in server_pids.items()}
             before["bench client"] = cpu_seconds(os.getpid())
 
             async with watching(api, "bench") as (jobs, phases):
-                started = time.monotonic()
-                created = await create_jobs(api.send, "bench", count, concurrency)
-                create_seconds = time.monotonic() - started
-                finished = await wait_until(
-                    lambda: len(jobs) >= count and len(phases) >= count and set(created) <= set(phases),
+                m.started = time.monotonic()
+                m.created = await create_jobs(api.send, "bench", count, concurrency)
+                m.create_seconds = time.monotonic() - m.started
+                m.finished = await wait_until(
+                    lambda: len(jobs) >= count and len(phases) >= count and set(m.created) <= set(phases),
                     timeout,
                 )
-            rss = peak_rss_mb(pid)
+            m.rss_mb = peak_rss_mb(pid)
             after = {"operator": cpu_seconds(pid)} | {n: cpu_seconds(p) for n, p in server_pids.items()}
             after["bench client"] = cpu_seconds(os.getpid())
         finally:
             operator.stop()
         job_at = {name.removesuffix("-validate"): at for name, at in jobs.items()}
-        measurement = Measurement(
-            "real",
-            count,
-            concurrency,
-            create_seconds,
-            finished,
-            started,
-            job_at,
-            dict(phases),
-            created,
-            rss,
-            rss_idle,
-            {name: after[name] - before[name] for name in before},
-        )
-        try:
-            measurement.baseline_seconds = await baseline(api.send, "baseline", count, concurrency)
-        finally:
-            await api.close()
+        m.job_at, m.status_at = job_at, dict(phases)
+        m.cpu = {name: after[name] - before[name] for name in before}
+        m.baseline_seconds = await baseline(api.send, "baseline", count, concurrency)
         refused = refused_operator_requests(plane)
-        measurement.notes.append(
+        m.notes.append(
             "requests of the operator the server refused: "
             + (", ".join(f"{n}x {what}" for what, n in refused.most_common()) or "none")
         )
-        status, pods = plane.request("GET", "/api/v1/namespaces/bench/pods")
-        phases_of_pods = Counter(pod["status"].get("phase", "?") for pod in pods.get("items", []))
-        measurement.notes.append(
-            f"pods the Job controller created in namespace bench (Pod Security restricted): "
-            f"{dict(phases_of_pods) or 'none'}"
-        )
-        return measurement
+        if with_controllers:
+            _, pods = plane.request("GET", "/api/v1/namespaces/bench/pods")
+            phases_of_pods = Counter(pod["status"].get("phase", "?") for pod in pods.get("items", []))
+            m.notes.append(
+                f"pods the Job controller created in namespace bench (Pod Security restricted): "
+                f"{dict(phases_of_pods) or 'none'}"
+            )
+        return m
     finally:
+        if api is not None:
+            await api.close()
         plane.stop()
 
 
-async def main(server: str, count: int, concurrency: int, timeout: float) -> int:
-    run = run_real if server == "real" else run_emulator
-    return report(await run(count, concurrency, timeout))
+async def main(server: str, count: int, concurrency: int, timeout: float, with_controllers: bool) -> int:
+    if server == "real":
+        return report(await run_real(count, concurrency, timeout, with_controllers))
+    return report(await run_emulator(count, concurrency, timeout))
 
 
 if __name__ == "__main__":
@@ -524,5 +512,10 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--with-controllers",
+        action="store_true",
+        help="--server real: keep kube-controller-manager and kube-scheduler running (pods get created)",
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.server, args.jobs, args.concurrency, args.timeout)))
+    sys.exit(asyncio.run(main(args.server, args.jobs, args.concurrency, args.timeout, args.with_controllers)))
