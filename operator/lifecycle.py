@@ -110,6 +110,7 @@ class JobState:
     failed_reason: str | None = None
     failed_message: str | None = None
     generation: int | None = None  # the job generation it was rendered from, if recorded
+    spec_hash: str | None = None  # fingerprint of what was rendered, if recorded (validation)
 
 
 def job_state(body: Mapping[str, Any]) -> JobState:
@@ -140,6 +141,7 @@ def job_state(body: Mapping[str, Any]) -> JobState:
         failed_reason=reason,
         failed_message=message,
         generation=int(generation) if generation.isdigit() else None,
+        spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH),
     )
 
 
@@ -490,9 +492,11 @@ class _Reconciler:
             self.decision.update += [ref_of(m) for m in base if m["kind"] == "ConfigMap"]
         if not is_true(self.status.get("conditions"), ConditionType.validated):
             validation = self.jobs.get(self.names.validate)
-            if validation is not None and follows and self._rendered_before(validation):
+            wanted = render_validation_job(self.job, self.obs.settings, plan, self.obs.namespace)
+            if validation is not None and follows and validation.spec_hash != spec_hash_of(wanted):
                 # Its pod template is immutable: replace it; the next reconcile (its deletion's
                 # watch event) creates it from the current spec, which the plan already is.
+                # (Resuming alone changes nothing rendered: _step unsuspends it in place.)
                 self.decision.delete.append(ChildRef("batch/v1", "Job", validation.name))
                 self.status["activeJob"] = validation.name
                 self._event(
@@ -506,9 +510,7 @@ class _Reconciler:
                 )
                 return
             if validation is None:
-                self.decision.create.append(
-                    render_validation_job(self.job, self.obs.settings, plan, self.obs.namespace)
-                )
+                self.decision.create.append(wanted)
                 self.status["activeJob"] = self.names.validate
                 self._step(
                     Phase.validating, "validating model and data", suspended=initially_suspended(self.job)
@@ -535,10 +537,6 @@ class _Reconciler:
             return False
         validation = self.jobs.get(self.names.validate)
         return validation is None or validation.suspended
-
-    def _rendered_before(self, state: JobState) -> bool:
-        """Whether a child was rendered from another generation of the spec than the current one."""
-        return self.obs.generation is not None and state.generation != self.obs.generation
 
     def _spec_acceptable(self) -> bool:
         """What the API server would refuse in the children's pod templates (checked before the
@@ -861,6 +859,10 @@ def artifacts(job: Job) -> dict[str, str]:
     out["metricsUri"] = output_uri(job, METRICS_FILE)
     out["logsUri"] = output_uri(job, LOGS_DIR)
     return out
+
+
+def spec_hash_of(manifest: Manifest) -> str | None:
+    return ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
 
 
 def deployment_update(deployment: Manifest) -> list[dict[str, Any]]:

@@ -48,7 +48,8 @@ LABEL_RUNNER: Final = "kubetune.io/runner"
 LABEL_STORAGE_CREDENTIALS: Final = "kubetune.io/storage-credentials"
 ANNOTATION_SPEC_HASH: Final = "kubetune.io/spec-hash"
 # On the plan ConfigMap and the validation Job: the job's metadata.generation they were rendered
-# from. Until the job starts, the operator brings them up to date when the spec changes.
+# from. Until the job starts, the operator brings them up to date when the spec changes (the
+# validation Job when its kubetune.io/spec-hash changes).
 ANNOTATION_GENERATION: Final = "kubetune.io/generation"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
@@ -473,25 +474,25 @@ def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace
     meta = _metadata(job, names.validate, namespace, COMPONENT_VALIDATE) | {
         "labels": _job_labels(job, COMPONENT_VALIDATE)
     }
-    if annotations := _generation_annotations(job):
-        meta["annotations"] = annotations
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
-        "spec": {
-            "suspend": initially_suspended(job),
-            "completions": 1,
-            "parallelism": 1,
-            # Transient errors (exit 1: network, throttling) get two more tries; 2 and 3 never.
-            "backoffLimit": 2,
-            "podFailurePolicy": _pod_failure_policy("validate"),
-            "template": {
-                "metadata": {"labels": labels(job, COMPONENT_VALIDATE)},
-                "spec": pod_spec,
-            },
+    spec: Manifest = {
+        "suspend": initially_suspended(job),
+        "completions": 1,
+        "parallelism": 1,
+        # Transient errors (exit 1: network, throttling) get two more tries; 2 and 3 never.
+        "backoffLimit": 2,
+        "podFailurePolicy": _pod_failure_policy("validate"),
+        "template": {
+            "metadata": {"labels": labels(job, COMPONENT_VALIDATE)},
+            "spec": pod_spec,
         },
     }
+    # What was rendered, suspension aside (the operator flips that in place): until the job
+    # starts, a spec edit that changes it replaces the Job, whose pod template is immutable.
+    meta["annotations"] = {
+        **_generation_annotations(job),
+        ANNOTATION_SPEC_HASH: spec_hash({k: v for k, v in spec.items() if k != "suspend"}),
+    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
 def main_command(job: Job, plan: RunPlan, master_addr: str) -> list[str]:

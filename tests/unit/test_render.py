@@ -673,8 +673,18 @@ def test_plan_and_validation_job_record_the_generation_they_were_rendered_from()
     edited = FineTuneJob.model_validate(doc)
     children = {m["metadata"]["name"]: m for m in render.render_all(edited, SETTINGS, "ml")}
     for name in ("support-lora-plan", "support-lora-validate"):
-        assert children[name]["metadata"]["annotations"] == {"kubetune.io/generation": "4"}, name
+        assert children[name]["metadata"]["annotations"]["kubetune.io/generation"] == "4", name
         assert render.rendered_generation(children[name]) == "4"
+    # The validation Job's fingerprint leaves out suspension, which the operator flips in place.
+    validate = children["support-lora-validate"]
+    suspended = render.render_validation_job(
+        FineTuneJob.model_validate(doc | {"spec": doc["spec"] | {"suspend": True}}),
+        SETTINGS,
+        render.render_plan(edited, SETTINGS, "ml"),
+        "ml",
+    )
+    assert suspended["spec"]["suspend"] is True
+    assert suspended["metadata"]["annotations"] == validate["metadata"]["annotations"]
     assert "annotations" not in children["support-lora-train-r0"]["metadata"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,15 @@ import pytest
 
 from kubetune.api import CompressJob, FineTuneJob
 from kubetune.operator import lifecycle
-from kubetune.operator.lifecycle import ChildRef, JobState, Observation, Termination, Upstream, decide
+from kubetune.operator.lifecycle import (
+    ChildPatch,
+    ChildRef,
+    JobState,
+    Observation,
+    Termination,
+    Upstream,
+    decide,
+)
 from kubetune.operator.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -462,12 +471,20 @@ def edited(generation: int, **spec: Any) -> FineTuneJob:
     return job
 
 
-def validation(generation: int | None, suspended: bool = True) -> JobState:
-    return job("ft-validate", "validate", suspended=suspended, generation=generation)
+def validation_of(d: lifecycle.Decision, suspended: bool | None = None) -> JobState:
+    """The validation Job a decision created, as the index will observe it."""
+    state = lifecycle.job_state(next(m for m in d.create if m["metadata"]["name"] == "ft-validate"))
+    return state if suspended is None else dataclasses.replace(state, suspended=suspended)
 
 
 def plan_ref(d: lifecycle.Decision) -> list[str]:
     return [f"{ref.kind}/{ref.name}" for ref in d.update]
+
+
+def at(generation: int, job: FineTuneJob, status: dict[str, Any], jobs: list[JobState]) -> Observation:
+    obs = observe(job, status, jobs=jobs)
+    obs.generation = generation
+    return obs
 
 
 @pytest.mark.parametrize(
@@ -480,40 +497,52 @@ def test_an_edit_before_the_start_re_renders_the_plan_and_the_validation_job(spe
     configmap = next(m for m in first.create if m["kind"] == "ConfigMap")
     assert configmap["metadata"]["annotations"] == {"kubetune.io/generation": "1"}
     assert plan_ref(first) == ["ConfigMap/ft-plan"], "the plan follows the spec until the start"
-    new = edited(2, output={"uri": "s3://runs/ft-v2"}, **spec)
-    obs = observe(new, first.status, jobs=[validation(1)])
-    obs.generation = 2
-    d = decide(obs)
+    old_validation = validation_of(first)
+    assert old_validation.suspended
+    assert old_validation.generation == 1
+    # The plan changes; the validation Job's pod reads it when it starts, so the Job is kept.
+    plan_only = edited(2, output={"uri": "s3://runs/ft-v2"}, **spec)
+    d = decide(at(2, plan_only, first.status, [old_validation]))
     configmap = next(m for m in d.create if m["kind"] == "ConfigMap")
     assert '"output_uri": "s3://runs/ft-v2"' in configmap["data"]["plan.json"]
     assert configmap["metadata"]["annotations"] == {"kubetune.io/generation": "2"}
+    assert plan_ref(d) == ["ConfigMap/ft-plan"]
+    assert d.delete == []
+    # The image changes too: the validation Job's pod template is immutable, so it is replaced.
+    new = edited(3, output={"uri": "s3://runs/ft-v2"}, resources={"workers": 2, "image": "trainer:2"}, **spec)
+    d = decide(at(3, new, first.status, [old_validation]))
     assert plan_ref(d) == ["ConfigMap/ft-plan"]
     assert d.delete == [ChildRef("batch/v1", "Job", "ft-validate")], "its pod template is immutable"
     assert "Job/ft-validate" not in created(d), "created again once the old one is gone"
     assert ("Normal", "SpecChanged") in [(e.type, e.reason) for e in d.events]
     assert "startTime" not in d.status
     # Once gone, it comes back from the current generation.
-    again = observe(new, d.status, jobs=[])
-    again.generation = 2
-    validate = next(m for m in decide(again).create if m["metadata"]["name"] == "ft-validate")
-    assert validate["metadata"]["annotations"] == {"kubetune.io/generation": "2"}
-    # The same generation changes nothing.
-    same = observe(new, d.status, jobs=[validation(2)])
-    same.generation = 2
-    assert decide(same).delete == []
+    again = decide(at(3, new, d.status, []))
+    assert validation_of(again).generation == 3
+    # What it renders unchanged, it is kept.
+    assert decide(at(3, new, again.status, [validation_of(again)])).delete == []
+
+
+def test_resuming_before_the_start_unsuspends_the_validation_job_in_place() -> None:
+    first = decide(observe(edited(1, suspend=True)))
+    d = decide(at(2, edited(2, suspend=False), first.status, [validation_of(first)]))
+    assert d.delete == []
+    assert d.patch == [ChildPatch(ChildRef("batch/v1", "Job", "ft-validate"), {"spec": {"suspend": False}})]
+    assert d.status["phase"] == "Validating"
+    assert d.status["startTime"] == T(NOW)
 
 
 def test_after_the_start_the_plan_and_validation_job_stay_as_they_are() -> None:
-    started = {"phase": "Validating", "startTime": T(NOW), "restarts": 0, "activeJob": "ft-validate"}
-    obs = observe(edited(2, serve={"enabled": True}), started, jobs=[validation(1, suspended=False)])
-    obs.generation = 2
-    d = decide(obs)
+    first = decide(observe(edited(1)))
+    started = first.status
+    assert started["startTime"]
+    d = decide(at(2, edited(2, output={"uri": "s3://runs/other"}), started, [validation_of(first)]))
     assert d.update == []
     assert d.delete == []
     # A running validation Job of a job whose startTime is not written yet is not replaced either.
-    obs = observe(edited(2), {}, jobs=[validation(1, suspended=False)])
-    obs.generation = 2
-    d = decide(obs)
+    d = decide(
+        at(2, edited(2, output={"uri": "s3://runs/other"}), {}, [validation_of(first, suspended=False)])
+    )
     assert d.update == []
     assert d.delete == []
 
