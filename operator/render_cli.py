@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune.api import KINDS, CompressJob, FineTuneJob
-from kubetune.operator import render
+from kubetune.operator import admission, render
 from kubetune.operator.settings import Settings, SettingsError
 from kubetune.plan import finetune_model_uri
 
@@ -121,6 +121,14 @@ def render_documents(
         raise RenderInputError(f"{source}: no FineTuneJob or CompressJob documents")
     children: list[dict[str, Any]] = []
     for job in jobs:
+        # What the operator refuses before creating anything, refused here too.
+        problems = admission.child_problems(job)
+        if images := admission.disallowed_images(job, settings):
+            problems.append(admission.images_message(images, settings))
+        if problems:
+            raise RenderInputError(
+                f"{source}: {type(job).kind_name} {job.metadata.name}: {'; '.join(problems)}"
+            )
         model_uri = resolve_model(job, jobs, args.model_uri) if isinstance(job, CompressJob) else None
         children += render_job(job, settings, args.namespace, args.phase, args.attempt, model_uri)
     return children

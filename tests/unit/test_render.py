@@ -641,6 +641,25 @@ def test_render_command_explains_bad_input(tmp_path: Path, capsys: pytest.Captur
     assert "document 1 (FineTuneJob support-lora)" in capsys.readouterr().err
 
 
+def test_render_command_refuses_children_the_api_server_would_reject(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    placed = json.loads(json.dumps(FT_DOC))
+    placed["spec"]["resources"] = {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "a100"}]}
+    code, _ = render_command(tmp_path, [placed])
+    assert code == 2
+    assert (
+        "FineTuneJob support-lora: spec.resources.tolerations[0].value: must be empty when operator is "
+        "Exists (got 'a100')" in capsys.readouterr().err
+    )
+    monkeypatch.setenv("KUBETUNE_ALLOWED_IMAGE_PREFIXES", "registry.example.com/ml/")
+    imaged = json.loads(json.dumps(FT_DOC))
+    imaged["spec"]["resources"] = {"image": "docker.io/someone/trainer:1"}
+    code, _ = render_command(tmp_path, [imaged])
+    assert code == 2
+    assert "spec.resources.image docker.io/someone/trainer:1 is not allowed" in capsys.readouterr().err
+
+
 # --- Settings and layering ----------------------------------------------------------------------------
 
 
