@@ -4,7 +4,7 @@ Every trigger ends in :func:`reconcile` of one job: a watch event of the job its
 spec edit, first sight after a start), an event of one of its batch Jobs or its serving
 Deployment, a terminal phase of the FineTuneJob a CompressJob waits for, or the clock (deadlines,
 TTL). Reconciling gathers the observed state from kopf indices (no API reads except a failed Job's
-pods and a ServiceAccount named by the spec), calls
+pods, a ServiceAccount named by the spec and the metadata of a Secret it names), calls
 :func:`kubetune.operator.lifecycle.decide` and applies the decision. Run with
 ``kopf run -m kubetune.operator.handlers -A`` or ``kubetune operator``.
 """
@@ -436,7 +436,7 @@ async def _reconcile_locked(
     rt: Runtime, owner: Mapping[str, Any], indices: Indices, key: Key
 ) -> float | None:
     """Observe, decide, apply. Returns the seconds after which to look again when the job waits
-    for something no watch reports (a ServiceAccount to appear), else None."""
+    for something no watch reports (a ServiceAccount or Secret to appear), else None."""
     kind, namespace, name = key
     meta = owner["metadata"]
     uid = str(meta.get("uid") or "")
