@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -496,6 +497,7 @@ async def run_real(count: int, concurrency: int, timeout: float, with_controller
         if api is not None:
             await api.close()
         plane.stop()
+        shutil.rmtree(plane.directory / "etcd", ignore_errors=True)  # the logs stay
 
 
 async def main(server: str, count: int, concurrency: int, timeout: float, with_controllers: bool) -> int:
