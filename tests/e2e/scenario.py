@@ -81,7 +81,8 @@ async def create_credentials(kube: KubeEmulator) -> None:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": SECRET, "namespace": NS},
+            # The opt-in that lets a job name it (the operator reads only the label, never values).
+            "metadata": {"name": SECRET, "namespace": NS, "labels": {"kubetune.io/storage-credentials": "true"}},
             "stringData": {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY},
         },
     )
