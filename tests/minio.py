@@ -39,6 +39,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from kubetune.operator.render import LABEL_STORAGE_CREDENTIALS
 from tests.cluster.controlplane import LOOPBACK, Component, binaries_dir, free_port
 from tests.s3server import REGION, S3Bucket, s3_env
 
@@ -189,13 +190,15 @@ class MinioServer:
         return bucket
 
     def credentials_secret(self, name: str, namespace: str) -> dict[str, Any]:
-        """A Secret with this server's keys under the names ``spec.storage.secretRef`` defaults to."""
+        """A Secret with this server's keys under the names ``spec.storage.secretRef`` defaults to,
+        labelled so that the operator lets jobs use it."""
         values = self.credentials.as_env()
         return {
             "apiVersion": "v1",
             "kind": "Secret",
             "type": "Opaque",
-            "metadata": {"name": name, "namespace": namespace},
+            # The opt-in label the operator requires of a Secret in spec.storage.secretRef.
+            "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_STORAGE_CREDENTIALS: "true"}},
             "data": {key: base64.b64encode(value.encode()).decode() for key, value in values.items()},
         }
 
