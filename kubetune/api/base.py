@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Strict,
     StringConstraints,
     WithJsonSchema,
     model_validator,
@@ -82,6 +83,27 @@ class KubeModel(BaseModel):
 
 # --- Scalar types with readable errors and structural CRD schemas ------------------------------
 
+# The largest whole number a JSON float can carry exactly; the API server reads a float up to it
+# with no fraction (2.0) as an integer, and refuses every other float for an integer field.
+_MAX_EXACT_FLOAT = 2**53 - 1
+
+
+def _whole_float(value: object) -> object:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_FLOAT:
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole_float), Strict()]
+"""An integer as the API server takes one: no strings ("10"), booleans or fractions; a whole
+float (``2.0``) is read as an integer, as the server does."""
+
+Float = Annotated[float, Strict()]
+"""A number as the API server takes one: integers and floats, never strings or booleans."""
+
+Bool = Annotated[bool, Strict()]
+"""A boolean as the API server takes one: ``true`` or ``false``, never "true", 1 or "yes"."""
+
 # The grammar of resource.Quantity (k8s.io/apimachinery), as controller-gen emits it for CRDs:
 # a signed decimal with an optional binary (Ki..Ei), decimal (n..E) or exponent suffix.
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -89,15 +111,25 @@ _QUANTITY = re.compile(QUANTITY_PATTERN)
 
 
 def _quantity_to_str(value: object) -> object:
+    # An int-or-string field takes integers and strings only: the API server refuses a number
+    # with a fraction (1.5, which must be written "1.5" or 1500m) and a boolean.
     if isinstance(value, bool):
         return value
-    if isinstance(value, int | float):
+    value = _whole_float(value)
+    if isinstance(value, float):
+        raise PydanticCustomError(
+            "quantity_fraction",
+            "{value} is a number with a fraction, which a quantity field takes only as a string",
+            {"value": repr(value)},
+        )
+    if isinstance(value, int):
         return str(value)
     return value
 
 
 def _check_quantity(value: str) -> str:
-    if not _QUANTITY.match(value):
+    # fullmatch: re's "$" also matches before a trailing newline, the API server's RE2 does not.
+    if not _QUANTITY.fullmatch(value):
         raise PydanticCustomError(
             "quantity",
             # pydantic formats templates with str.format-like {name} only (no !r), so the
@@ -129,10 +161,20 @@ Quantity = Annotated[
 
 URI_SCHEMES_READ = ("s3", "file", "hf")
 URI_SCHEMES_WRITE = ("s3", "file")
+# The path of a URI, written in the syntax RE2 (the API server) and Python's re share: segments of
+# any characters but '/' and control characters (a newline included), never a '..' segment
+# (it would escape the prefix on file:// and is a literal, never-meant key on S3).
+_CHAR = r"[^/\x00-\x1f\x7f]"
+_NAMED_SEGMENT = rf"(\.?[^./\x00-\x1f\x7f]{_CHAR}*|\.\.{_CHAR}+)"
+"""A segment that names something: not empty, '.' or '..'."""
+_SEGMENT = rf"(\.?|{_NAMED_SEGMENT})"
+"""Any segment but '..'."""
+_PATH = rf"(/{_SEGMENT})*"
 _URI_PATTERNS = {
-    "s3": r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?",
-    "file": r"file:///.*",
-    "hf": r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s]+)?",
+    "s3": rf"s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9]{_PATH}",
+    # At least one segment naming a directory: the filesystem root (file:///) is never a prefix.
+    "file": rf"file://(/\.?)*/{_NAMED_SEGMENT}{_PATH}",
+    "hf": rf"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^/\x00-\x20\x7f]+)?{_PATH}",
 }
 _URI_HELP = {
     "s3": "s3://bucket/prefix",
@@ -155,13 +197,20 @@ def _uri_checker(schemes: tuple[str, ...]) -> Callable[[str], str]:
     allowed = uri_help(schemes)
 
     def check(value: str) -> str:
-        if not compiled.match(value):
-            scheme = value.split("://", 1)[0] if "://" in value else ""
-            why = (
-                f"scheme {scheme!r} is not supported here"
-                if scheme and scheme not in schemes
-                else "it is not a well-formed URI"
-            )
+        # fullmatch: re's "$" also matches before a trailing newline, the API server's RE2 does not.
+        if not compiled.fullmatch(value):
+            scheme, _, rest = value.partition("://") if "://" in value else ("", "", value)
+            segments = rest.split("/")
+            if scheme and scheme not in schemes:
+                why = f"scheme {scheme!r} is not supported here"
+            elif any(ord(c) < 0x20 or c == "\x7f" for c in value):
+                why = "it contains a control character (a newline?)"
+            elif ".." in segments[1:]:
+                why = "it has a '..' path segment, which storage paths do not allow"
+            elif scheme == "file" and rest.startswith("/") and not set(segments) - {"", "."}:
+                why = "it is the filesystem root; name a directory such as file:///data/run"
+            else:
+                why = "it is not a well-formed URI"
             raise PydanticCustomError(
                 "uri",
                 "{value}: {why}; allowed: {allowed}",
@@ -189,6 +238,13 @@ SourceURI = _uri_type(URI_SCHEMES_READ)
 
 OutputURI = _uri_type(URI_SCHEMES_WRITE)
 """Where to write artifacts: ``s3://`` or ``file://`` (a hub is never written to)."""
+
+# The endpoint of an S3-compatible server. Credentials in it (http://KEY:SECRET@host) are refused
+# by a CEL rule on Storage rather than by this pattern: the API server echoes the value of a field
+# that misses its pattern, but not of one that breaks a rule. [^\t\n\f\r /] is RE2's \S.
+ENDPOINT_PATTERN = r"^https?://[^\t\n\f\r /]+(/.*)?$"
+ENDPOINT_CREDENTIALS = r"^https?://[^/]*@"
+"""An endpoint URL with a user-info part (``user:password@``)."""
 
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"

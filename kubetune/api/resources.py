@@ -10,7 +10,15 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kubetune.api.base import DNS_1035_LABEL_PATTERN, DNS_LABEL_PATTERN, CelRule, KubeModel, SourceURI
+from kubetune.api.base import (
+    DNS_1035_LABEL_PATTERN,
+    DNS_LABEL_PATTERN,
+    CelRule,
+    Float,
+    Int,
+    KubeModel,
+    SourceURI,
+)
 from kubetune.api.spec import (
     Checkpointing,
     DataFormat,
@@ -71,7 +79,7 @@ def name_rules(kind: str) -> tuple[CelRule, ...]:
             f"!has(self.metadata.name) || self.metadata.name.matches('{DNS_1035_LABEL_PATTERN}')",
             f"{kind} names must be DNS-1035 labels: lowercase letters, digits and '-', starting with "
             "a letter and ending with a letter or digit (the job's Services are named after it)",
-            lambda r: r.metadata.name is None or _DNS_1035_LABEL.match(r.metadata.name) is not None,
+            lambda r: r.metadata.name is None or _DNS_1035_LABEL.fullmatch(r.metadata.name) is not None,
             field="metadata.name",
         ),
     )
@@ -254,7 +262,7 @@ class Quantization(KubeModel):
         description="W4A16/W8A16 weight-only, W8A8 weights and activations, FP8 (GPUs with FP8 support); "
         "INT8_WEIGHT_ONLY/INT8_DYNAMIC with torchao.",
     )
-    group_size: int = Field(128, ge=8, le=8192, description="Weights sharing one scale (W4A16).")
+    group_size: Int = Field(128, ge=8, le=8192, description="Weights sharing one scale (W4A16).")
     ignore: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
         default_factory=lambda: ["lm_head"],
         max_length=256,
@@ -272,6 +280,13 @@ class Quantization(KubeModel):
             "self.method != 'smoothquant' || self.scheme == 'W8A8'",
             "method smoothquant takes scheme W8A8",
             lambda q: q.method != QuantizationMethod.smoothquant or q.scheme == QuantizationScheme.w8a8,
+            field="scheme",
+        ),
+        CelRule(
+            # The runtime's GPTQ has no FP8 recipe (FP8_DYNAMIC needs no calibration): exit 2.
+            "self.method != 'gptq' || self.scheme != 'FP8'",
+            "method gptq does not take scheme FP8 (FP8 needs no calibration data): use method rtn",
+            lambda q: q.method != QuantizationMethod.gptq or q.scheme != QuantizationScheme.fp8,
             field="scheme",
         ),
     )
@@ -292,7 +307,7 @@ class Pruning(KubeModel):
     """Weight pruning (llm-compressor), applied before quantization when both are set."""
 
     method: PruningMethod = Field(PruningMethod.sparsegpt, description="Pruning algorithm.")
-    sparsity: float = Field(0.5, gt=0, lt=1, description="Fraction of weights set to zero, in (0, 1).")
+    sparsity: Float = Field(0.5, gt=0, lt=1, description="Fraction of weights set to zero, in (0, 1).")
     pattern: SparsityPattern = Field(
         SparsityPattern.unstructured, description="unstructured, or 2:4 semi-structured (sparsity 0.5)."
     )
@@ -311,7 +326,7 @@ class Student(KubeModel):
     """The smaller model trained against the teacher."""
 
     uri: SourceURI | None = Field(None, description="An existing student model.")
-    layer_stride: Annotated[int, Field(ge=2, le=64)] | None = Field(
+    layer_stride: Annotated[Int, Field(ge=2, le=64)] | None = Field(
         None, description="Derive the student from the teacher by keeping every k-th layer."
     )
 
@@ -329,8 +344,8 @@ class Distillation(KubeModel):
     """Knowledge distillation into a smaller student, trained with DeepSpeed."""
 
     student: Student = Field(description="The student model.")
-    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature for the KD loss.")
-    kd_weight: float = Field(
+    temperature: Float = Field(2.0, gt=0, le=100, description="Softmax temperature for the KD loss.")
+    kd_weight: Float = Field(
         0.5, ge=0, le=1, description="Weight of the KD loss; 1 - kdWeight weighs the hard-label loss."
     )
     hyperparameters: Hyperparameters = Field(description="Optimisation settings for the student.")
@@ -341,8 +356,8 @@ class Distillation(KubeModel):
 class Calibration(KubeModel):
     """Calibration samples taken from dataset.train for GPTQ, SmoothQuant and SparseGPT."""
 
-    samples: int = Field(128, ge=1, le=100_000, description="Number of calibration sequences.")
-    max_seq_length: int = Field(512, ge=8, le=131_072, description="Tokens per calibration sequence.")
+    samples: Int = Field(128, ge=1, le=100_000, description="Number of calibration sequences.")
+    max_seq_length: Int = Field(512, ge=8, le=131_072, description="Tokens per calibration sequence.")
 
 
 class CompressJobSpec(JobSpecBase):

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from kubetune.api.base import (
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
+    ENDPOINT_CREDENTIALS,
+    ENDPOINT_PATTERN,
+    Bool,
     CelRule,
+    Float,
+    Int,
     KubeModel,
     OutputURI,
     Quantity,
@@ -31,7 +39,7 @@ class Task(KubeModel):
         description="causal-lm trains next-token prediction; sequence-classification trains a "
         "classification head on top of the encoder or decoder.",
     )
-    num_labels: Annotated[int, Field(ge=2, le=100_000)] | None = Field(
+    num_labels: Annotated[Int, Field(ge=2, le=100_000)] | None = Field(
         None, description="Number of classes; required for sequence-classification."
     )
     labels: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
@@ -118,7 +126,7 @@ class Dataset(KubeModel):
 
     train: DataLocation = Field(description="Training data.")
     eval: DataLocation | None = Field(None, description="Held-out evaluation data.")
-    eval_fraction: Annotated[float, Field(gt=0, le=0.5)] | None = Field(
+    eval_fraction: Annotated[Float, Field(gt=0, le=0.5)] | None = Field(
         None, description="Fraction of the training records held out for evaluation when eval is not given."
     )
     format: DataFormat = Field(
@@ -149,9 +157,9 @@ class MethodType(StrEnum):
 class LoraSettings(KubeModel):
     """Low-rank adaptation settings (peft)."""
 
-    r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
-    alpha: int = Field(16, ge=1, le=4096, description="Scaling numerator: the update is scaled by alpha/r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    r: Int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: Int = Field(16, ge=1, le=4096, description="Scaling numerator: the update is scaled by alpha/r.")
+    dropout: Float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -165,7 +173,7 @@ class Method(KubeModel):
 
     type: MethodType = Field(MethodType.lora, description="full trains every weight; lora trains adapters.")
     lora: LoraSettings | None = Field(None, description="LoRA settings; only with type lora.")
-    merge_adapter: bool | None = Field(
+    merge_adapter: Bool | None = Field(
         None,
         description="Also write the adapter merged into the base weights as <output>/model "
         "(only with type lora; defaults to true).",
@@ -202,29 +210,29 @@ class LRScheduler(StrEnum):
 class Hyperparameters(KubeModel):
     """Optimisation settings. Exactly one of epochs and maxSteps."""
 
-    epochs: Annotated[float, Field(gt=0, le=1000)] | None = Field(None, description="Passes over the data.")
-    max_steps: Annotated[int, Field(ge=1, le=100_000_000)] | None = Field(
+    epochs: Annotated[Float, Field(gt=0, le=1000)] | None = Field(None, description="Passes over the data.")
+    max_steps: Annotated[Int, Field(ge=1, le=100_000_000)] | None = Field(
         None, description="Optimizer steps to run."
     )
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    learning_rate: Float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     lr_scheduler: LRScheduler = Field(LRScheduler.linear, description="Learning rate schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Linear warmup steps.")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    per_device_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per process per micro-step.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-steps per optimizer step.")
-    max_seq_length: int = Field(
+    warmup_steps: Int = Field(0, ge=0, le=10_000_000, description="Linear warmup steps.")
+    weight_decay: Float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    per_device_batch_size: Int = Field(8, ge=1, le=4096, description="Sequences per process per micro-step.")
+    gradient_accumulation_steps: Int = Field(1, ge=1, le=1024, description="Micro-steps per optimizer step.")
+    max_seq_length: Int = Field(
         512, ge=8, le=1_048_576, description="Tokens per sequence; longer are truncated."
     )
-    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and dropout.")
+    seed: Int = Field(42, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and dropout.")
     precision: Precision = Field(
         Precision.auto, description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPU."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
-    max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm (0 disables).")
-    eval_every_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+    gradient_checkpointing: Bool = Field(False, description="Recompute activations to save memory.")
+    max_grad_norm: Float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm (0 disables).")
+    eval_every_steps: Annotated[Int, Field(ge=1, le=10_000_000)] | None = Field(
         None, description="Evaluate every N steps (default: at the end of each epoch and of training)."
     )
-    logging_every_steps: int = Field(
+    logging_every_steps: Int = Field(
         10, ge=1, le=100_000, description="Log and report progress every N steps."
     )
 
@@ -238,19 +246,47 @@ class Hyperparameters(KubeModel):
     )
 
 
+# The extra DeepSpeed config travels in the run plan's ConfigMap (1 MiB at most, with everything
+# else the plan holds); a real DeepSpeed config is a few KiB.
+MAX_DEEPSPEED_CONFIG_BYTES = 64 * 1024
+# Top-level DeepSpeed keys kubetune renders from the hyperparameters; the transformers integration
+# refuses (exit 2) a config whose batch geometry or clipping disagrees with the training arguments.
+DERIVED_DEEPSPEED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
+
+
+def _bounded_config(config: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(config, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_DEEPSPEED_CONFIG_BYTES:
+        raise PydanticCustomError(
+            "config_size",
+            "is {size} bytes as JSON, more than the {limit} allowed (the config is copied into the "
+            "run plan's ConfigMap, which Kubernetes caps at 1 MiB)",
+            {"size": size, "limit": MAX_DEEPSPEED_CONFIG_BYTES},
+        )
+    return config
+
+
 class DeepSpeed(KubeModel):
     """DeepSpeed ZeRO settings."""
 
-    zero_stage: int = Field(
+    zero_stage: Int = Field(
         2, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer states, 2 +gradients, 3 +parameters."
     )
-    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
-    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
-    config: dict[str, Any] | None = Field(
+    offload_optimizer: Bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
+    offload_params: Bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
+    config: Annotated[dict[str, Any], AfterValidator(_bounded_config)] | None = Field(
         None,
         max_length=64,
         description="Extra DeepSpeed configuration merged over the generated one "
-        "(see the DeepSpeed config reference).",
+        "(see the DeepSpeed config reference), at most "
+        f"{MAX_DEEPSPEED_CONFIG_BYTES // 1024} KiB as JSON (it is copied into the run plan's "
+        f"ConfigMap). {', '.join(DERIVED_DEEPSPEED_KEYS)} are derived from hyperparameters "
+        "and may not be set here.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
     )
 
@@ -267,6 +303,18 @@ class DeepSpeed(KubeModel):
             lambda d: not d.offload_optimizer or d.zero_stage >= 1,
             field="offloadOptimizer",
         ),
+        CelRule(
+            "!has(self.config) || !self.config.exists(k, k in ["
+            + ", ".join(f"'{k}'" for k in DERIVED_DEEPSPEED_KEYS)
+            + "])",
+            "config may not set "
+            + ", ".join(DERIVED_DEEPSPEED_KEYS)
+            + ": kubetune derives them from hyperparameters (perDeviceBatchSize, "
+            "gradientAccumulationSteps, maxGradNorm), and the runtime refuses a config that "
+            "disagrees with those; set the hyperparameters instead",
+            lambda d: d.config is None or not set(d.config) & set(DERIVED_DEEPSPEED_KEYS),
+            field="config",
+        ),
     )
 
 
@@ -281,7 +329,7 @@ class Toleration(KubeModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to match; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(
+    toleration_seconds: Int | None = Field(
         None, ge=0, le=2**31 - 1, description="For NoExecute: how long to stay bound."
     )
 
@@ -298,9 +346,9 @@ class ContainerResources(KubeModel):
 class Resources(KubeModel):
     """Where and on what the workload runs."""
 
-    workers: int = Field(1, ge=1, le=1024, description="Pods (torchrun nodes) in the training gang.")
-    gpus_per_worker: int = Field(0, ge=0, le=64, description="GPUs per pod (nvidia.com/gpu).")
-    processes_per_worker: Annotated[int, Field(ge=1, le=64)] | None = Field(
+    workers: Int = Field(1, ge=1, le=1024, description="Pods (torchrun nodes) in the training gang.")
+    gpus_per_worker: Int = Field(0, ge=0, le=64, description="GPUs per pod (nvidia.com/gpu).")
+    processes_per_worker: Annotated[Int, Field(ge=1, le=64)] | None = Field(
         None, description="Training processes per pod; defaults to gpusPerWorker, or 1 without GPUs."
     )
     requests: dict[str, Quantity] | None = Field(
@@ -343,8 +391,8 @@ class Resources(KubeModel):
 class Checkpointing(KubeModel):
     """When checkpoints are written to <output>/checkpoints and how many are kept."""
 
-    every_steps: int = Field(100, ge=1, le=10_000_000, description="Save a checkpoint every N steps.")
-    keep_last: int = Field(
+    every_steps: Int = Field(100, ge=1, le=10_000_000, description="Save a checkpoint every N steps.")
+    keep_last: Int = Field(
         2, ge=1, le=1000, description="Committed checkpoints to keep (older ones deleted)."
     )
 
@@ -378,6 +426,9 @@ class SecretKeyNames(KubeModel):
     )
 
 
+_ENDPOINT_CREDENTIALS = re.compile(ENDPOINT_CREDENTIALS)
+
+
 class AddressingStyle(StrEnum):
     auto = "auto"
     path = "path"
@@ -389,9 +440,10 @@ class Storage(KubeModel):
 
     endpoint: str | None = Field(
         None,
-        pattern=r"^https?://[^\s/]+(/.*)?$",
+        pattern=ENDPOINT_PATTERN,
         max_length=2048,
-        description="Endpoint URL for non-AWS servers, e.g. http://minio.storage:9000.",
+        description="Endpoint URL for non-AWS servers, e.g. http://minio.storage:9000. Never with "
+        "credentials in it (http://KEY:SECRET@host): they belong in the Secret of secretRef.",
     )
     region: str | None = Field(None, min_length=1, max_length=64, description="Region name, e.g. us-east-1.")
     addressing_style: AddressingStyle = Field(
@@ -414,6 +466,16 @@ class Storage(KubeModel):
         ),
     )
 
+    cel_rules = (
+        CelRule(
+            f"!has(self.endpoint) || !self.endpoint.matches('{ENDPOINT_CREDENTIALS}')",
+            "endpoint must not contain credentials (user:password@host): they would be copied into "
+            "the run plan and logs; put the keys in the Secret named by secretRef",
+            lambda s: s.endpoint is None or _ENDPOINT_CREDENTIALS.match(s.endpoint) is None,
+            field="endpoint",
+        ),
+    )
+
 
 class ServeRuntime(StrEnum):
     builtin = "builtin"
@@ -423,13 +485,13 @@ class ServeRuntime(StrEnum):
 class Serve(KubeModel):
     """Serving of the result once the job succeeds."""
 
-    enabled: bool = Field(False, description="Create a serving Deployment and Service on success.")
+    enabled: Bool = Field(False, description="Create a serving Deployment and Service on success.")
     runtime: ServeRuntime = Field(
         ServeRuntime.builtin,
         description="builtin: kubetune's OpenAI-compatible server (CPU or GPU); vllm: vLLM (GPU).",
     )
-    replicas: int = Field(1, ge=0, le=1000, description="Serving pods.")
-    gpus: int = Field(0, ge=0, le=64, description="GPUs per serving pod.")
+    replicas: Int = Field(1, ge=0, le=1000, description="Serving pods.")
+    gpus: Int = Field(0, ge=0, le=64, description="GPUs per serving pod.")
     requests: dict[str, Quantity] | None = Field(
         None, max_length=32, description="Container requests of each serving pod."
     )
@@ -439,7 +501,7 @@ class Serve(KubeModel):
     image: str | None = Field(
         None, min_length=1, max_length=1024, description="Override of the serving image."
     )
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests batched into one forward pass.")
+    max_batch_size: Int = Field(16, ge=1, le=1024, description="Requests batched into one forward pass.")
 
     cel_rules = (
         CelRule(
@@ -454,23 +516,23 @@ class Serve(KubeModel):
 class JobSpecBase(KubeModel):
     """Fields shared by FineTuneJob and CompressJob specs: lifecycle, placement, storage, serving."""
 
-    max_restarts: int = Field(
+    max_restarts: Int = Field(
         3,
         ge=0,
         le=1000,
         description="Gang restarts after retriable failures (resume from the newest checkpoint).",
     )
-    active_deadline_seconds: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = Field(
+    active_deadline_seconds: Annotated[Int, Field(ge=1, le=2**31 - 1)] | None = Field(
         None,
         description="Fail with reason DeadlineExceeded after this long running (paused while suspended).",
     )
-    suspend: bool = Field(
+    suspend: Bool = Field(
         False, description="Suspend: no pods run; resuming continues from the last checkpoint."
     )
     queue_name: str | None = Field(
         None, pattern=DNS_LABEL_PATTERN, max_length=63, description="Kueue LocalQueue to admit the workload."
     )
-    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
+    ttl_seconds_after_finished: Annotated[Int, Field(ge=0, le=2**31 - 1)] | None = Field(
         None, description="Delete the job's children this long after it finishes (artifacts are kept)."
     )
     storage: Storage = Field(default_factory=Storage, description="Object storage access.")

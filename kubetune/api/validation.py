@@ -24,6 +24,7 @@ from kubetune.api.base import (
     DNS_1035_LABEL_PATTERN,
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
+    ENDPOINT_PATTERN,
     URI_SCHEMES_READ,
     URI_SCHEMES_WRITE,
     uri_help,
@@ -47,7 +48,7 @@ _PATTERN_HELP = {
     DNS_1035_LABEL_PATTERN: "lowercase letters, digits and '-', starting with a letter, ending with a letter or digit",
     DNS_SUBDOMAIN_PATTERN: "a DNS subdomain: lowercase letters, digits, '-' and '.', starting and ending with a "
     "letter or digit",
-    r"^https?://[^\s/]+(/.*)?$": "an http:// or https:// URL, e.g. http://minio.storage:9000",
+    ENDPOINT_PATTERN: "an http:// or https:// URL, e.g. http://minio.storage:9000",
 }
 _QUANTITY_HELP = "a Kubernetes quantity such as 500m, 2, 1.5, 8Gi or 100M"
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
@@ -180,7 +181,10 @@ def validate_text(text: str, source: str = "<stdin>", *, strict: bool = False) -
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
-        error = FieldError("", f"not valid YAML: {problem}", line=line, type="yaml")
+        if isinstance(exc, ManifestYAMLError):
+            error = FieldError("", problem, line=line, type="yaml")
+        else:
+            error = FieldError("", f"not valid YAML: {problem}", line=line, type="yaml")
         return [DocumentReport(source, None, "invalid", line=line, errors=[error])]
     reports = []
     for index, (doc, node) in enumerate(documents, start=1):
@@ -251,13 +255,84 @@ def reports_to_json(reports: Sequence[DocumentReport]) -> dict[str, Any]:
 # --- Internals ------------------------------------------------------------------------------
 
 
+MAX_DOCUMENT_NODES = 100_000
+"""Values one document may hold once its aliases are expanded. A real manifest holds a few hundred;
+an alias bomb (each anchor aliased ten times in the next) holds billions and would cost pydantic,
+the run plan and the API server that much time and memory."""
+
+
+class ManifestYAMLError(yaml.YAMLError):
+    """A document the API server would not take although it is YAML: a duplicate key, or aliases
+    expanding past :data:`MAX_DOCUMENT_NODES`."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+def _check_node_tree(root: yaml.Node) -> None:
+    """Refuse duplicate mapping keys (the API server refuses duplicate fields; YAML loaders keep
+    the last) and aliases that expand past the node budget, before anything is constructed.
+
+    Sizes are counted per distinct node, so the check costs the size of the text, not of the
+    expansion it guards against."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, path: str) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ManifestYAMLError(
+                f"{path or 'the document'} contains itself through an alias", node.start_mark
+            )
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, yaml.Node] = {}
+            for k, v in node.value:
+                name = str(k.value) if isinstance(k, yaml.ScalarNode) else None
+                if name is not None and k.tag != "tag:yaml.org,2002:merge":
+                    if name in seen:
+                        field = f"{path}.{name}" if path else name
+                        first = seen[name].start_mark.line + 1
+                        raise ManifestYAMLError(
+                            f"duplicate key {name!r} ({field}; first at line {first}): the API server "
+                            "refuses duplicate fields, and YAML loaders silently keep the last",
+                            k.start_mark,
+                        )
+                    seen[name] = k
+                child = f"{path}.{name}" if path and name is not None else (name or path)
+                total += size(k, path) + size(v, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                total += size(item, f"{path}[{i}]")
+        active.discard(key)
+        if total > MAX_DOCUMENT_NODES:
+            raise ManifestYAMLError(
+                f"{path or 'the document'} expands to more than {MAX_DOCUMENT_NODES} values through "
+                "YAML aliases (an alias bomb?); write the values out instead",
+                node.start_mark,
+            )
+        sizes[key] = total
+        return total
+
+    size(root, "")
+
+
 def _compose_documents(text: str) -> Iterator[tuple[Any, yaml.Node]]:
     """Each document with its node tree, which knows the line of every key and value."""
     loader = yaml.SafeLoader(text)
     try:
         while loader.check_node():
-            node = loader.get_node()
+            try:
+                node = loader.get_node()
+            except RecursionError:
+                raise ManifestYAMLError("the document nests too deeply", None) from None
             if node is not None:
+                _check_node_tree(node)
                 yield loader.construct_document(node), node
     finally:
         loader.dispose()
@@ -326,6 +401,11 @@ def _field_error(error: Any, schema: dict[str, Any]) -> FieldError:
         message = f"{value!r} has the wrong form"
     elif kind == "quantity":
         message, allowed = f"{ctx['value']} is not a Kubernetes quantity", _QUANTITY_HELP
+    elif kind == "quantity_fraction":
+        message = f"{ctx['value']} is a number with a fraction; a quantity takes it only as a string"
+        allowed = f"'{value}' (quoted), or an integer, or a suffixed quantity such as 1500m"
+    elif kind == "config_size":
+        message, allowed = error["msg"], None
     else:
         message = error["msg"][0].lower() + error["msg"][1:]
         if value is not None and not isinstance(value, dict | list):
