@@ -15,7 +15,8 @@ import yaml
 from kubetune.api import API_VERSION, CompressJob, FineTuneJob
 from kubetune.api.resources import MAX_NAME_LENGTH
 from kubetune.api.spec import MethodType, TaskType
-from kubetune.api.validation import FieldError, parse_resource, validate_document
+from kubetune.api.validation import MAX_DOCUMENT_NODES, FieldError, parse_resource, validate_document
+from kubetune.cli import main
 from kubetune.errors import InvalidInputError
 from tests.documents import edited
 
@@ -246,6 +247,130 @@ INVALID: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
         ("CompressJob names must be at most 43 characters",),
     ),
     ("name with a dot", edited(LORA, metadata__name="llama.lora"), "metadata.name", ("DNS-1035",)),
+    # Issue 12, validation parity: each of these was accepted by kubetune validate before.
+    (
+        "maxSteps as a string",
+        edited(LORA, spec__hyperparameters__epochs=None, spec__hyperparameters__maxSteps="10"),
+        "spec.hyperparameters.maxSteps",
+        ("valid integer", "'10'"),
+    ),
+    (
+        "seed as a string",
+        edited(LORA, spec__hyperparameters__seed="42"),
+        "spec.hyperparameters.seed",
+        ("valid integer",),
+    ),
+    ("workers true", edited(LORA, spec__resources__workers=True), "spec.resources.workers", ("integer",)),
+    (
+        "workers 2.5",
+        edited(LORA, spec__resources__workers=2.5),
+        "spec.resources.workers",
+        ("integer", "2.5"),
+    ),
+    ("suspend as a string", edited(LORA, spec__suspend="true"), "spec.suspend", ("valid boolean",)),
+    ("suspend 1", edited(LORA, spec__suspend=1), "spec.suspend", ("valid boolean", "true or false")),
+    (
+        "gradientCheckpointing yes as a string",
+        edited(LORA, spec__hyperparameters__gradientCheckpointing="yes"),
+        "spec.hyperparameters.gradientCheckpointing",
+        ("valid boolean",),
+    ),
+    (
+        "learning rate as a string",
+        edited(LORA, spec__hyperparameters__learningRate="0.1"),
+        "spec.hyperparameters.learningRate",
+        ("valid number",),
+    ),
+    (
+        "evalFraction true",
+        edited(LORA, spec__dataset__evalFraction=True),
+        "spec.dataset.evalFraction",
+        ("valid number",),
+    ),
+    (
+        "cpu 1.5 unquoted",
+        edited(LORA, spec__resources__requests__cpu=1.5),
+        "spec.resources.requests.cpu",
+        ("1.5 is a number with a fraction", "'1.5' (quoted)"),
+    ),
+    (
+        "seed 2^63",
+        edited(LORA, spec__hyperparameters__seed=2**63),
+        "spec.hyperparameters.seed",
+        ("9223372036854775808 is out of range", "0 to 2147483647"),
+    ),
+    (
+        "seed 2^64",
+        edited(LORA, spec__hyperparameters__seed=2**64),
+        "spec.hyperparameters.seed",
+        ("out of range",),
+    ),
+    (
+        "output URI with a trailing newline",
+        edited(LORA, spec__output__uri="s3://runs/lora\n"),
+        "spec.output.uri",
+        ("control character",),
+    ),
+    (
+        "quantity with a trailing newline",
+        edited(LORA, spec__resources__requests__memory="32Gi\n"),
+        "spec.resources.requests.memory",
+        ("not a Kubernetes quantity",),
+    ),
+    (
+        "name with a trailing newline",
+        edited(LORA, metadata__name="lora\n"),
+        "metadata.name",
+        ("DNS-1035",),
+    ),
+    (
+        "output with a '..' segment",
+        edited(LORA, spec__output__uri="s3://runs/lora/../other-team"),
+        "spec.output.uri",
+        ("'..' path segment",),
+    ),
+    (
+        "dataset with a '..' segment",
+        edited(LORA, spec__dataset__train__uri="file:///data/../etc/passwd"),
+        "spec.dataset.train.uri",
+        ("'..' path segment",),
+    ),
+    (
+        "output at the filesystem root",
+        edited(LORA, spec__output__uri="file:///"),
+        "spec.output.uri",
+        ("filesystem root",),
+    ),
+    (
+        "output at the filesystem root spelled file:////./",
+        edited(LORA, spec__output__uri="file:////./"),
+        "spec.output.uri",
+        ("filesystem root",),
+    ),
+    (
+        "credentials in the endpoint",
+        edited(LORA, spec__storage__endpoint="http://AKIAKEY:s3cr3tvalue@minio.storage:9000"),
+        "spec.storage.endpoint",
+        ("must not contain credentials", "secretRef"),
+    ),
+    (
+        "gptq with FP8",
+        edited(COMPRESS, spec__quantization__scheme="FP8"),
+        "spec.quantization.scheme",
+        ("use method rtn",),
+    ),
+    (
+        "deepspeed.config sets the micro-batch size",
+        edited(LORA, spec__deepspeed__config={"train_micro_batch_size_per_gpu": 32}),
+        "spec.deepspeed.config",
+        ("perDeviceBatchSize",),
+    ),
+    (
+        "deepspeed.config of more than 64 KiB",
+        edited(LORA, spec__deepspeed__config={"comment": "x" * 70_000}),
+        "spec.deepspeed.config",
+        ("bytes as JSON", "65536"),
+    ),
     ("old apiVersion", edited(LORA, apiVersion="kubetune.io/v1"), "apiVersion", ("not served", API_VERSION)),
     (
         "unknown kind",
@@ -266,6 +391,34 @@ def test_invalid_document_is_rejected_naming_the_field(
     text = str(errors[0])
     for word in words:
         assert word in text
+
+
+def test_credentials_in_the_endpoint_are_not_echoed() -> None:
+    _, errors = validate_document(
+        edited(LORA, spec__storage__endpoint="http://AKIAKEY:s3cr3tvalue@minio:9000")
+    )
+    assert errors
+    assert all("s3cr3tvalue" not in str(e) and "AKIAKEY" not in str(e) for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("spec__resources__workers", 2.0, 2),
+        ("spec__hyperparameters__learningRate", 1, 1.0),
+        ("spec__resources__requests__cpu", 2.0, "2"),
+    ],
+)
+def test_values_the_api_server_takes_are_taken(field: str, value: Any, expected: Any) -> None:
+    """Strictness stops at what the server accepts: a whole float is an integer, an integer a number."""
+    job = parse_resource(edited(LORA, **{field: value}))
+    read = {
+        "spec__resources__workers": lambda j: j.spec.resources.workers,
+        "spec__hyperparameters__learningRate": lambda j: j.spec.hyperparameters.learning_rate,
+        "spec__resources__requests__cpu": lambda j: (j.spec.resources.requests or {})["cpu"],
+    }[field]
+    assert read(job) == expected
+    assert type(read(job)) is type(expected)
 
 
 def test_there_are_at_least_twenty_invalid_cases() -> None:
@@ -348,3 +501,88 @@ def test_name_limits_match_the_operators_child_names(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == MAX_NAME_LENGTH
+
+
+# --- YAML as the API server reads it (issue 12) ------------------------------------------------
+
+JOB_YAML = """\
+apiVersion: kubetune.io/v1alpha1
+kind: FineTuneJob
+metadata:
+  name: yaml-job
+spec:
+  model:
+    uri: s3://models/base
+  dataset:
+    train:
+      uri: s3://data/train.jsonl
+  hyperparameters:
+    maxSteps: 10
+  output:
+    uri: s3://runs/yaml-job
+"""
+
+
+def _validate_cli(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    code = main(["validate", str(path)])
+    return code, capsys.readouterr().out, str(path)
+
+
+def test_duplicate_keys_are_refused_naming_file_line_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = JOB_YAML.replace(
+        "    maxSteps: 10\n", "    maxSteps: 10\n    learningRate: 0.1\n    maxSteps: 20\n"
+    )
+    code, out, path = _validate_cli(tmp_path, text, capsys)
+    assert code == 1
+    assert f"{path}:14: duplicate key 'maxSteps' (spec.hyperparameters.maxSteps; first at line 12)" in out
+
+
+def test_a_merge_key_is_not_a_duplicate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (
+        JOB_YAML
+        + "  deepspeed:\n    config:\n      <<: {steps_per_print: 5}\n      wall_clock_breakdown: true\n"
+    )
+    code, out, _ = _validate_cli(tmp_path, text, capsys)
+    assert code == 0, out
+
+
+def test_an_alias_bomb_in_deepspeed_config_is_refused_by_the_node_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nine levels of ten aliases expand to 10^9 values; the budget counts distinct nodes, so
+    the document is refused before pydantic or the plan ever walks the expansion."""
+    levels = ["      l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n"]
+    for i in range(1, 10):
+        levels.append(f"      l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n")
+    code, out, path = _validate_cli(
+        tmp_path, JOB_YAML + "  deepspeed:\n    config:\n" + "".join(levels), capsys
+    )
+    assert code == 1
+    assert f"more than {MAX_DOCUMENT_NODES} values through YAML aliases" in out
+    assert f"{path}:" in out
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _validate_cli(
+        tmp_path, JOB_YAML + "  deepspeed:\n    config:\n      loop: &loop [*loop]\n", capsys
+    )
+    assert code == 1
+    assert "contains itself through an alias" in out
+
+
+def test_small_aliases_are_expanded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = JOB_YAML.replace("  output:", "  resources:\n    requests: &r {cpu: 2}\n    limits: *r\n  output:")
+    code, out, _ = _validate_cli(tmp_path, text, capsys)
+    assert code == 0, out
+
+
+def test_a_quoted_number_is_refused_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, path = _validate_cli(tmp_path, JOB_YAML.replace("maxSteps: 10", 'maxSteps: "10"'), capsys)
+    assert code == 1
+    assert (
+        f"{path}:12: FineTuneJob/yaml-job (document 1): spec.hyperparameters.maxSteps: input should be" in out
+    )
