@@ -279,9 +279,8 @@ class DeepSpeed(KubeModel):
     )
     offload_optimizer: Bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: Bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
-    config: Annotated[dict[str, Any], AfterValidator(_bounded_config)] | None = Field(
+    config: Annotated[dict[str, Any], Field(max_length=64), AfterValidator(_bounded_config)] | None = Field(
         None,
-        max_length=64,
         description="Extra DeepSpeed configuration merged over the generated one "
         "(see the DeepSpeed config reference), at most "
         f"{MAX_DEEPSPEED_CONFIG_BYTES // 1024} KiB as JSON (it is copied into the run plan's "

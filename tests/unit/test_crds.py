@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import re2
 import yaml
 
 from kubetune.api import KINDS
@@ -242,3 +243,111 @@ def test_crd_defaults_equal_model_defaults(path: Path) -> None:
             continue
         stored = apply_defaults(copy.deepcopy(doc), SCHEMAS[doc["kind"]])
         assert stored == KINDS[doc["kind"]].model_validate(doc).to_wire()
+
+
+# --- Every invalid document, as the API server's schema sees it --------------------------------
+
+_INT64 = 2**63
+_MAX_EXACT_FLOAT = 2**53 - 1
+
+
+def _server_integer(_: Any, value: Any) -> bool:
+    """An integer as the API server decodes JSON: int64 only (larger numbers become floats), and a
+    whole float up to 2^53 counts as one."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -_INT64 <= value < _INT64
+    return isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_FLOAT
+
+
+def _server_number(_: Any, value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _re2_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    """Patterns as the API server matches them: RE2, where "$" is the end of the text (Python's re
+    also matches it before a trailing newline)."""
+    if isinstance(instance, str) and not re2.search(pattern, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+ServerSchemaValidator = jsonschema.validators.extend(
+    jsonschema.Draft4Validator,
+    validators={"pattern": _re2_pattern},
+    type_checker=jsonschema.Draft4Validator.TYPE_CHECKER.redefine_many(
+        {"integer": _server_integer, "number": _server_number}
+    ),
+)
+
+
+def _unknown_fields(value: Any, schema: dict[str, Any], path: list[str | int]) -> list[list[str | int]]:
+    """Fields strict field validation refuses (fieldValidation=Strict, as kubectl sends)."""
+    found: list[list[str | int]] = []
+    if isinstance(value, dict) and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            if path == [] and key == "metadata":  # ObjectMeta is the server's, not the CRD's
+                continue
+            child = (props or {}).get(key) or (extra if isinstance(extra, dict) else None)
+            if child is None and props is not None:
+                found.append([*path, key])
+            elif child is not None:
+                found += _unknown_fields(item, child, [*path, key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            found += _unknown_fields(item, schema["items"], [*path, i])
+    return found
+
+
+def server_field_paths(doc: dict[str, Any]) -> list[str]:
+    """The fields the API server names when it refuses ``doc``: decoding (apiVersion, kind,
+    unknown fields), then the structural schema after defaulting, then (only for a
+    schema-valid object) the CEL rules."""
+    from kubetune.api import API_VERSION
+    from kubetune.api.validation import _format_path
+    from tests.unit.test_cel import cel_violations
+
+    if doc.get("apiVersion") != API_VERSION:
+        return ["apiVersion"]
+    if doc.get("kind") not in SCHEMAS:
+        return ["kind"]
+    schema = SCHEMAS[doc["kind"]]
+    unknown = _unknown_fields(doc, schema, [])
+    if unknown:
+        return sorted(_format_path(p) for p in unknown)
+    defaulted = apply_defaults(copy.deepcopy(doc), schema)
+    paths = set()
+    for error in ServerSchemaValidator(schema).iter_errors(defaulted):
+        path: list[str | int] = list(error.absolute_path)
+        if error.validator == "required":
+            missing = [r for r in error.validator_value if r not in error.instance]
+            paths.update(_format_path([*path, name]) for name in missing)
+        else:
+            paths.add(_format_path(path))
+    if paths:
+        return sorted(paths)
+    return sorted({path for path, _ in cel_violations(defaulted, schema)})
+
+
+def _invalid_cases() -> list[Any]:
+    from tests.unit.test_api import INVALID
+
+    return [pytest.param(doc, path, id=name) for name, doc, path, _ in INVALID]
+
+
+@pytest.mark.parametrize(("doc", "path"), _invalid_cases())
+def test_the_crd_schema_refuses_every_invalid_document_naming_the_same_field(
+    doc: dict[str, Any], path: str
+) -> None:
+    """``kubetune validate`` and the CRD (schema with RE2 patterns and the server's number
+    decoding, then CEL) name the same field for each invalid document of the API tests."""
+    assert server_field_paths(doc) == [path]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_the_crd_schema_takes_every_example(path: Path) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc.get("kind") in KINDS:
+            assert server_field_paths(doc) == []
