@@ -52,6 +52,7 @@ ANNOTATION_CLEANED: Final = "kubetune.io/children-deleted"
 # Condition reasons (CamelCase, as the API conventions ask).
 REASON_INVALID_INPUT: Final = "InvalidInput"
 REASON_STORAGE: Final = "StorageError"
+REASON_OUTPUT_CONFLICT: Final = "OutputConflict"
 REASON_VALIDATION_FAILED: Final = "ValidationFailed"
 REASON_DEADLINE: Final = "DeadlineExceeded"
 REASON_RESTARTS_EXHAUSTED: Final = "RestartsExhausted"
@@ -841,6 +842,10 @@ def failure_reason(term: Termination | None, state: JobState) -> str | None:
         match = _EXIT_CODE_IN_MESSAGE.search(state.failed_message or "")
         code = int(match.group(1)) if match else EXIT_INVALID_INPUT
     if code == EXIT_INVALID_INPUT:
+        # The runtimes prefix their message with the error's reason (kubetune.ownership's
+        # OutputConflictError: the output prefix belongs to, or overlaps, another job).
+        if term is not None and (term.message or "").startswith(f"{REASON_OUTPUT_CONFLICT}:"):
+            return REASON_OUTPUT_CONFLICT
         return REASON_INVALID_INPUT
     if code == EXIT_STORAGE:
         return REASON_STORAGE

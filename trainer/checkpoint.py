@@ -12,7 +12,9 @@ Protocol (:class:`CheckpointPublisher`, on every save, in the background while t
 2. rank 0 waits for every node's report, checks that storage lists every file with its size, and
    only then writes ``_COMMITTED.json`` (files, sizes, sha256, step, world size, job, time);
 3. rank 0 keeps the newest ``keepLast`` committed checkpoints and deletes older committed ones and
-   torn ones older than the newest committed; nothing outside ``<output>/checkpoints/`` is touched.
+   torn ones older than the newest committed; nothing outside ``<output>/checkpoints/`` is touched,
+   nothing is deleted unless the job holds the output's claim (:mod:`kubetune.ownership`), and a
+   checkpoint committed by another job is never deleted.
 
 A checkpoint without its marker, or whose objects disagree with the marker, is *torn* (the
 process died mid-upload) and is never resumed from (:func:`scan_checkpoints`,
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 from transformers import TrainerCallback
 
 from kubetune.errors import InvalidInputError, RetriableError
+from kubetune.ownership import Owner, holds_claim
 from kubetune.plan import CHECKPOINTS_DIR, COMMIT_MARKER, JobRef, RunPlan
 from kubetune.storage import ObjectStore
 from kubetune.trainer.training import (
@@ -246,11 +249,23 @@ def latest_committed(checkpoints: Sequence[StoredCheckpoint]) -> StoredCheckpoin
     return max(committed, key=lambda c: c.step) if committed else None
 
 
-def prune(store: ObjectStore, checkpoints: Sequence[StoredCheckpoint], keep_last: int) -> list[int]:
-    """Delete committed checkpoints beyond the newest ``keep_last`` and torn ones older than the
-    newest committed one (a torn one newer than that may still be being written). Returns the
-    deleted steps."""
-    committed = sorted((c for c in checkpoints if c.committed), key=lambda c: c.step, reverse=True)
+def prune(
+    store: ObjectStore, checkpoints: Sequence[StoredCheckpoint], keep_last: int, *, plan: RunPlan
+) -> list[int]:
+    """Delete this job's committed checkpoints beyond its newest ``keep_last`` and torn ones older
+    than the newest committed one (a torn one newer than that may still be being written). Returns
+    the deleted steps.
+
+    Only under an output prefix this job has claimed (:mod:`kubetune.ownership`), and never a
+    checkpoint committed by another job: nothing is deleted that this job did not write."""
+    if not holds_claim(store, plan.output_uri, owner_of(plan.job)):
+        log.warning("not pruning checkpoints: %s is not claimed by this job", plan.output_uri)
+        return []
+    committed = sorted(
+        (c for c in checkpoints if c.committed and c.record is not None and same_job(c.record.job, plan.job)),
+        key=lambda c: c.step,
+        reverse=True,
+    )
     if not committed:
         return []
     newest = committed[0].step
@@ -260,6 +275,11 @@ def prune(store: ObjectStore, checkpoints: Sequence[StoredCheckpoint], keep_last
         # Only ever a step-N/ prefix that scan_checkpoints found under <output>/checkpoints.
         store.delete_prefix(c.uri)
     return sorted(c.step for c in doomed)
+
+
+def owner_of(job: JobRef) -> Owner:
+    """The ownership claim of ``job`` (what ``_OWNER.json`` names)."""
+    return Owner(kind=job.kind, namespace=job.namespace, name=job.name, uid=job.uid)
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -328,9 +348,10 @@ def prepare_resume(
     """Find the newest committed checkpoint (rank 0 decides, so every rank agrees), check it, and
     download it once per node into ``trainer_dir/checkpoint-N`` for ``trainer.train``.
 
-    ``owned``: the output prefix already holds this job's run record, so torn checkpoints newer
-    than the one resumed from are leftovers of this job's killed attempt and are deleted (the
-    steps will be saved again)."""
+    Torn checkpoints newer than the one resumed from are leftovers of this job's killed attempt
+    when the output prefix is claimed by this job (:mod:`kubetune.ownership`: nobody else can
+    have written there), and are deleted (the steps will be saved again); otherwise they are left
+    alone. ``owned`` is accepted for compatibility; the claim decides."""
     chosen: StoredCheckpoint | None = None
     torn: list[StoredCheckpoint] = []
     if dist.is_main:
@@ -342,7 +363,7 @@ def prepare_resume(
     chosen = broadcast_object(chosen)
     if chosen is not None:
         check_resumable(chosen, plan, dist.world_size)
-    if dist.is_main and owned:
+    if dist.is_main and torn and holds_claim(store, plan.output_uri, owner_of(plan.job)):
         for c in torn:
             store.delete_prefix(c.uri)
     if chosen is None:
@@ -502,7 +523,7 @@ class CheckpointPublisher(TrainerCallback):
         self.stats.committed.append(step)
         self.stats.bytes += record.total_bytes
         log.info("committed checkpoint %s (%d files, %.1f MB)", uri, len(files), record.total_bytes / 1e6)
-        deleted = prune(self.store, scan_checkpoints(self.store, self.plan), self.keep_last)
+        deleted = prune(self.store, scan_checkpoints(self.store, self.plan), self.keep_last, plan=self.plan)
         if deleted:
             log.info("deleted old checkpoints: %s", ", ".join(f"{STEP_PREFIX}{s}" for s in deleted))
         if self.after_commit is not None:

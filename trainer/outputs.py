@@ -8,8 +8,9 @@
   macro-F1 (classification).
 - ``logs/``: TensorBoard event files.
 - ``run.json``: the run record (job, plan, package versions, phase timings, resume point). It is
-  written when a run starts and again when it succeeds, and it is how a run recognises an output
-  prefix that belongs to another job (:func:`guard_output`).
+  written when a run starts and again when it succeeds.
+- ``_OWNER.json``: the job's claim on the prefix, made before anything else is written
+  (:func:`guard_output`, :mod:`kubetune.ownership`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import psutil
 from transformers import TrainerCallback
 
 from kubetune.api.spec import MethodType, TaskType
-from kubetune.errors import InvalidInputError
+from kubetune.ownership import OutputConflictError, Owner, claim_output, republish
 from kubetune.plan import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -75,31 +76,47 @@ _MAX_LOG_PERPLEXITY: Final = 700.0
 # --- the output prefix belongs to one job --------------------------------------------------------
 
 
+def output_owner(plan: RunPlan) -> Owner:
+    """The claim a run's job makes on its output prefix."""
+    return Owner(kind=plan.job.kind, namespace=plan.job.namespace, name=plan.job.name, uid=plan.job.uid)
+
+
+def plan_inputs(plan: RunPlan) -> list[tuple[str, str]]:
+    """``(field, uri)`` of everything the run reads, which its output must not lie inside."""
+    found = [("model.uri", plan.model_uri), ("dataset.train.uri", plan.dataset.train.uri)]
+    if plan.dataset.eval is not None:
+        found.append(("dataset.eval.uri", plan.dataset.eval.uri))
+    distillation = plan.compression.distillation if plan.compression is not None else None
+    student = getattr(distillation, "student", None)
+    if student is not None and getattr(student, "uri", None):
+        found.append(("compression.distillation.student.uri", str(student.uri)))
+    return found
+
+
 def guard_output(store: ObjectStore, plan: RunPlan) -> dict[str, Any] | None:
-    """Refuse an output prefix that holds another job's run, or a model kubetune did not write.
+    """Claim the output prefix for this job (:func:`kubetune.ownership.claim_output`) before
+    anything is written: refuses (exit code 2, reason ``OutputConflict``) a prefix claimed by or
+    overlapping another job's, one holding files this job did not write, and an output inside the
+    job's model or dataset.
 
     Returns the previous run record of this same job (a restart), or ``None`` for a fresh prefix.
     """
+    claim_output(store, plan.output_uri, output_owner(plan), plan_inputs(plan))
     record_uri = plan.output(RUN_RECORD_FILE)
     if not store.exists(record_uri):
-        if store.list(plan.output(MODEL_DIR)):
-            raise InvalidInputError(
-                f"{plan.output(MODEL_DIR)} already holds files but {record_uri} is missing, so they were "
-                "not written by a kubetune run: kubetune never overwrites them; choose another output.uri"
-            )
         return None
     try:
         previous = json.loads(store.read_bytes(record_uri))
         if not isinstance(previous, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
-        raise InvalidInputError(
+        raise OutputConflictError(
             f"{record_uri} exists but is not a kubetune run record ({e}): refusing to write outputs "
             "over it; choose another output.uri"
         ) from e
     if not same_job(previous.get("job"), plan.job):
         status = previous.get("status", "unknown")
-        raise InvalidInputError(
+        raise OutputConflictError(
             f"{plan.output_uri} holds the outputs of job {describe_job(previous.get('job'))} (status "
             f"{status}), not of {describe_job(job_identity(plan.job))}: kubetune never overwrites another "
             "job's artifacts; choose another output.uri or delete that prefix"
@@ -283,28 +300,28 @@ def publish_model(
 ) -> dict[str, str]:
     """Upload the model (and adapter) written by :func:`save_trained`; rank 0 only.
 
-    Each destination prefix is cleared first: a previous attempt of the same job may have left
-    files under other names (shard counts change with the dtype)."""
+    A previous attempt of the same job may have left files under other names (shard counts change
+    with the dtype): they are deleted after the new files are uploaded, never before
+    (:func:`kubetune.ownership.republish`)."""
     uploaded: dict[str, str] = {}
     lora = plan.method is not None and plan.method.type == MethodType.lora
     if lora:
-        _replace_prefix(store, trained_dir, plan.output(ADAPTER_DIR))
+        _replace_prefix(store, plan, trained_dir, plan.output(ADAPTER_DIR))
         uploaded["adapter"] = plan.output(ADAPTER_DIR)
         if plan.method is not None and plan.method.merges:
             merged = merge_adapter(plan, base_dir, trained_dir, work_dir / "merged", tokenizer)
-            _replace_prefix(store, merged, plan.output(MODEL_DIR))
+            _replace_prefix(store, plan, merged, plan.output(MODEL_DIR))
             uploaded["model"] = plan.output(MODEL_DIR)
     else:
-        _replace_prefix(store, trained_dir, plan.output(MODEL_DIR))
+        _replace_prefix(store, plan, trained_dir, plan.output(MODEL_DIR))
         uploaded["model"] = plan.output(MODEL_DIR)
     for name, uri in uploaded.items():
         log.info("wrote the %s to %s", name, uri)
     return uploaded
 
 
-def _replace_prefix(store: ObjectStore, local_dir: Path, uri: str) -> None:
-    store.delete_prefix(uri)
-    store.upload_dir(local_dir, uri, exclude=_NOT_ARTIFACTS)
+def _replace_prefix(store: ObjectStore, plan: RunPlan, local_dir: Path, uri: str) -> None:
+    republish(store, output_owner(plan), plan.output_uri, local_dir, uri, exclude=_NOT_ARTIFACTS)
 
 
 def upload_logs(store: ObjectStore, plan: RunPlan, logs_dir: Path) -> None:

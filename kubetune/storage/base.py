@@ -100,6 +100,19 @@ class ObjectStore(Protocol):
         """Delete every object under the prefix (idempotent). Refuses a bucket or filesystem root."""
         ...
 
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create the object only if nothing is stored at ``uri`` yet, atomically: of two callers
+        racing for the same ``uri`` exactly one gets ``True``; the other (and any later caller)
+        gets ``False`` and the object is left as it was. ``s3://``: a conditional PutObject
+        (``If-None-Match: *``); ``file://``: a hard link of a complete temporary file, which fails
+        when the name exists (an exclusive create that never shows a half-written file)."""
+        ...
+
+    def delete_keys(self, prefix_uri: str, keys: Sequence[str]) -> None:
+        """Delete exactly the listed objects (keys relative to the prefix, as :meth:`list` gives
+        them) and nothing else; missing ones are ignored."""
+        ...
+
 
 def walk_files(local_dir: Path, exclude: Sequence[str] = ()) -> Iterator[tuple[str, Path]]:
     """``(relative posix path, path)`` of every regular file under ``local_dir``, sorted, honouring ``exclude``."""

@@ -29,6 +29,7 @@ from .base import (
     atomic_write,
     local_os_error,
     local_target,
+    temp_path_for,
     walk_files,
 )
 from .config import StorageConfig
@@ -141,6 +142,37 @@ class FileStore:
         except OSError as exc:
             raise local_os_error(exc, str(prefix), "delete") from exc
 
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        target = self._uris.parse_object(uri)
+        path = Path(target.local_path)
+
+        def create() -> bool:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path_for(path)
+            atomic_write(tmp, data)
+            try:
+                # link() fails with EEXIST when the name is taken: O_EXCL semantics, but the name
+                # only ever appears with its whole content.
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            return True
+
+        return _local(create, target, "create")
+
+    def delete_keys(self, prefix_uri: str, keys: Sequence[str]) -> None:
+        prefix = self._uris.parse(prefix_uri).as_prefix()
+        root = Path(prefix.local_path)
+        for key in keys:
+            path = local_target(root, key, str(prefix))
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise local_os_error(exc, str(prefix.join(key)), "delete") from exc
+            _remove_empty_parents(path.parent, root)
+
     def _copy_all(
         self, jobs: Sequence[tuple[StorageURI, Path, Path]], progress: ProgressCallback | None
     ) -> None:
@@ -161,6 +193,16 @@ def _local(fn: Callable[[], T], uri: StorageURI, action: str) -> T:
         return fn()
     except OSError as exc:
         raise local_os_error(exc, str(uri), action) from exc
+
+
+def _remove_empty_parents(directory: Path, root: Path) -> None:
+    """Remove ``directory`` and its parents up to (not including) ``root`` while they are empty."""
+    while directory != root and root in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent
 
 
 def _raise(exc: OSError) -> None:

@@ -166,6 +166,12 @@ class HubStore:
     def delete_prefix(self, prefix_uri: str) -> None:
         raise self._read_only(prefix_uri)
 
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        raise self._read_only(uri)
+
+    def delete_keys(self, prefix_uri: str, keys: Sequence[str]) -> None:
+        raise self._read_only(prefix_uri)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _snapshot(self, prefix: StorageURI) -> Path | None:

@@ -72,6 +72,7 @@ _DENIED_CODES: Final = frozenset(
 )
 # The bucket lives in another region than the one requests are signed for.
 _REGION_CODES: Final = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "301"})
+_PRECONDITION_CODES: Final = frozenset({"PreconditionFailed", "412"})
 _DELETE_BATCH: Final = 1000  # DeleteObjects' limit
 
 
@@ -219,6 +220,40 @@ class S3Store:
                     raise _DeleteFailed(first.get("Code", ""), first.get("Message", ""), len(errors))
 
         self._call(delete, f"deleting {prefix}", prefix)
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        target = self._uris.parse_object(uri)
+
+        def create() -> bool:
+            try:
+                self._client.put_object(Bucket=target.bucket, Key=target.key, Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                # 412: the key exists. (409 ConditionalRequestConflict, a concurrent conditional
+                # write in flight, is retried by _call like any other unknown error.)
+                if _code(exc) in _PRECONDITION_CODES:
+                    return False
+                raise
+            return True
+
+        return self._call(create, f"creating {target}", target)
+
+    def delete_keys(self, prefix_uri: str, keys: Sequence[str]) -> None:
+        prefix = self._uris.parse(prefix_uri).as_prefix()
+        full = [prefix.join(key).key for key in keys]
+
+        def delete() -> None:
+            for start in range(0, len(full), _DELETE_BATCH):
+                batch = full[start : start + _DELETE_BATCH]
+                response = self._client.delete_objects(
+                    Bucket=prefix.bucket,
+                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                )
+                if errors := response.get("Errors"):
+                    first = errors[0]
+                    raise _DeleteFailed(first.get("Code", ""), first.get("Message", ""), len(errors))
+
+        if full:
+            self._call(delete, f"deleting {len(full)} objects under {prefix}", prefix)
 
     # -- files and prefixes --------------------------------------------------------------------
 

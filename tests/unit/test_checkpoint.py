@@ -71,6 +71,7 @@ def trainer_checkpoint(root: Path, step: int, content: bytes = b"weights") -> Pa
 
 
 def publish(plan: RunPlan, tmp: Path, step: int, keep_last: int = 2, content: bytes = b"weights") -> None:
+    guard_output(STORE, plan)  # as the runtimes do: the job claims its output before writing
     publisher = CheckpointPublisher(STORE, plan, ONE_PROCESS, keep_last=keep_last)
     publisher.publish(step, trainer_checkpoint(tmp / "local", step, content))
 
@@ -99,6 +100,7 @@ def test_publishing_uploads_then_commits_with_sizes_and_hashes(tmp_path: Path) -
 
 def test_retention_keeps_the_newest_committed_and_drops_torn_ones_older_than_them(tmp_path: Path) -> None:
     plan = make_plan(tmp_path / "out")
+    guard_output(STORE, plan)
     checkpoints = tmp_path / "out" / "checkpoints"
     (checkpoints / "step-3").mkdir(parents=True)
     (checkpoints / "step-3" / "model.safetensors").write_bytes(b"torn")
@@ -109,7 +111,7 @@ def test_retention_keeps_the_newest_committed_and_drops_torn_ones_older_than_the
     (checkpoints / "step-8").mkdir()
     (checkpoints / "step-8" / "model.safetensors").write_bytes(b"being uploaded")
 
-    assert prune(STORE, scan_checkpoints(STORE, plan), keep_last=2) == []  # publish already pruned
+    assert prune(STORE, scan_checkpoints(STORE, plan), keep_last=2, plan=plan) == []  # publish already pruned
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-4", "step-6", "step-8"]
     assert (tmp_path / "out" / "model" / "keep.me").is_file()
 
@@ -178,10 +180,14 @@ def test_resuming_downloads_the_newest_committed_and_clears_this_jobs_torn_lefto
     torn = tmp_path / "out" / "checkpoints" / "step-8"
     torn.mkdir()
     (torn / "rng_state_7.pth").write_bytes(b"from the killed attempt")
+    claim = tmp_path / "out" / "_OWNER.json"
+    claimed = claim.read_bytes()
+    claim.unlink()
 
-    kept = prepare_resume(STORE, plan, ONE_PROCESS, tmp_path / "a", owned=False)
+    kept = prepare_resume(STORE, plan, ONE_PROCESS, tmp_path / "a", owned=True)
     assert kept is not None
-    assert torn.is_dir(), "a prefix not known to be ours is left alone"
+    assert torn.is_dir(), "a prefix not known to be ours (no claim) is left alone"
+    claim.write_bytes(claimed)
 
     resume = prepare_resume(STORE, plan, ONE_PROCESS, tmp_path / "b", owned=True)
     assert resume is not None
@@ -210,19 +216,20 @@ def test_jobs_are_told_apart_by_uid_then_by_namespace_and_name() -> None:
 
 def test_the_output_guard_protects_other_jobs_and_foreign_models(tmp_path: Path) -> None:
     output = tmp_path / "out"
-    plan = make_plan(output)
-    assert guard_output(STORE, plan) is None
-
     (output / "model").mkdir(parents=True)
     (output / "model" / "config.json").write_text("{}")
-    with pytest.raises(InvalidInputError, match="not written by a kubetune run"):
+    plan = make_plan(output)
+    with pytest.raises(InvalidInputError, match="that no kubetune run of this job wrote"):
         guard_output(STORE, plan)
+    assert not (output / "_OWNER.json").exists(), "a refused claim is taken back"
 
+    # A prefix written before claims existed is adopted by the job whose run record it holds.
     (output / "run.json").write_text(json.dumps({"job": job_identity(plan.job), "status": "running"}))
     assert guard_output(STORE, plan) == {"job": job_identity(plan.job), "status": "running"}
+    assert guard_output(STORE, plan) == {"job": job_identity(plan.job), "status": "running"}, "a restart"
 
     other = make_plan(output, uid="uid-9", name="other")
-    with pytest.raises(InvalidInputError, match=r"holds the outputs of job default/tune \(uid uid-1\)"):
+    with pytest.raises(InvalidInputError, match=r"claimed by FineTuneJob default/tune \(uid uid-1\)"):
         guard_output(STORE, other)
 
     (output / "run.json").write_text("[1, 2]")

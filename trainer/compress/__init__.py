@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from kubetune.api.resources import PruningMethod, QuantizationMethod
 from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
+from kubetune.ownership import republish
 from kubetune.plan import MODEL_DIR, REPORT_FILE, RUN_RECORD_FILE, RunPlan
 from kubetune.storage import ObjectStore, open_store
 from kubetune.trainer.compress import recipes
@@ -210,8 +211,8 @@ def compress(plan: RunPlan, scratch: Path, dist: Distributed | None, accelerator
         if current == base_dir:
             raise InvalidInputError("no compression step produced a model")  # check_plan rules this out
         model_uri = plan.output(MODEL_DIR)
-        store.delete_prefix(model_uri)
-        store.upload_dir(current, model_uri)
+        # Upload, then drop an earlier attempt's stale files: never delete-then-upload.
+        republish(store, outputs.output_owner(plan), plan.output_uri, current, model_uri)
         recipe_text = recipes.recipe_document(entries)
         store.write_bytes(plan.output(RECIPE_FILE), recipe_text.encode("utf-8"))
     report = build_report(
