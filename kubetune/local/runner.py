@@ -20,13 +20,14 @@ from rich.console import Console
 
 from kubetune.api import CompressJob, FineTuneJob
 from kubetune.api.spec import TaskType
-from kubetune.errors import EXIT_INVALID_INPUT, EXIT_OK, EXIT_STORAGE
+from kubetune.errors import EXIT_INVALID_INPUT, EXIT_OK, EXIT_STORAGE, KubetuneError
 from kubetune.local import launcher, processes
 from kubetune.local.display import ProgressFile, TrainingProgress, flatten, summary_table
 from kubetune.plan import (
     METRICS_FILE,
     MODEL_DIR,
     REPORT_FILE,
+    RUN_RECORD_FILE,
     RunPlan,
     finetune_model_uri,
     plan_compress,
@@ -108,7 +109,39 @@ class LocalRunner:
             self.console.print(f"[red]{kind}/{name}: {exc}")
             return RunOutcome(EXIT_INVALID_INPUT)
         run_dir = self.options.workdir / f"{kind.lower()}-{name}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            processes.lock_run_dir(run_dir)
+        except processes.RunDirLocked as exc:
+            self.console.print(f"[red]✗ {kind}/{name}: {exc}", highlight=False)
+            return RunOutcome(EXIT_INVALID_INPUT, plan)
+        try:
+            return self._run_locked(job, plan, run_dir)
+        finally:
+            processes.unlock_run_dir()
+
+    def _run_locked(self, job: FineTuneJob | CompressJob, plan: RunPlan, run_dir: Path) -> RunOutcome:
+        name = job.metadata.name or "job"
+        kind = type(job).kind_name
+        try:
+            changes = resume_changes(plan)
+        except KubetuneError as exc:
+            self.console.print(f"[red]✗ {kind}/{name}: {exc}", highlight=False)
+            return RunOutcome(exc.exit_code, plan)
+        if changes:
+            self.console.print(
+                f"[red]✗ {kind}/{name}: {plan.output_uri} holds an earlier run of this job with another "
+                "training spec, and a run resumes from its own checkpoints (a cluster forbids editing the "
+                "training spec of a started job):",
+                highlight=False,
+            )
+            for change in changes:
+                self.console.print(f"  {change}", markup=False, highlight=False)
+            self.console.print(
+                f"to start over, delete {plan.output_uri} (or choose another output.uri or job name) and run "
+                "the command again; to resume, restore the earlier spec",
+                highlight=False,
+            )
+            return RunOutcome(EXIT_INVALID_INPUT, plan)
         self._run_dir = run_dir
         (run_dir / "termination-log").unlink(missing_ok=True)
         plan_path = run_dir / "plan.json"
@@ -256,6 +289,57 @@ class LocalRunner:
             except KeyboardInterrupt:
                 self.console.print("stopping the server")
         return outcome
+
+
+# Plan fields that are not part of the training spec: who runs it and how storage is reached.
+_NOT_TRAINING_SPEC = ("plan_version", "job", "storage", "output_uri")
+
+
+def resume_changes(plan: RunPlan) -> list[str]:
+    """What differs between ``plan`` and the plan of the earlier run recorded in
+    ``<output>/run.json`` (``"hyperparameters.learning_rate: 0.0001 -> 0.001"``), for an earlier run of
+    this same job; ``[]`` when there is none or nothing differs."""
+    from kubetune.storage import StorageConfig, open_store
+
+    record_uri = plan.output(RUN_RECORD_FILE)
+    config = StorageConfig(endpoint=plan.storage.endpoint, region=plan.storage.region)
+    store = open_store(record_uri, config)
+    if not store.exists(record_uri):
+        return []
+    try:
+        record = json.loads(store.read_bytes(record_uri))
+    except ValueError:
+        return []  # the runtime refuses it with the reason (not a run record)
+    previous = record.get("plan") if isinstance(record, dict) else None
+    job = record.get("job") if isinstance(record, dict) else None
+    if not isinstance(previous, dict) or not isinstance(job, dict):
+        return []
+    if (job.get("namespace"), job.get("name")) != (plan.job.namespace, plan.job.name):
+        return []  # another job's: the runtime refuses the output (OutputConflict)
+    current = json.loads(plan.to_json())
+    old = {k: v for k, v in _leaves(previous).items() if k.split(".")[0] not in _NOT_TRAINING_SPEC}
+    new = {k: v for k, v in _leaves(current).items() if k.split(".")[0] not in _NOT_TRAINING_SPEC}
+    return [
+        f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys; lists kept whole as values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    text = "(unset)" if value is None else json.dumps(value)
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def wait_ready(base: str, server: processes.RunningProcess, timeout: float = 600.0) -> bool:

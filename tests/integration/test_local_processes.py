@@ -78,3 +78,58 @@ def test_a_terminated_run_stops_its_trainers_and_its_server(tmp_path: Path, sign
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+# A `kubetune run` stand-in whose "launchers" each start a "trainer" of their own, as torchrun
+# does: the trainers are grandchildren, out of reach of a parent-death signal on the launcher.
+KILLED_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    from kubetune.local import processes
+    from kubetune.local.launcher import ProcessSpec
+
+    work = Path(sys.argv[1])
+    processes.lock_run_dir(work / "run")
+    def launcher(name):
+        code = (
+            "import os, subprocess, sys, time; "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "open(sys.argv[1], 'w').write(f'{os.getpid()} {child.pid}'); time.sleep(600)"
+        )
+        return ProcessSpec(name, [sys.executable, "-c", code, str(work / f"{name}.pid")])
+
+    processes.run_gang([launcher("worker-0"), launcher("worker-1")], work / "logs", on_tick=lambda: None)
+    """
+)
+
+
+def test_a_sigkilled_run_leaves_no_launcher_or_trainer_and_frees_its_run_dir(tmp_path: Path) -> None:
+    from kubetune.local.processes import RunDirLocked, lock_run_dir, unlock_run_dir
+
+    driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(tmp_path)])
+    try:
+        pid_files = [tmp_path / f"worker-{i}.pid" for i in range(2)]
+        wait_for(lambda: all(f.exists() and f.read_text() for f in pid_files), 60, "both launchers")
+        pids = [int(pid) for f in pid_files for pid in f.read_text().split()]
+        assert all(alive(pid) for pid in pids)
+        with pytest.raises(RunDirLocked, match=r"in use by another kubetune run \(pid \d+\)"):
+            lock_run_dir(tmp_path / "run")
+
+        driver.kill()  # SIGKILL: no handler runs, nothing is stopped by kubetune run itself
+        driver.wait(timeout=30)
+        wait_for(lambda: not any(alive(pid) for pid in pids), 60, "launchers and trainers to die")
+
+        def free() -> bool:
+            try:
+                lock_run_dir(tmp_path / "run")
+            except RunDirLocked:
+                return False
+            return True
+
+        wait_for(free, 60, "the run directory's lock to be released")
+        unlock_run_dir()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
