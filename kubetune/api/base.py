@@ -94,9 +94,15 @@ def _whole_float(value: object) -> object:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_whole_float), Strict()]
+WHOLE_FLOAT = BeforeValidator(_whole_float)
+STRICT = Strict()
+
+Int = Annotated[int, WHOLE_FLOAT, STRICT]
 """An integer as the API server takes one: no strings ("10"), booleans or fractions; a whole
-float (``2.0``) is read as an integer, as the server does."""
+float (``2.0``) is read as an integer, as the server does. Bounds go on the field
+(``Int = Field(1, ge=1)``); an optional bounded integer is spelled
+``Annotated[int, Field(ge=1), WHOLE_FLOAT, STRICT] | None``, bounds first, or pydantic applies
+them to the validator and writes them into the schema as unknown keys (ge, le)."""
 
 Float = Annotated[float, Strict()]
 """A number as the API server takes one: integers and floats, never strings or booleans."""

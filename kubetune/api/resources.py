@@ -13,6 +13,8 @@ from pydantic.alias_generators import to_camel
 from kubetune.api.base import (
     DNS_1035_LABEL_PATTERN,
     DNS_LABEL_PATTERN,
+    STRICT,
+    WHOLE_FLOAT,
     CelRule,
     Float,
     Int,
@@ -326,7 +328,7 @@ class Student(KubeModel):
     """The smaller model trained against the teacher."""
 
     uri: SourceURI | None = Field(None, description="An existing student model.")
-    layer_stride: Annotated[Int, Field(ge=2, le=64)] | None = Field(
+    layer_stride: Annotated[int, Field(ge=2, le=64), WHOLE_FLOAT, STRICT] | None = Field(
         None, description="Derive the student from the teacher by keeping every k-th layer."
     )
 

@@ -15,6 +15,8 @@ from kubetune.api.base import (
     DNS_SUBDOMAIN_PATTERN,
     ENDPOINT_CREDENTIALS,
     ENDPOINT_PATTERN,
+    STRICT,
+    WHOLE_FLOAT,
     Bool,
     CelRule,
     Float,
@@ -39,7 +41,7 @@ class Task(KubeModel):
         description="causal-lm trains next-token prediction; sequence-classification trains a "
         "classification head on top of the encoder or decoder.",
     )
-    num_labels: Annotated[Int, Field(ge=2, le=100_000)] | None = Field(
+    num_labels: Annotated[int, Field(ge=2, le=100_000), WHOLE_FLOAT, STRICT] | None = Field(
         None, description="Number of classes; required for sequence-classification."
     )
     labels: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
@@ -211,7 +213,7 @@ class Hyperparameters(KubeModel):
     """Optimisation settings. Exactly one of epochs and maxSteps."""
 
     epochs: Annotated[Float, Field(gt=0, le=1000)] | None = Field(None, description="Passes over the data.")
-    max_steps: Annotated[Int, Field(ge=1, le=100_000_000)] | None = Field(
+    max_steps: Annotated[int, Field(ge=1, le=100_000_000), WHOLE_FLOAT, STRICT] | None = Field(
         None, description="Optimizer steps to run."
     )
     learning_rate: Float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
@@ -229,7 +231,7 @@ class Hyperparameters(KubeModel):
     )
     gradient_checkpointing: Bool = Field(False, description="Recompute activations to save memory.")
     max_grad_norm: Float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm (0 disables).")
-    eval_every_steps: Annotated[Int, Field(ge=1, le=10_000_000)] | None = Field(
+    eval_every_steps: Annotated[int, Field(ge=1, le=10_000_000), WHOLE_FLOAT, STRICT] | None = Field(
         None, description="Evaluate every N steps (default: at the end of each epoch and of training)."
     )
     logging_every_steps: Int = Field(
@@ -260,6 +262,17 @@ DERIVED_DEEPSPEED_KEYS = (
 
 
 def _bounded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The size bound and the derived keys. Neither can be a CEL rule: CEL sees a free-form object
+    as one without fields (no keys to list), so only kubetune validate and the operator check them."""
+    derived = [key for key in DERIVED_DEEPSPEED_KEYS if key in config]
+    if derived:
+        raise PydanticCustomError(
+            "config_derived",
+            "may not set {keys}: kubetune derives them from hyperparameters (perDeviceBatchSize, "
+            "gradientAccumulationSteps, maxGradNorm), and the runtime refuses a config that disagrees "
+            "with those; set the hyperparameters instead",
+            {"keys": ", ".join(derived)},
+        )
     size = len(json.dumps(config, separators=(",", ":"), ensure_ascii=False).encode())
     if size > MAX_DEEPSPEED_CONFIG_BYTES:
         raise PydanticCustomError(
@@ -302,18 +315,6 @@ class DeepSpeed(KubeModel):
             lambda d: not d.offload_optimizer or d.zero_stage >= 1,
             field="offloadOptimizer",
         ),
-        CelRule(
-            "!has(self.config) || !self.config.exists(k, k in ["
-            + ", ".join(f"'{k}'" for k in DERIVED_DEEPSPEED_KEYS)
-            + "])",
-            "config may not set "
-            + ", ".join(DERIVED_DEEPSPEED_KEYS)
-            + ": kubetune derives them from hyperparameters (perDeviceBatchSize, "
-            "gradientAccumulationSteps, maxGradNorm), and the runtime refuses a config that "
-            "disagrees with those; set the hyperparameters instead",
-            lambda d: d.config is None or not set(d.config) & set(DERIVED_DEEPSPEED_KEYS),
-            field="config",
-        ),
     )
 
 
@@ -328,8 +329,8 @@ class Toleration(KubeModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to match; empty matches all effects."
     )
-    toleration_seconds: Int | None = Field(
-        None, ge=0, le=2**31 - 1, description="For NoExecute: how long to stay bound."
+    toleration_seconds: Annotated[int, Field(ge=0, le=2**31 - 1), WHOLE_FLOAT, STRICT] | None = Field(
+        None, description="For NoExecute: how long to stay bound."
     )
 
 
@@ -347,7 +348,7 @@ class Resources(KubeModel):
 
     workers: Int = Field(1, ge=1, le=1024, description="Pods (torchrun nodes) in the training gang.")
     gpus_per_worker: Int = Field(0, ge=0, le=64, description="GPUs per pod (nvidia.com/gpu).")
-    processes_per_worker: Annotated[Int, Field(ge=1, le=64)] | None = Field(
+    processes_per_worker: Annotated[int, Field(ge=1, le=64), WHOLE_FLOAT, STRICT] | None = Field(
         None, description="Training processes per pod; defaults to gpusPerWorker, or 1 without GPUs."
     )
     requests: dict[str, Quantity] | None = Field(
@@ -521,7 +522,7 @@ class JobSpecBase(KubeModel):
         le=1000,
         description="Gang restarts after retriable failures (resume from the newest checkpoint).",
     )
-    active_deadline_seconds: Annotated[Int, Field(ge=1, le=2**31 - 1)] | None = Field(
+    active_deadline_seconds: Annotated[int, Field(ge=1, le=2**31 - 1), WHOLE_FLOAT, STRICT] | None = Field(
         None,
         description="Fail with reason DeadlineExceeded after this long running (paused while suspended).",
     )
@@ -531,7 +532,7 @@ class JobSpecBase(KubeModel):
     queue_name: str | None = Field(
         None, pattern=DNS_LABEL_PATTERN, max_length=63, description="Kueue LocalQueue to admit the workload."
     )
-    ttl_seconds_after_finished: Annotated[Int, Field(ge=0, le=2**31 - 1)] | None = Field(
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=2**31 - 1), WHOLE_FLOAT, STRICT] | None = Field(
         None, description="Delete the job's children this long after it finishes (artifacts are kept)."
     )
     storage: Storage = Field(default_factory=Storage, description="Object storage access.")

@@ -404,7 +404,7 @@ def _field_error(error: Any, schema: dict[str, Any]) -> FieldError:
     elif kind == "quantity_fraction":
         message = f"{ctx['value']} is a number with a fraction; a quantity takes it only as a string"
         allowed = f"'{value}' (quoted), or an integer, or a suffixed quantity such as 1500m"
-    elif kind == "config_size":
+    elif kind in ("config_size", "config_derived"):
         message, allowed = error["msg"], None
     else:
         message = error["msg"][0].lower() + error["msg"][1:]

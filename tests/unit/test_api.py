@@ -359,12 +359,6 @@ INVALID: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
         "spec.quantization.scheme",
         ("use method rtn",),
     ),
-    (
-        "deepspeed.config sets the micro-batch size",
-        edited(LORA, spec__deepspeed__config={"train_micro_batch_size_per_gpu": 32}),
-        "spec.deepspeed.config",
-        ("perDeviceBatchSize",),
-    ),
     ("old apiVersion", edited(LORA, apiVersion="kubetune.io/v1"), "apiVersion", ("not served", API_VERSION)),
     (
         "unknown kind",
@@ -395,6 +389,35 @@ def test_deepspeed_config_has_a_size_bound() -> None:
     assert "bytes as JSON, more than the 65536 allowed" in str(errors[0])
     _, errors = validate_document(edited(LORA, spec__deepspeed__config={f"k{i}": i for i in range(65)}))
     assert [e.path for e in errors] == ["spec.deepspeed.config"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        (
+            edited(LORA, spec__deepspeed__config={"train_micro_batch_size_per_gpu": 32}),
+            "spec.deepspeed.config",
+        ),
+        (
+            edited(
+                COMPRESS,
+                spec__distillation={
+                    "student": {"layerStride": 2},
+                    "hyperparameters": {"epochs": 1},
+                    "deepspeed": {"config": {"gradient_clipping": 0.5}},
+                },
+            ),
+            "spec.distillation.deepspeed.config",
+        ),
+    ],
+    ids=["micro-batch size", "student's gradient clipping"],
+)
+def test_deepspeed_config_may_not_set_what_the_hyperparameters_derive(doc: dict[str, Any], path: str) -> None:
+    """The runtime refuses (exit 2) a DeepSpeed config whose batch geometry disagrees with the
+    hyperparameters; a CRD cannot list a free-form object's keys, so validate and the operator do."""
+    _, errors = validate_document(doc)
+    assert [e.path for e in errors] == [path]
+    assert "derives them from hyperparameters" in str(errors[0])
 
 
 def test_credentials_in_the_endpoint_are_not_echoed() -> None:

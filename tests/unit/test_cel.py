@@ -262,23 +262,6 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
         "spec.storage.endpoint",
     ),
     ("an @ in the endpoint's path", edit(LORA, spec__storage__endpoint="http://minio:9000/a@b"), None),
-    (
-        "deepspeed.config sets the micro-batch",
-        edit(LORA, spec__deepspeed__config={"train_micro_batch_size_per_gpu": 16}),
-        "spec.deepspeed.config",
-    ),
-    (
-        "deepspeed.config sets gradient clipping for the student",
-        edit(
-            COMPRESS,
-            spec__distillation={
-                "student": {"layerStride": 2},
-                "hyperparameters": {"epochs": 1},
-                "deepspeed": {"config": {"gradient_clipping": 0.5}},
-            },
-        ),
-        "spec.distillation.deepspeed.config",
-    ),
     ("deepspeed.config with other keys", edit(LORA, spec__deepspeed__config={"steps_per_print": 5}), None),
     (
         "distillation without epochs or maxSteps",
