@@ -338,6 +338,13 @@ def _compose_documents(text: str) -> Iterator[tuple[Any, yaml.Node]]:
         loader.dispose()
 
 
+def load_documents(text: str) -> list[Any]:
+    """Every document of a YAML stream, read as ``kubetune validate`` reads it: duplicate keys and
+    aliases past :data:`MAX_DOCUMENT_NODES` raise :class:`ManifestYAMLError` (a ``yaml.YAMLError``)
+    before anything is constructed. For callers that need the documents, not a report."""
+    return [doc for doc, _ in _compose_documents(text)]
+
+
 def _validate_located(doc: Any, node: yaml.Node, source: str, index: int, strict: bool) -> DocumentReport:
     report = DocumentReport(source, index, "valid", line=node.start_mark.line + 1)
     if isinstance(doc, dict):

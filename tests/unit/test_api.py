@@ -15,7 +15,14 @@ import yaml
 from kubetune.api import API_VERSION, CompressJob, FineTuneJob
 from kubetune.api.resources import MAX_NAME_LENGTH
 from kubetune.api.spec import MethodType, TaskType
-from kubetune.api.validation import MAX_DOCUMENT_NODES, FieldError, parse_resource, validate_document
+from kubetune.api.validation import (
+    MAX_DOCUMENT_NODES,
+    FieldError,
+    ManifestYAMLError,
+    load_documents,
+    parse_resource,
+    validate_document,
+)
 from kubetune.cli import main
 from kubetune.errors import InvalidInputError
 from tests.documents import edited
@@ -613,3 +620,9 @@ def test_a_quoted_number_is_refused_from_yaml(tmp_path: Path, capsys: pytest.Cap
     assert (
         f"{path}:12: FineTuneJob/yaml-job (document 1): spec.hyperparameters.maxSteps: input should be" in out
     )
+
+
+def test_load_documents_reads_as_validate_does() -> None:
+    assert load_documents("a: 1\n---\nb: [x]\n") == [{"a": 1}, {"b": ["x"]}]
+    with pytest.raises(ManifestYAMLError, match="duplicate key 'a'"):
+        load_documents("a: 1\na: 2\n")
