@@ -211,16 +211,20 @@ def _check_neighbours(store: ObjectStore, out: str, owner: Owner, *, fresh: bool
         except ValueError:
             previous = None
     job = previous.get("job") if isinstance(previous, dict) else None
-    if not owner.same(job if isinstance(job, dict) else None):
+    if owner.same(job if isinstance(job, dict) else None):
+        return  # written by this job before claims existed: adopted
+    if isinstance(previous, dict) and isinstance(job, dict):
+        uid = f" (uid {job['uid']})" if job.get("uid") else ""
         whose = (
-            f"the outputs of {Owner(str(previous.get('kind', 'job')), str(job.get('namespace')), str(job.get('name')), job.get('uid')).describe()}"
-            if isinstance(job, dict) and isinstance(previous, dict)
-            else f"{len(others)} files (e.g. {others[0]}) that no kubetune run of this job wrote"
+            f"holds the outputs of job {job.get('namespace')}/{job.get('name')}{uid} "
+            f"(status {previous.get('status', 'unknown')})"
         )
-        raise OutputConflictError(
-            f"{out} already holds {whose}, not of {owner.describe()}: kubetune never writes over "
-            "or deletes files it did not write for this job; choose another output.uri or delete that prefix"
-        )
+    else:
+        whose = f"already holds {len(others)} files (e.g. {others[0]}) that no kubetune run of this job wrote"
+    raise OutputConflictError(
+        f"{out} {whose}, not {owner.describe()}'s: kubetune never writes over or deletes files it did not "
+        "write for this job; choose another output.uri or delete that prefix"
+    )
 
 
 def holds_claim(store: ObjectStore, output_uri: str, owner: Owner) -> bool:

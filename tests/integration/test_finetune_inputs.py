@@ -69,5 +69,6 @@ def test_an_output_prefix_of_another_job_is_never_overwritten(tmp_path: Path) ->
 
     assert result.returncode == 2, result.stderr[-3000:]
     assert "holds the outputs of job team-a/their-job (uid uid-a)" in result.stderr
+    assert (tmp_path / "termination-log").read_text().startswith("OutputConflict: ")
     assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
     assert (output / "model" / "model.safetensors").read_bytes() == b"someone else's weights"
