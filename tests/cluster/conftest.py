@@ -22,6 +22,8 @@ import pytest
 import yaml
 
 from tests.cluster.controlplane import REPO, ControlPlane, die_with_parent, free_port
+from tests.cluster.process_kubelet import ProcessKubelet
+from tests.e2e.scenario import kubelet_options as scenario_kubelet_options
 
 OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_ACCOUNT = "kubetune-operator"
@@ -68,9 +70,12 @@ def create_token(plane: ControlPlane, namespace: str, account: str, duration: st
 @pytest.fixture(scope="session")
 def kubetune_installed(control_plane: ControlPlane) -> ControlPlane:
     """``kubectl apply -k manifests``: namespace, CRDs, ServiceAccount, ClusterRole(Binding), the
-    operator's Deployment and Service. The Deployment is scaled to zero: the tier runs the same
+    operator's Deployment and Service (``KUBETUNE_TEST_KUSTOMIZATION`` names another kustomization,
+    e.g. an overlay). The Deployment is scaled to zero: the tier runs the same
     operator as a process it can restart and read the logs of (see :func:`operator`)."""
-    control_plane.kubectl("apply", "--server-side", "-k", str(REPO / "manifests"))
+    control_plane.kubectl(
+        "apply", "--server-side", "-k", os.environ.get("KUBETUNE_TEST_KUSTOMIZATION", str(REPO / "manifests"))
+    )
     for crd in ("finetunejobs.kubetune.io", "compressjobs.kubetune.io"):
         control_plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
     control_plane.kubectl("scale", "deployment/kubetune-operator", "-n", OPERATOR_NAMESPACE, "--replicas=0")
@@ -175,6 +180,29 @@ def operator_process(
     if _failed(request) or not cluster_operator.alive():
         print(cluster_operator.logs()[-8000:])
     assert cluster_operator.alive(), "the operator exited"
+
+
+@pytest.fixture(scope="session")
+def cluster_kubelet(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProcessKubelet]:
+    """The node: a process kubelet registered with the control plane, once per session."""
+    node = ProcessKubelet(
+        None, tmp_path_factory.mktemp("node"), plane=control_plane, **scenario_kubelet_options()
+    )
+    node.start_thread()
+    try:
+        yield node
+    finally:
+        node.stop_thread()
+
+
+@pytest.fixture
+def kubelet(cluster_kubelet: ProcessKubelet, request: pytest.FixtureRequest) -> Iterator[ProcessKubelet]:
+    """The session's node; the tail of every container log is printed when the test fails."""
+    yield cluster_kubelet
+    if _failed(request):
+        print(cluster_kubelet.dump_logs(40))
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ killed; their logs stay under ``<directory>/logs`` for failure reports.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -48,6 +49,8 @@ CONTROLLERS: Final = (
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
     "namespace-controller",
+    # Lifts the not-ready taint that admission puts on every new Node once its kubelet reports Ready.
+    "node-lifecycle-controller",
     "pod-garbage-collector-controller",
     "ttl-after-finished-controller",
 )
@@ -310,7 +313,7 @@ class ControlPlane:
             "/api/v1/namespaces/default/serviceaccounts/default",
             "/api/v1/namespaces/default/configmaps/kube-root-ca.crt",
         ):
-            self._wait(controller_manager, lambda path=path: self._ok(path), deadline)
+            self._wait(controller_manager, functools.partial(self._ok, path), deadline)
 
     def stop(self) -> None:
         for component in reversed(self.components):

@@ -45,7 +45,12 @@ def server_errors(status: int, body: Any) -> list[str]:
         return sorted(set(re.findall(r'unknown field "([^"]+)"', message)))
     causes = (body.get("details") or {}).get("causes") or []
     # "some validation rules were not checked because the object was invalid" names no field.
-    named = [cause for cause in causes if "rules were not checked" not in str(cause.get("message"))]
+    # Type and anyOf errors come with a second cause whose field is "<nil>".
+    named = [
+        cause
+        for cause in causes
+        if "rules were not checked" not in str(cause.get("message")) and cause.get("field") != "<nil>"
+    ]
     return sorted({str(cause.get("field") or "").removeprefix(".") for cause in named})
 
 

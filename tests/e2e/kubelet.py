@@ -1344,10 +1344,13 @@ class Kubelet:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data[item["key"]])
 
+    def _namespace_pods(self, namespace: str) -> list[dict[str, Any]]:
+        return self._objects(PODS, namespace)
+
     def _cluster_hosts(self, namespace: str) -> list[str]:
         """DNS names of pods with a hostname and subdomain in ``namespace`` (they all resolve here)."""
         hosts: list[str] = []
-        for pod in self._objects(PODS, namespace):
+        for pod in self._namespace_pods(namespace):
             spec = pod.get("spec") or {}
             if spec.get("hostname") and spec.get("subdomain"):
                 base = f"{spec['hostname']}.{spec['subdomain']}"
