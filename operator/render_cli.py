@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune.api import KINDS, CompressJob, FineTuneJob
+from kubetune.api.validation import load_documents
 from kubetune.operator import admission, render
 from kubetune.operator.settings import Settings, SettingsError
 from kubetune.plan import finetune_model_uri
@@ -113,7 +114,8 @@ def render_documents(
     text: str, args: argparse.Namespace, settings: Settings, source: str
 ) -> list[dict[str, Any]]:
     try:
-        documents = list(yaml.safe_load_all(text))
+        # Read as `kubetune validate` reads it: duplicate keys and alias bombs are refused.
+        documents = load_documents(text)
     except yaml.YAMLError as exc:
         raise RenderInputError(f"{source}: not valid YAML: {exc}") from None
     jobs = load_jobs(documents, source)

@@ -82,7 +82,11 @@ async def create_credentials(kube: KubeEmulator) -> None:
             "apiVersion": "v1",
             "kind": "Secret",
             # The opt-in that lets a job name it (the operator reads only the label, never values).
-            "metadata": {"name": SECRET, "namespace": NS, "labels": {"kubetune.io/storage-credentials": "true"}},
+            "metadata": {
+                "name": SECRET,
+                "namespace": NS,
+                "labels": {"kubetune.io/storage-credentials": "true"},
+            },
             "stringData": {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY},
         },
     )

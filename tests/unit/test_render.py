@@ -641,6 +641,19 @@ def test_render_command_explains_bad_input(tmp_path: Path, capsys: pytest.Captur
     assert "document 1 (FineTuneJob support-lora)" in capsys.readouterr().err
 
 
+def test_render_command_reads_yaml_as_validate_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A duplicate key is refused, not silently resolved to the last value."""
+    text = yaml.safe_dump(FT_DOC).replace("metadata:\n", "metadata:\n  name: first\n", 1)
+    path = tmp_path / "jobs.yaml"
+    path.write_text(text)
+    parser = argparse.ArgumentParser()
+    render_cli.add_arguments(parser)
+    assert render_cli.run(parser.parse_args([str(path)]), stdout=io.StringIO()) == 2
+    assert "duplicate key 'name'" in capsys.readouterr().err
+
+
 def test_render_command_refuses_children_the_api_server_would_reject(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
