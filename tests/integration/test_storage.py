@@ -422,3 +422,38 @@ def populate_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> No
         link = repo / "snapshots" / commit / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+class TestExclusiveCreateAndKeyDeletes:
+    """What output claims (kubetune.ownership) rely on, on every writable backend."""
+
+    def test_an_exclusive_create_wins_once_even_when_racing(
+        self, store_and_root: tuple[ObjectStore, str]
+    ) -> None:
+        store, root = store_and_root
+        uri = f"{root}/run/_OWNER.json"
+        start = threading.Barrier(6)
+        won: list[int] = []
+
+        def create(i: int) -> None:
+            start.wait()
+            if store.create_exclusive(uri, f"claim {i}".encode()):
+                won.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert len(won) == 1
+        assert store.read_bytes(uri) == f"claim {won[0]}".encode()
+        assert not store.create_exclusive(uri, b"later")
+        assert [info.key for info in store.list(f"{root}/run")] == ["_OWNER.json"], "no temporaries left"
+
+    def test_deleting_keys_removes_exactly_those(self, store_and_root: tuple[ObjectStore, str]) -> None:
+        store, root = store_and_root
+        for key in ("a.bin", "b.bin", "sub/c.bin", "sub/d.bin"):
+            store.write_bytes(f"{root}/model/{key}", b"x")
+        store.delete_keys(f"{root}/model", ["a.bin", "sub/c.bin", "never-there.bin"])
+        assert [info.key for info in store.list(f"{root}/model")] == ["b.bin", "sub/d.bin"]
