@@ -33,10 +33,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from kubetune.errors import InvalidInputError
 from kubetune.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from kubetune.plan import RunPlan
 
 OWNER_FILE: Final = "_OWNER.json"
 RUN_RECORD: Final = "run.json"  # kubetune.plan.RUN_RECORD_FILE (not imported: plan pulls in the API)
@@ -123,6 +126,18 @@ def ancestors(uri: str) -> list[str]:
     parts = rest.split("/")
     # file:///a/b -> ["", "a", "b"]: the root itself is never an output.
     return [f"{scheme}{sep}{'/'.join(parts[:i])}" for i in range(len(parts) - 1, 0, -1) if parts[:i] != [""]]
+
+
+def plan_inputs(plan: RunPlan) -> list[tuple[str, str]]:
+    """``(field, uri)`` of everything a run reads, which its output must not lie inside."""
+    found = [("model.uri", plan.model_uri), ("dataset.train.uri", plan.dataset.train.uri)]
+    if plan.dataset.eval is not None:
+        found.append(("dataset.eval.uri", plan.dataset.eval.uri))
+    distillation = plan.compression.distillation if plan.compression is not None else None
+    student = getattr(distillation, "student", None)
+    if student is not None and getattr(student, "uri", None):
+        found.append(("compression.distillation.student.uri", str(student.uri)))
+    return found
 
 
 def check_inputs(output_uri: str, inputs: Sequence[tuple[str, str]]) -> None:

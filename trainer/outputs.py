@@ -32,7 +32,7 @@ import psutil
 from transformers import TrainerCallback
 
 from kubetune.api.spec import MethodType, TaskType
-from kubetune.ownership import OutputConflictError, Owner, claim_output, republish
+from kubetune.ownership import OutputConflictError, Owner, claim_output, plan_inputs, republish
 from kubetune.plan import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -79,18 +79,6 @@ _MAX_LOG_PERPLEXITY: Final = 700.0
 def output_owner(plan: RunPlan) -> Owner:
     """The claim a run's job makes on its output prefix."""
     return Owner(kind=plan.job.kind, namespace=plan.job.namespace, name=plan.job.name, uid=plan.job.uid)
-
-
-def plan_inputs(plan: RunPlan) -> list[tuple[str, str]]:
-    """``(field, uri)`` of everything the run reads, which its output must not lie inside."""
-    found = [("model.uri", plan.model_uri), ("dataset.train.uri", plan.dataset.train.uri)]
-    if plan.dataset.eval is not None:
-        found.append(("dataset.eval.uri", plan.dataset.eval.uri))
-    distillation = plan.compression.distillation if plan.compression is not None else None
-    student = getattr(distillation, "student", None)
-    if student is not None and getattr(student, "uri", None):
-        found.append(("compression.distillation.student.uri", str(student.uri)))
-    return found
 
 
 def guard_output(store: ObjectStore, plan: RunPlan) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from kubetune.api.spec import DataFormat, TaskType
 from kubetune.errors import EXIT_INVALID_INPUT, EXIT_OK, EXIT_STORAGE, InvalidInputError, StorageAccessError
+from kubetune.ownership import check_inputs, plan_inputs
 from kubetune.plan import RunPlan
 from kubetune.storage import open_store
 from kubetune.trainer import data
@@ -493,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         try:
             plan = _read_plan(args.plan)
+            # An output inside the job's model or dataset is refused before anything is read
+            # (kubetune.ownership, reason OutputConflict): training would read its own outputs.
+            check_inputs(plan.output_uri, plan_inputs(plan))
         except InvalidInputError as e:
             if args.json:
                 print(

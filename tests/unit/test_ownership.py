@@ -268,3 +268,19 @@ def test_the_operator_names_an_output_conflict_in_the_condition_reason() -> None
     other = Termination("p", "c", EXIT_INVALID_INPUT, "Error", "InvalidInput: bad data")
     assert failure_reason(conflict, state) == "OutputConflict"
     assert failure_reason(other, state) == "InvalidInput"
+
+
+def test_validation_refuses_an_output_inside_the_dataset_before_reading_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer.validate import main
+
+    plan = make_plan((tmp_path / "data" / "run").as_uri(), train=(tmp_path / "data").as_uri())
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(plan.to_json())
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
+
+    assert main(["--plan", str(plan_path), "--scratch-dir", str(tmp_path / "scratch")]) == EXIT_INVALID_INPUT
+    assert termination.read_text().startswith("OutputConflict: output.uri ")
+    assert "lies inside dataset.train.uri" in termination.read_text()
