@@ -9,6 +9,11 @@ LMs; ``stream: true`` sends server-sent events), ``POST /v1/classifications`` (a
 sequence classifiers: ``{"model", "input": str | [str]}`` answers a label, per-class ``probs`` and
 ``scores`` per text), ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
 
+Limits: request bodies above ``--max-request-bytes`` get 413, requests with more prompt tokens than
+``--max-request-tokens`` (or a prompt above ``--max-prompt-tokens``) 400. When the environment
+variable ``KUBETUNE_SERVE_API_KEY`` is set (from a Secret), every endpoint but the probes and
+``/metrics`` needs ``Authorization: Bearer KEY`` (401 otherwise); see :mod:`.auth`.
+
 Exit codes follow :mod:`kubetune.errors`: 2 when the model or the arguments are unusable, 3 when
 storage is missing or denied, 0 after a graceful shutdown on SIGTERM (in-flight requests finish
 within ``--grace-period``).
@@ -30,6 +35,8 @@ import uvicorn
 
 from kubetune.errors import TERMINATION_LOG, KubetuneError
 
+from .protocol import DEFAULT_MAX_REQUEST_BYTES
+
 if TYPE_CHECKING:
     from .app import ServerState
 
@@ -49,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="model directory: s3://bucket/prefix, file:///path or a local path"
     )
     p.add_argument("--adapter", help="peft LoRA adapter directory to merge into --model (same URI forms)")
-    p.add_argument("--served-model-name", help="the name clients put in 'model' (default: the --model URI)")
+    p.add_argument(
+        "--served-model-name",
+        help="the name clients put in 'model' (default: the --model directory's name, or its parent's "
+        "for .../NAME/model)",
+    )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument(
@@ -71,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-tokens-limit", type=_positive, default=1024, help="largest max_tokens accepted (default 1024)"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_positive,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"largest request body accepted, larger ones get 413 (default {DEFAULT_MAX_REQUEST_BYTES}, 8 MiB)",
+    )
+    p.add_argument(
+        "--max-request-tokens",
+        type=_positive,
+        help="prompt tokens one request may bring in all, over its prompts or inputs "
+        "(default: --max-prompt-tokens x --max-batch-size)",
     )
     p.add_argument("--storage-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--storage-region", help="S3 region (default: AWS_REGION)")
@@ -115,7 +138,14 @@ def main(argv: list[str]) -> int:
     import torch
 
     from .app import ServeSettings, create_app
+    from .auth import api_keys_from_env
 
+    try:
+        api_keys = api_keys_from_env(os.environ)
+    except KubetuneError as error:
+        return _fail(error)
+    if api_keys:
+        log.info("API keys required (%d accepted)", len(api_keys))
     torch.set_num_threads(args.threads or cpu_budget())
     log.info("torch uses %d threads", torch.get_num_threads())
     settings = ServeSettings(
@@ -127,6 +157,9 @@ def main(argv: list[str]) -> int:
         max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
+        max_request_bytes=args.max_request_bytes,
+        max_request_tokens=args.max_request_tokens,
+        api_keys=api_keys,
         storage_endpoint=args.storage_endpoint,
         storage_region=args.storage_region,
         device=args.device,

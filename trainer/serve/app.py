@@ -3,6 +3,12 @@
 The server answers probes at once and loads the model in the background: ``/healthz`` is 200 while
 the process works, ``/readyz`` turns 200 once the model is loaded (and 503 again while draining on
 SIGTERM), and the ``/v1`` endpoints answer 503 until then.
+
+The event loop only moves bytes: a request's body is read up to ``max_request_bytes`` (413 past it),
+then decoding, validation, chat templates and tokenization run in one preparation thread, so probes
+answer however large a prompt is being prepared, and the prompt tokens of one request are bounded by
+``max_request_tokens`` (400 naming the limit). With API keys configured (:mod:`.auth`) everything but
+the probes and ``/metrics`` needs one.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kubetune.errors import InvalidInputError, KubetuneError, RetriableError
 from kubetune.storage import StorageConfig
 
+from .auth import APIKeyMiddleware
 from .engine import (
     FINISH_ERROR,
     FINISH_STOP,
@@ -42,6 +50,7 @@ from .fetch import download
 from .loading import LoadedModel, load
 from .metrics import MetricsMiddleware, ServeMetrics
 from .protocol import (
+    DEFAULT_MAX_REQUEST_BYTES,
     APIError,
     ChatCompletionRequest,
     ClassificationRequest,
@@ -57,6 +66,7 @@ log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "draining", "failed"]
 _Body = TypeVar("_Body", bound=BaseModel)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -71,6 +81,9 @@ class ServeSettings:
     max_queue: int = 256
     max_prompt_tokens: int | None = None
     max_tokens_limit: int = 1024
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_request_tokens: int | None = None
+    api_keys: tuple[bytes, ...] = ()
     storage_endpoint: str | None = None
     storage_region: str | None = None
     device: str = "auto"
@@ -78,7 +91,17 @@ class ServeSettings:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model_uri
+        return self.served_model_name or default_model_name(self.model_uri)
+
+
+def default_model_name(model_uri: str) -> str:
+    """The name served without ``--served-model-name``: the model directory's name, or its parent's
+    when it is the runtimes' ``<output>/model`` (``s3://b/runs/quickstart/model`` -> ``quickstart``),
+    so that clients never see the storage location."""
+    parts = [p for p in model_uri.split("://", 1)[-1].split("/") if p]
+    if len(parts) > 1 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else "model"
 
 
 @dataclass
@@ -89,6 +112,12 @@ class ServerState:
     loaded: LoadedModel | None = None
     engine: GenerationEngine | ClassificationEngine | None = None
     created: int = field(default_factory=now)
+    # Decoding, validation and tokenization of request bodies, off the event loop. One thread, as in
+    # vLLM: a fast tokenizer is not safe to use from several threads at once, and the body limit
+    # bounds the work of any one request.
+    preparer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+    )
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -96,6 +125,11 @@ class ServerState:
         limit = self.loaded.max_context - (1 if self.loaded.task == "generate" else 0)
         configured = self.settings.max_prompt_tokens
         return min(configured, limit) if configured else limit
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt tokens one request may bring in all: by default what one full batch prefills."""
+        return self.settings.max_request_tokens or self.max_prompt_tokens * self.settings.max_batch_size
 
 
 FatalHandler = Callable[[KubetuneError], None]
@@ -115,9 +149,12 @@ def create_app(settings: ServeSettings, on_fatal: FatalHandler) -> FastAPI:
             # Requests still running were given the grace period by uvicorn; anything left now
             # belongs to clients that are gone.
             await asyncio.to_thread(state.engine.stop, 10.0)
+        state.preparer.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kubetune serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state
+    # The last one added runs first: requests refused for their key are counted too.
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
@@ -220,8 +257,40 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
-async def _parse(request: Request, model: type[_Body]) -> _Body:
-    raw = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with 413 once it passes ``limit`` bytes (before reading it when
+    Content-Length says so, while reading it otherwise)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body has {'more than ' if size > limit else ''}{size} bytes; this server accepts "
+        f"at most {limit} (--max-request-bytes)",
+        code="request_too_large",
+    )
+
+
+async def _prepare(request: Request, state: ServerState, prepare: Callable[[bytes], _T]) -> _T:
+    """Read the body, then run ``prepare`` on it (decoding, validation, tokenization) in the
+    preparation thread, so the event loop keeps answering probes meanwhile."""
+    with state.metrics.preparing.track_inprogress():
+        raw = await _read_body(request, state.settings.max_request_bytes)
+        return await asyncio.get_running_loop().run_in_executor(state.preparer, prepare, raw)
+
+
+def _decode(raw: bytes, model: type[_Body]) -> _Body:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -272,18 +341,24 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             "object": "model",
             "created": state.created,
             "owned_by": "kubetune",
-            "root": settings.model_uri,
+            # The name, never the storage location: clients have no business knowing buckets.
+            "root": settings.model_name,
             "max_model_len": loaded.max_context,
             "task": loaded.task,
         }
         return JSONResponse({"object": "list", "data": [card]})
 
+    def prepare_completion(raw: bytes) -> tuple[CompletionRequest, GenerationEngine, list[list[int]], int]:
+        body = _decode(raw, CompletionRequest)
+        _, engine = _generator(state, body.model)
+        budget = _TokenBudget(state, "prompt")
+        prompts = [budget.take(_encode_completion_prompt(state, p)) for p in body.prompts()]
+        max_tokens = max(_max_tokens(state, len(p), body.max_tokens, "prompt") for p in prompts)
+        return body, engine, prompts, max_tokens
+
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        body = await _parse(request, CompletionRequest)
-        _, engine = _generator(state, body.model)
-        prompts = [_encode_completion_prompt(state, p) for p in body.prompts()]
-        max_tokens = max(_max_tokens(state, len(p), body.max_tokens, "prompt") for p in prompts)
+        body, engine, prompts, max_tokens = await _prepare(request, state, prepare_completion)
         sequences = _submit(state, engine, body, prompts, max_tokens)
         response = _CompletionFormat(settings.model_name, "text_completion")
         prompt_tokens = sum(len(p) for p in prompts)
@@ -298,12 +373,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         )
         return JSONResponse(response.full(results, prompt_tokens))
 
+    def prepare_chat(raw: bytes) -> tuple[ChatCompletionRequest, GenerationEngine, list[int], int]:
+        body = _decode(raw, ChatCompletionRequest)
+        _, engine = _generator(state, body.model)
+        prompt = _TokenBudget(state, "messages").take(_encode_chat(state, body))
+        max_tokens = _max_tokens(state, len(prompt), body.max_tokens, "messages")
+        return body, engine, prompt, max_tokens
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        body = await _parse(request, ChatCompletionRequest)
-        _, engine = _generator(state, body.model)
-        prompt = _encode_chat(state, body)
-        max_tokens = _max_tokens(state, len(prompt), body.max_tokens, "messages")
+        body, engine, prompt, max_tokens = await _prepare(request, state, prepare_chat)
         sequences = _submit(state, engine, body, [prompt], max_tokens)
         response = _CompletionFormat(settings.model_name, "chat.completion")
         if body.stream:
@@ -315,8 +394,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         )
         return JSONResponse(response.full(results, len(prompt)))
 
-    async def classify(request: Request) -> Response:
-        body = await _parse(request, ClassificationRequest)
+    def prepare_classification(raw: bytes) -> tuple[LoadedModel, ClassificationEngine, list[list[int]]]:
+        body = _decode(raw, ClassificationRequest)
         loaded, engine = _ready(state)
         _check_model(body.model, settings.model_name)
         if not isinstance(engine, ClassificationEngine):
@@ -327,8 +406,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 code="wrong_model_type",
             )
         texts = body.inputs()
-        loop = asyncio.get_running_loop()
-        jobs = []
+        budget = _TokenBudget(state, "input")
+        inputs = []
         for i, text in enumerate(texts):
             ids: list[int] = loaded.tokenizer(text)["input_ids"]
             param = "input" if len(texts) == 1 else f"input.{i}"
@@ -339,7 +418,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     param="input",
                     code="context_length_exceeded",
                 )
-            jobs.append(ClassificationJob(ids, loop.create_future()))
+            inputs.append(budget.take(ids))
+        return loaded, engine, inputs
+
+    async def classify(request: Request) -> Response:
+        loaded, engine, inputs = await _prepare(request, state, prepare_classification)
+        loop = asyncio.get_running_loop()
+        jobs = [ClassificationJob(ids, loop.create_future()) for ids in inputs]
         _enqueue(engine, jobs, len(jobs))
         probs = await _until_disconnected(request, asyncio.gather(*(j.result for j in jobs)), jobs)
         labels = [loaded.id2label.get(i, f"LABEL_{i}") for i in range(len(probs[0]))] if probs else []
@@ -403,6 +488,28 @@ def _generator(state: ServerState, requested: str) -> tuple[LoadedModel, Generat
             code="wrong_model_type",
         )
     return loaded, engine
+
+
+class _TokenBudget:
+    """Counts a request's prompt tokens as they are encoded and refuses the request once they pass
+    ``max_request_tokens``, before the rest of it is tokenized."""
+
+    def __init__(self, state: ServerState, param: str) -> None:
+        self.limit = state.max_request_tokens
+        self.param = param
+        self.used = 0
+
+    def take(self, ids: list[int]) -> list[int]:
+        self.used += len(ids)
+        if self.used > self.limit:
+            raise APIError(
+                400,
+                f"{self.param}: the request has more than {self.limit} prompt tokens, the limit per "
+                "request (--max-request-tokens); send fewer or shorter prompts",
+                param=self.param,
+                code="too_many_tokens",
+            )
+        return ids
 
 
 def _encode_completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
@@ -586,9 +693,6 @@ async def _collect(events: AsyncIterator[_Event]) -> list[_Event]:
     return [
         _Event(i, "".join(texts[i]), finished[i].finish_reason, finished[i].tokens) for i in sorted(finished)
     ]
-
-
-_T = TypeVar("_T")
 
 
 async def _until_disconnected(request: Request, work: Awaitable[_T], items: Iterable[Any]) -> _T:

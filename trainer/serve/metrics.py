@@ -39,6 +39,11 @@ class ServeMetrics:
         self.in_flight = Gauge(
             "kubetune_serve_requests_in_flight", "HTTP requests being handled.", registry=r
         )
+        self.preparing = Gauge(
+            "kubetune_serve_requests_preparing",
+            "Requests whose body is being read, decoded or tokenized (or waits for the thread that does).",
+            registry=r,
+        )
         self.prompt_tokens = Counter("kubetune_serve_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generated_tokens = Counter("kubetune_serve_generation_tokens", "Tokens generated.", registry=r)
         self.batch_size = Histogram(

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+"""Largest request body accepted by default: a long-context prompt as JSON, with room to spare."""
 
 
 class APIError(Exception):
