@@ -17,12 +17,15 @@ def test_defaults_match_the_documented_contract() -> None:
     assert (args.host, args.port) == ("0.0.0.0", 8000)
     assert (args.max_batch_size, args.max_queue, args.max_tokens_limit) == (16, 256, 1024)
     assert args.max_prompt_tokens is None
+    assert (args.max_request_bytes, args.max_request_tokens) == (8 * 1024 * 1024, None)
     assert (args.device, args.dtype, args.grace_period) == ("auto", "auto", 25.0)
     assert args.adapter is None
     assert isinstance(args.scratch_dir, Path)
 
 
-@pytest.mark.parametrize("flag", ["--max-batch-size", "--max-queue", "--max-tokens-limit", "--threads"])
+@pytest.mark.parametrize(
+    "flag", ["--max-batch-size", "--max-queue", "--max-tokens-limit", "--threads", "--max-request-bytes"]
+)
 def test_counts_must_be_positive(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--model", "m", flag, "0"])
