@@ -482,6 +482,13 @@ class ServeRuntime(StrEnum):
     vllm = "vllm"
 
 
+class SecretKeySelector(KubeModel):
+    """One key of a Secret in the job's namespace; the operator never reads its value."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="Secret name.")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="Key within the Secret.")
+
+
 class Serve(KubeModel):
     """Serving of the result once the job succeeds."""
 
@@ -502,6 +509,15 @@ class Serve(KubeModel):
         None, min_length=1, max_length=1024, description="Override of the serving image."
     )
     max_batch_size: Int = Field(16, ge=1, le=1024, description="Requests batched into one forward pass.")
+    api_key_secret_ref: SecretKeySelector | None = Field(
+        None,
+        description=(
+            "Secret key (same namespace) holding the API key clients must send as 'Authorization: "
+            "Bearer KEY' (several keys separated by commas or newlines, for rotation); passed to the "
+            "server by reference, never read by the operator. /healthz, /readyz and /metrics stay "
+            "open. Omit to serve without authentication."
+        ),
+    )
 
     cel_rules = (
         CelRule(
