@@ -620,6 +620,14 @@ def _http_probe(path: str, period: int, failures: int, timeout: int = 5) -> Mani
     }
 
 
+def _api_key_env(job: Job, var: str) -> list[Manifest]:
+    """The serving API key, by reference to the user's Secret (never read here)."""
+    ref = job.spec.serve.api_key_secret_ref
+    if ref is None:
+        return []
+    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
 def _builtin_server(job: Job, settings: Settings, model: ServedModel, endpoint: str | None) -> Manifest:
     serve = job.spec.serve
     args = ["-m", "kubetune.trainer", "serve", "--model", model.model_uri]
@@ -635,7 +643,7 @@ def _builtin_server(job: Job, settings: Settings, model: ServedModel, endpoint: 
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python"],
         "args": args,
-        "env": _scratch_env() + _storage_env(job, endpoint),
+        "env": _scratch_env() + _storage_env(job, endpoint) + _api_key_env(job, "KUBETUNE_SERVE_API_KEY"),
         "ports": [{"name": "http", "containerPort": SERVE_PORT}],
         # Downloading a large model may take long: allow up to an hour before liveness applies.
         "startupProbe": _http_probe("/healthz", period=10, failures=360),
@@ -698,6 +706,7 @@ def _vllm_containers(
             *_scratch_env(),
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
             {"name": "DO_NOT_TRACK", "value": "1"},
+            *_api_key_env(job, "VLLM_API_KEY"),
         ],
         "ports": [{"name": "http", "containerPort": SERVE_PORT}],
         # vLLM answers /health only once the engine has loaded the weights.

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from kubetune.api import KINDS, CompressJob, FineTuneJob
+from kubetune.api.spec import ServeRuntime
 from kubetune.operator import render, render_cli
 from kubetune.operator.settings import Settings, SettingsError
 
@@ -116,6 +117,15 @@ CASES: dict[str, FineTuneJob | CompressJob] = {
                 "requests": {"cpu": "2", "memory": "8Gi"},
                 "maxBatchSize": 8,
             },
+        },
+    ),
+    "serve-api-key": job(
+        "FineTuneJob",
+        "guarded",
+        BASE_FT
+        | {
+            "method": {"type": "full"},
+            "serve": {"enabled": True, "apiKeySecretRef": {"name": "serve-keys", "key": "api-key"}},
         },
     ),
     "serve-vllm-adapter": job(
@@ -422,6 +432,19 @@ def test_builtin_serving() -> None:
     assert "serviceAccountName" not in pod
     assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
     assert render.serving_url(CASES["serve-builtin"], "ml") == "http://served-serve.ml.svc:8000/v1"
+
+
+def test_serving_api_key_comes_from_the_secret_by_reference() -> None:
+    ref = {"secretKeyRef": {"name": "serve-keys", "key": "api-key"}}
+    server = by_kind(rendered("serve-api-key"), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "KUBETUNE_SERVE_API_KEY", "valueFrom": ref} in server["env"]
+    assert all("value" not in e for e in server["env"] if "API_KEY" in e["name"])
+    vllm_job = CASES["serve-api-key"].model_copy(deep=True)
+    vllm_job.spec.serve.runtime, vllm_job.spec.serve.gpus = ServeRuntime.vllm, 1
+    vllm = render.render_serving(vllm_job, SETTINGS, "ml")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "VLLM_API_KEY", "valueFrom": ref} in vllm["env"]
+    unguarded = by_kind(rendered("serve-builtin"), "Deployment")[0]["spec"]["template"]["spec"]
+    assert not any("API_KEY" in e["name"] for e in unguarded["containers"][0]["env"])
 
 
 def test_vllm_serves_an_unmerged_adapter() -> None:
