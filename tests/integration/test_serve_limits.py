@@ -72,7 +72,7 @@ def test_a_body_over_the_limit_gets_413_with_an_openai_error(server: ServerProce
 
 def test_request_token_limit_is_a_400_naming_it(server: ServerProcess) -> None:
     # Each prompt fits the context; together they pass the per-request limit.
-    prompts = ["licence " * 200] * 4
+    prompts = ["licence " * 80] * 6
     with server.client() as http:
         response = http.post(
             "/v1/completions", json={"model": MODEL, "prompt": prompts, "max_tokens": 1}, headers=AUTH

@@ -496,10 +496,13 @@ class _TokenBudget:
 
     def __init__(self, state: ServerState, param: str) -> None:
         self.limit = state.max_request_tokens
+        self.prompt_limit = state.max_prompt_tokens
         self.param = param
         self.used = 0
 
     def take(self, ids: list[int]) -> list[int]:
+        if len(ids) > self.prompt_limit:  # one prompt too long: the more precise message
+            raise _prompt_too_long(self.param, len(ids), self.prompt_limit)
         self.used += len(ids)
         if self.used > self.limit:
             raise APIError(
@@ -510,6 +513,15 @@ class _TokenBudget:
                 code="too_many_tokens",
             )
         return ids
+
+
+def _prompt_too_long(param: str, tokens: int, limit: int) -> APIError:
+    return APIError(
+        400,
+        f"{param}: the prompt has {tokens} tokens; the limit is {limit}",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 def _encode_completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
@@ -559,12 +571,7 @@ def _max_tokens(state: ServerState, prompt_tokens: int, requested: int | None, p
     assert state.loaded is not None
     context, limit = state.loaded.max_context, state.settings.max_tokens_limit
     if prompt_tokens > state.max_prompt_tokens:
-        raise APIError(
-            400,
-            f"{prompt_param}: the prompt has {prompt_tokens} tokens; the limit is {state.max_prompt_tokens}",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
+        raise _prompt_too_long(prompt_param, prompt_tokens, state.max_prompt_tokens)
     if requested is None:
         requested = min(limit, context - prompt_tokens)
     if not 1 <= requested <= limit:
