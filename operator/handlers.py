@@ -56,6 +56,21 @@ RETRY_DELAY: Final = 10.0
 WORKLOAD_KINDS: Final = ("Job", "Deployment")
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
+
+
+def creation_stages(
+    manifests: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The order children are created in: the plan, Services, ServiceAccount and Role together;
+    then RoleBindings, because the API server authorizes a binding by resolving its Role (an
+    operator without the "bind" verb gets 404 for a Role created in the same instant); workload
+    Jobs and Deployments last, since their pods mount and use everything before them."""
+    workloads = [m for m in manifests if m["kind"] in WORKLOAD_KINDS]
+    bindings = [m for m in manifests if m["kind"] == "RoleBinding"]
+    supporting = [m for m in manifests if m["kind"] not in WORKLOAD_KINDS and m["kind"] != "RoleBinding"]
+    return supporting, bindings, workloads
+
+
 logger = logging.getLogger("kubetune.operator")
 
 
@@ -410,7 +425,10 @@ async def reconcile(rt: Runtime, owner: Mapping[str, Any], indices: Indices, *, 
     except ApiError as exc:
         rt.metrics.reconcile_errors.labels(kind, f"Api{exc.status}").inc()
         if exc.status == 404:
-            return None  # the job was deleted while we worked
+            # The job was deleted while we worked, or something a child refers to is missing
+            # (RBAC answers 404 for a RoleBinding whose Role it cannot find): look again soon; a
+            # job that is gone ends the retries (reconcile_key finds no owner).
+            return RETRY_DELAY
         raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from exc
     except (kopf.PermanentError, kopf.TemporaryError) as exc:
         rt.metrics.reconcile_errors.labels(kind, type(exc).__name__).inc()
@@ -487,17 +505,15 @@ async def _reconcile_locked(
         storage_secret=storage_secret,
     )
     decision = lifecycle.decide(obs)
-    # Plan, Services and the runner identity do not depend on each other: create them together;
-    # workload Jobs and Deployments after them, since their pods mount and use them.
-    supporting = [m for m in decision.create if m["kind"] not in WORKLOAD_KINDS]
-    workloads = [m for m in decision.create if m["kind"] in WORKLOAD_KINDS]
+    supporting, bindings, workloads = creation_stages(decision.create)
     try:
-        await asyncio.gather(
-            *(
-                _ensure(rt, manifest, uid, owner, update=lifecycle.ref_of(manifest) in decision.update)
-                for manifest in supporting
+        for stage in (supporting, bindings):
+            await asyncio.gather(
+                *(
+                    _ensure(rt, manifest, uid, owner, update=lifecycle.ref_of(manifest) in decision.update)
+                    for manifest in stage
+                )
             )
-        )
         for manifest in workloads:
             await _ensure(rt, manifest, uid, owner)
         for patch in decision.patch:
