@@ -1,0 +1,79 @@
+"""The process kubelet against the real control plane: the node, and a Job through the real controllers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.cluster.conftest import wait_for
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.process_kubelet import NODE_NAME, ProcessKubelet
+
+RESTRICTED_CONTAINER: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def test_the_node_registers_ready_and_schedulable(
+    control_plane: ControlPlane, kubelet: ProcessKubelet
+) -> None:
+    def ready() -> dict[str, Any] | None:
+        status, node = control_plane.request("GET", f"/api/v1/nodes/{NODE_NAME}")
+        if status != 200:
+            return None
+        conditions = {c["type"]: c["status"] for c in node["status"].get("conditions", [])}
+        taints = [t["key"] for t in node["spec"].get("taints", [])]
+        return (
+            node
+            if conditions.get("Ready") == "True" and not node["spec"].get("unschedulable") and not taints
+            else None
+        )
+
+    node = wait_for(ready, what="the node Ready without taints")
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "0"
+
+
+def test_an_indexed_job_completes_through_the_real_job_controller(
+    control_plane: ControlPlane, kubelet: ProcessKubelet, namespace: str
+) -> None:
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "indexed"},
+        "spec": {
+            "completions": 2,
+            "parallelism": 2,
+            "completionMode": "Indexed",
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "python",
+                            "command": [
+                                "python",
+                                "-c",
+                                "import os; print(os.environ['JOB_COMPLETION_INDEX'])",
+                            ],
+                            "securityContext": RESTRICTED_CONTAINER,
+                        }
+                    ],
+                }
+            },
+        },
+    }
+    status, body = control_plane.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
+    assert status == 201, body
+
+    def complete() -> bool:
+        _, current = control_plane.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/indexed")
+        return any(
+            c["type"] == "Complete" and c["status"] == "True"
+            for c in current.get("status", {}).get("conditions", [])
+        )
+
+    wait_for(complete, what="the Job Complete")
