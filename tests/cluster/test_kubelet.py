@@ -77,3 +77,36 @@ def test_an_indexed_job_completes_through_the_real_job_controller(
         )
 
     wait_for(complete, what="the Job Complete")
+
+
+def test_a_failing_pod_reports_its_exit_code_and_termination_message(
+    control_plane: ControlPlane, kubelet: ProcessKubelet, namespace: str
+) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "fails"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "python",
+                    "command": ["python", "-c", "import sys; print('the reason'); sys.exit(3)"],
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                    "securityContext": RESTRICTED_CONTAINER,
+                }
+            ],
+        },
+    }
+    status, body = control_plane.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+    assert status == 201, body
+
+    def failed() -> dict[str, Any] | None:
+        _, current = control_plane.request("GET", f"/api/v1/namespaces/{namespace}/pods/fails")
+        return current if current.get("status", {}).get("phase") == "Failed" else None
+
+    current = wait_for(failed, what="the pod Failed")
+    terminated = current["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 3
+    assert "the reason" in terminated.get("message", "")
