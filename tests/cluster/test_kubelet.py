@@ -110,3 +110,33 @@ def test_a_failing_pod_reports_its_exit_code_and_termination_message(
     terminated = current["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["exitCode"] == 3
     assert "the reason" in terminated.get("message", "")
+
+
+def test_deleting_a_pod_stops_it_and_the_kubelet_removes_it(
+    control_plane: ControlPlane, kubelet: ProcessKubelet, namespace: str
+) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "sleeps"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "python",
+                    "command": ["python", "-c", "import time; time.sleep(600)"],
+                    "securityContext": RESTRICTED_CONTAINER,
+                }
+            ],
+        },
+    }
+    path = f"/api/v1/namespaces/{namespace}/pods/sleeps"
+    assert control_plane.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)[0] == 201
+    wait_for(
+        lambda: control_plane.request("GET", path)[1].get("status", {}).get("phase") == "Running",
+        what="Running",
+    )
+    assert control_plane.request("DELETE", path)[0] == 200
+    wait_for(lambda: control_plane.request("GET", path)[0] == 404, what="the pod gone after the final delete")
