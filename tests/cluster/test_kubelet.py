@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.cluster.conftest import wait_for
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.process_kubelet import NODE_NAME, ProcessKubelet
+
+pytestmark = pytest.mark.cluster
 
 RESTRICTED_CONTAINER: dict[str, Any] = {
     "allowPrivilegeEscalation": False,
@@ -140,3 +144,20 @@ def test_deleting_a_pod_stops_it_and_the_kubelet_removes_it(
     )
     assert control_plane.request("DELETE", path)[0] == 200
     wait_for(lambda: control_plane.request("GET", path)[0] == 404, what="the pod gone after the final delete")
+
+
+def test_pod_security_restricted_refuses_a_pod_that_could_escalate(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """The job namespaces enforce Pod Security "restricted": the API server itself refuses a
+    pod without the restricted securityContext, before any controller or kubelet sees it."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "loose"},
+        "spec": {"containers": [{"name": "main", "image": "python", "command": ["true"]}]},
+    }
+    status, body = control_plane.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+    assert status == 403, body
+    assert 'violates PodSecurity "restricted:latest"' in body["message"]
+    assert "runAsNonRoot" in body["message"]

@@ -1,26 +1,20 @@
-"""What the end-to-end scenarios share: a tiny base model and dataset in S3, the user's Secret,
-FineTuneJob/CompressJob manifests as a user writes them, and ways to watch them.
+"""What the end-to-end scenarios share: a tiny base model and dataset in S3, the Secret name,
+FineTuneJob/CompressJob manifests as a user writes them, and reading the results back.
 
-Nothing here plays a part of kubetune: the operator (tests.kube), the executor (tests.e2e.kubelet)
-and the runtimes it starts are the real ones.
+The real-cluster scenarios (tests/cluster/test_e2e.py) run these against a real control plane;
+nothing here plays a part of kubetune.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
-import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-import kmock
-
 from kubetune.storage import open_store
 from kubetune.trainer.tinymodel import build_tiny_causal_lm
-from tests.kube import KubeEmulator, create
-from tests.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Bucket
+from tests.s3server import REGION, S3Bucket
 
 NS: Final = "default"
 FTJ: Final = "kubetune.io/v1alpha1/finetunejobs"
@@ -71,25 +65,6 @@ def upload_inputs(bucket: S3Bucket, root: Path) -> tuple[str, str]:
     store.upload_dir(model, model_uri)
     store.upload_file(data, data_uri)
     return model_uri, data_uri
-
-
-async def create_credentials(kube: KubeEmulator) -> None:
-    """The Secret a user creates for the bucket; the operator only ever names it."""
-    await create(
-        kube,
-        "v1/secrets",
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            # The opt-in that lets a job name it (the operator reads only the label, never values).
-            "metadata": {
-                "name": SECRET,
-                "namespace": NS,
-                "labels": {"kubetune.io/storage-credentials": "true"},
-            },
-            "stringData": {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY},
-        },
-    )
 
 
 def storage(bucket: S3Bucket) -> dict[str, Any]:
@@ -147,75 +122,7 @@ def compressjob(name: str, bucket: S3Bucket, data_uri: str, **spec: Any) -> dict
     }
 
 
-# --- Watching ------------------------------------------------------------------------------------
-
-
-def status(kube: KubeEmulator, resource: str, name: str) -> dict[str, Any]:
-    return dict((kube.get(resource, NS, name) or {}).get("status") or {})
-
-
-def describe(kube: KubeEmulator, resource: str, name: str) -> str:
-    return json.dumps(status(kube, resource, name), indent=1, sort_keys=True)
-
-
-async def reach(kube: KubeEmulator, resource: str, name: str, phase: str, timeout: float) -> dict[str, Any]:
-    """Wait for ``phase``; a different finished phase (Succeeded/Failed) fails at once."""
-    deadline = time.monotonic() + timeout
-    while True:
-        current = status(kube, resource, name)
-        if current.get("phase") == phase:
-            return current
-        if current.get("phase") in ("Succeeded", "Failed"):
-            raise AssertionError(
-                f"{name} ended {current['phase']} while waiting for {phase}:\n{describe(kube, resource, name)}"
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{name} did not reach {phase} within {timeout}s:\n{describe(kube, resource, name)}"
-            )
-        await asyncio.sleep(0.1)
-
-
-def history(kube: KubeEmulator, resource: str, name: str) -> list[dict[str, Any]]:
-    """Every version of the object the API server stored, oldest first."""
-    key = (kmock.resource(resource), NS, name)
-    if key not in kube.objects:
-        return []
-    return [dict(version.raw) for version in kube.objects[key].history if version is not None]
-
-
-def phases(kube: KubeEmulator, resource: str, name: str) -> list[str]:
-    """The phases the object went through, without repeats."""
-    seen: list[str] = []
-    for version in history(kube, resource, name):
-        phase = (version.get("status") or {}).get("phase")
-        if phase and (not seen or seen[-1] != phase):
-            seen.append(phase)
-    return seen
-
-
-def progress_patches(kube: KubeEmulator, resource: str, name: str) -> list[tuple[str, dict[str, Any]]]:
-    """(User-Agent, status.progress) of every status patch that carried progress, by anyone but
-    the operator: the workload's own reports."""
-    out = []
-    for request in kube.log:
-        if (
-            request.resource != kmock.resource(resource)
-            or request.name != name
-            or request.subresource != "status"
-        ):
-            continue
-        agent = str(request.headers.get("User-Agent", ""))
-        body = request.data if isinstance(request.data, Mapping) else {}
-        progress = (body.get("status") or {}).get("progress")
-        if progress and not agent.startswith(OPERATOR_AGENTS):
-            out.append((agent, dict(progress)))
-    return out
-
-
-def created(kube: KubeEmulator, plural: str) -> list[str]:
-    """Names of the objects of one resource (plural) created so far, in order."""
-    return [name for _, action, res, _, name in kube.journal if action == "create" and res == plural]
+# --- Reading results -----------------------------------------------------------------------------
 
 
 def keys(bucket: S3Bucket, prefix: str) -> set[str]:
@@ -231,17 +138,3 @@ def keys(bucket: S3Bucket, prefix: str) -> set[str]:
 
 def read_json(bucket: S3Bucket, key: str) -> Any:
     return json.loads(bucket.client().get_object(Bucket=bucket.name, Key=key)["Body"].read())
-
-
-async def object_exists(bucket: S3Bucket, key: str, timeout: float) -> None:
-    """Wait until ``key`` exists in the bucket."""
-    client = bucket.client()
-    deadline = time.monotonic() + timeout
-
-    def present() -> bool:
-        return bool(client.list_objects_v2(Bucket=bucket.name, Prefix=key).get("KeyCount"))
-
-    while not await asyncio.to_thread(present):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"s3://{bucket.name}/{key} did not appear within {timeout}s")
-        await asyncio.sleep(0.1)
