@@ -82,7 +82,9 @@ def test_the_runtime_runs_exactly_the_supported_method_scheme_pairs(
         r.check_plan(plan(quantization={"method": method, "scheme": scheme}))
     else:
         # The API refuses the pair first, with the runtime's own words.
-        with pytest.raises(ValueError, match=f"method {method} does not take scheme {scheme}.*use method rtn"):
+        with pytest.raises(
+            ValueError, match=f"method {method} does not take scheme {scheme}.*use method rtn"
+        ):
             plan(quantization={"method": method, "scheme": scheme})
 
 
