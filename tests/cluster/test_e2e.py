@@ -5,6 +5,7 @@ process kubelet running the pods they create, MinIO holding model, data and resu
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,34 @@ def credentials(control_plane: ControlPlane, minio_server: MinioServer, namespac
     return "s3-credentials"
 
 
-def inputs(bucket: MinioBucket, tmp_path: Path) -> tuple[str, str]:
-    return upload_inputs(bucket, tmp_path)
+@dataclass
+class World:
+    """What every scenario runs in: the operator, the node, a bucket holding the tiny base model
+    and dataset, the user's Secret, and a fresh namespace enforcing Pod Security restricted."""
+
+    operator: OperatorProcess
+    kubelet: Any
+    bucket: MinioBucket
+    namespace: str
+    model_uri: str
+    data_uri: str
+
+    @property
+    def plane(self) -> ControlPlane:
+        return self.operator.plane
+
+
+@pytest.fixture
+def world(
+    operator_process: OperatorProcess,
+    kubelet: Any,
+    minio_bucket: MinioBucket,
+    credentials: str,
+    namespace: str,
+    tmp_path: Path,
+) -> World:
+    model_uri, data_uri = upload_inputs(minio_bucket, tmp_path)
+    return World(operator_process, kubelet, minio_bucket, namespace, model_uri, data_uri)
 
 
 def training_process(kubelet: Any, namespace: str, pod: str) -> psutil.Process:
@@ -52,20 +79,15 @@ def training_process(kubelet: Any, namespace: str, pod: str) -> psutil.Process:
 
 
 def test_lora_on_two_workers_is_trained_served_through_the_real_controllers_and_compressed(
-    operator_process: OperatorProcess,
-    kubelet: Any,
-    minio_bucket: MinioBucket,
-    credentials: str,
-    namespace: str,
-    tmp_path: Path,
+    world: World,
 ) -> None:
-    plane = operator_process.plane
-    model_uri, data_uri = inputs(minio_bucket, tmp_path)
-    tune = finetunejob("tune", minio_bucket, model_uri, data_uri, serve={"enabled": True})
+    plane, namespace, bucket = world.plane, world.namespace, world.bucket
+    model_uri, data_uri = world.model_uri, world.data_uri
+    tune = finetunejob("tune", bucket, model_uri, data_uri, serve={"enabled": True})
     tune["spec"]["method"]["mergeAdapter"] = True  # the CompressJob below needs a full model
     scenario.create(plane, namespace, tune)
     scenario.create(
-        plane, namespace, compressjob("tune-int8", minio_bucket, data_uri, model={"fromFineTuneJob": "tune"})
+        plane, namespace, compressjob("tune-int8", bucket, data_uri, model={"fromFineTuneJob": "tune"})
     )
 
     scenario.reach(plane, CJ, namespace, "tune-int8", "Waiting", timeout=60)
@@ -84,10 +106,10 @@ def test_lora_on_two_workers_is_trained_served_through_the_real_controllers_and_
     assert done["progress"]["step"] == done["progress"]["totalSteps"] == 8
 
     run = "runs/tune"
-    files = keys(minio_bucket, run)
+    files = keys(bucket, run)
     assert {"checkpoints/step-4/_COMMITTED.json", "checkpoints/step-8/_COMMITTED.json"} <= files
     assert {"model/config.json", "model/model.safetensors", "adapter/adapter_config.json"} <= files
-    record = read_json(minio_bucket, f"{run}/run.json")
+    record = read_json(bucket, f"{run}/run.json")
     assert record["status"] == "succeeded"
     assert record["world"]["nodes"] == 2
 
@@ -102,7 +124,7 @@ def test_lora_on_two_workers_is_trained_served_through_the_real_controllers_and_
     available = {c["type"]: c["status"] for c in deployment["status"]["conditions"]}
     assert available["Available"] == "True"
     assert serving["url"] == f"http://tune-serve.{namespace}.svc:8000/v1"
-    client = openai.OpenAI(base_url=kubelet.url(serving["url"]), api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=world.kubelet.url(serving["url"]), api_key="unused", max_retries=0)
     answer = client.chat.completions.create(
         model="tune", messages=[{"role": "user", "content": "a b c d"}], max_tokens=8, temperature=0
     )
@@ -111,23 +133,18 @@ def test_lora_on_two_workers_is_trained_served_through_the_real_controllers_and_
     assert answer.usage.completion_tokens >= 1
 
     compressed = scenario.reach(plane, CJ, namespace, "tune-int8", "Succeeded", timeout=600)
-    assert compressed["sourceModelUri"] == f"{minio_bucket.uri}/{run}/model"
+    assert compressed["sourceModelUri"] == f"{bucket.uri}/{run}/model"
     results = compressed.get("results") or {}
     assert results.get("originalSizeBytes", 0) > results.get("compressedSizeBytes", 0) > 0, compressed
 
 
 def test_a_missing_dataset_fails_validation_naming_the_uri_and_is_never_retried(
-    operator_process: OperatorProcess,
-    kubelet: Any,
-    minio_bucket: MinioBucket,
-    credentials: str,
-    namespace: str,
-    tmp_path: Path,
+    world: World,
 ) -> None:
-    plane = operator_process.plane
-    model_uri, _ = inputs(minio_bucket, tmp_path)
-    missing = f"{minio_bucket.uri}/data/does-not-exist.jsonl"
-    scenario.create(plane, namespace, finetunejob("nodata", minio_bucket, model_uri, missing))
+    plane, namespace, bucket = world.plane, world.namespace, world.bucket
+    model_uri = world.model_uri
+    missing = f"{bucket.uri}/data/does-not-exist.jsonl"
+    scenario.create(plane, namespace, finetunejob("nodata", bucket, model_uri, missing))
 
     failed = scenario.reach(plane, FTJ, namespace, "nodata", "Failed", timeout=240)
 
@@ -146,23 +163,18 @@ def test_a_missing_dataset_fails_validation_naming_the_uri_and_is_never_retried(
 
 
 def test_a_killed_worker_fails_the_gang_and_the_replacement_resumes_from_the_newest_checkpoint(
-    operator_process: OperatorProcess,
-    kubelet: Any,
-    minio_bucket: MinioBucket,
-    credentials: str,
-    namespace: str,
-    tmp_path: Path,
+    world: World,
 ) -> None:
-    plane = operator_process.plane
+    plane, namespace, bucket = world.plane, world.namespace, world.bucket
     steps = 24
-    model_uri, data_uri = inputs(minio_bucket, tmp_path)
-    job = finetunejob("resume", minio_bucket, model_uri, data_uri)
+    model_uri, data_uri = world.model_uri, world.data_uri
+    job = finetunejob("resume", bucket, model_uri, data_uri)
     job["spec"]["hyperparameters"]["maxSteps"] = steps
     scenario.create(plane, namespace, job)
     run = "runs/resume"
 
     wait_for(
-        lambda: "checkpoints/step-4/_COMMITTED.json" in keys(minio_bucket, run),
+        lambda: "checkpoints/step-4/_COMMITTED.json" in keys(bucket, run),
         timeout=300,
         what="a checkpoint",
     )
@@ -172,7 +184,7 @@ def test_a_killed_worker_fails_the_gang_and_the_replacement_resumes_from_the_new
         namespace,
         "batch.kubernetes.io/job-name=resume-train-r0,batch.kubernetes.io/job-completion-index=1",
     )
-    training_process(kubelet, namespace, pod).send_signal(signal.SIGKILL)
+    training_process(world.kubelet, namespace, pod).send_signal(signal.SIGKILL)
 
     done = scenario.reach(plane, FTJ, namespace, "resume", "Succeeded", timeout=600)
 
@@ -183,7 +195,7 @@ def test_a_killed_worker_fails_the_gang_and_the_replacement_resumes_from_the_new
         "resume-train-r1",
     ]
     assert scenario.get(plane, "jobs", namespace, "resume-train-r0") is None
-    record = read_json(minio_bucket, f"{run}/run.json")
+    record = read_json(bucket, f"{run}/run.json")
     resumed = record["resumed_from"]
     assert resumed is not None
     assert 4 <= resumed["step"] < steps
@@ -191,16 +203,11 @@ def test_a_killed_worker_fails_the_gang_and_the_replacement_resumes_from_the_new
 
 
 def test_suspend_stops_the_gang_and_resume_continues_it(
-    operator_process: OperatorProcess,
-    kubelet: Any,
-    minio_bucket: MinioBucket,
-    credentials: str,
-    namespace: str,
-    tmp_path: Path,
+    world: World,
 ) -> None:
-    plane = operator_process.plane
-    model_uri, data_uri = inputs(minio_bucket, tmp_path)
-    job = finetunejob("pause", minio_bucket, model_uri, data_uri)
+    plane, namespace, bucket = world.plane, world.namespace, world.bucket
+    model_uri, data_uri = world.model_uri, world.data_uri
+    job = finetunejob("pause", bucket, model_uri, data_uri)
     job["spec"]["hyperparameters"]["maxSteps"] = 400
     scenario.create(plane, namespace, job)
     scenario.reach(plane, FTJ, namespace, "pause", "Running", timeout=300)
@@ -230,17 +237,12 @@ def test_suspend_stops_the_gang_and_resume_continues_it(
 
 
 def test_a_deadline_fails_the_job_and_ttl_lets_the_garbage_collector_remove_its_children(
-    operator_process: OperatorProcess,
-    kubelet: Any,
-    minio_bucket: MinioBucket,
-    credentials: str,
-    namespace: str,
-    tmp_path: Path,
+    world: World,
 ) -> None:
-    plane = operator_process.plane
-    model_uri, data_uri = inputs(minio_bucket, tmp_path)
+    plane, namespace, bucket = world.plane, world.namespace, world.bucket
+    model_uri, data_uri = world.model_uri, world.data_uri
     job = finetunejob(
-        "late", minio_bucket, model_uri, data_uri, activeDeadlineSeconds=25, ttlSecondsAfterFinished=1
+        "late", bucket, model_uri, data_uri, activeDeadlineSeconds=25, ttlSecondsAfterFinished=1
     )
     job["spec"]["hyperparameters"]["maxSteps"] = 400
     scenario.create(plane, namespace, job)
@@ -257,21 +259,16 @@ def test_a_deadline_fails_the_job_and_ttl_lets_the_garbage_collector_remove_its_
 
 
 def test_an_operator_restart_mid_run_creates_no_duplicate_children(
-    operator_process: OperatorProcess,
-    kubelet: Any,
-    minio_bucket: MinioBucket,
-    credentials: str,
-    namespace: str,
-    tmp_path: Path,
+    world: World,
 ) -> None:
-    plane = operator_process.plane
-    model_uri, data_uri = inputs(minio_bucket, tmp_path)
-    job = finetunejob("steady", minio_bucket, model_uri, data_uri)
+    plane, namespace, bucket = world.plane, world.namespace, world.bucket
+    model_uri, data_uri = world.model_uri, world.data_uri
+    job = finetunejob("steady", bucket, model_uri, data_uri)
     job["spec"]["hyperparameters"]["maxSteps"] = 16
     scenario.create(plane, namespace, job)
     scenario.reach(plane, FTJ, namespace, "steady", "Running", timeout=300)
 
-    operator_process.restart()
+    world.operator.restart()
 
     scenario.reach(plane, FTJ, namespace, "steady", "Succeeded", timeout=600)
     jobs = scenario.created_by(plane, OPERATOR_USER, namespace, "jobs")
