@@ -79,8 +79,7 @@ def kubetune_installed(control_plane: ControlPlane) -> ControlPlane:
     for crd in ("finetunejobs.kubetune.io", "compressjobs.kubetune.io"):
         control_plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
     # Established is not yet served: for about a second lists answer 429 "storage is
-    # (re)initializing". An operator started in that second lost track of the first job it saw
-    # (its validation Job's completion never reached a reconcile); see the closing note of issue 11.
+    # (re)initializing". kopf retries them; waiting here keeps that retry out of every test's timing.
     for plural in ("finetunejobs", "compressjobs"):
         wait_for(
             lambda plural=plural: (
