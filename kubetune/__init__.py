@@ -8,7 +8,7 @@ API types (:mod:`kubetune.api`), the run plan (:mod:`kubetune.plan`), object sto
 __version__ = "0.1.0"
 
 # In a source checkout, operator/ and trainer/ sit beside this folder and are mapped to
-# kubetune.operator / kubetune.trainer only by the installed package (see DESIGN.md). When the
+# kubetune.operator / kubetune.trainer only by the installed package (see docs/architecture.md). When the
 # repository root is on sys.path (``python -m pytest``, ``python -c`` from the root) this folder
 # shadows the installed package, so extend the search path with the installed copy's location.
 from pkgutil import extend_path

@@ -1,10 +1,10 @@
-"""The layering of the codebase (STYLE.md): api <- render <- handlers; the torch-free core never
+"""The layering of the codebase (docs/architecture.md): api <- render <- handlers; the torch-free core never
 imports the operator or the runtimes; the operator never imports torch; the runtimes never
 import the operator.
 
 import-linter would be the usual tool, but its graph builder (grimp) does not see namespace
 subpackages, and kubetune.operator / kubetune.trainer are exactly that (no __init__.py at their
-roots, see DESIGN.md). So the direct imports are read from the source with ``ast`` here, and
+roots, see docs/architecture.md). So the direct imports are read from the source with ``ast`` here, and
 test_imports.py checks the transitive effect at run time (sys.modules).
 """
 
