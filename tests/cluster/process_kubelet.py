@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +81,7 @@ class ProcessKubelet(Kubelet):
     _api: aiohttp.ClientSession | None = field(default=None, init=False)
     _finished: set[str] = field(default_factory=set, init=False)
     _heartbeat_at: float = field(default=0.0, init=False)
+    _listed: list[dict[str, Any]] | None = field(default=None, init=False)
 
     # --- lifecycle (a thread of its own)
 
@@ -228,20 +230,22 @@ class ProcessKubelet(Kubelet):
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode(errors="replace")
 
-    def _objects(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        plural = _RESOURCE_PATHS[resource]
-        prefix = f"/api/v1/namespaces/{namespace}/{plural}" if namespace else f"/api/v1/{plural}"
-        query = ""
-        if resource == PODS and namespace is None:
-            query = "?" + urllib.parse.urlencode({"fieldSelector": f"spec.nodeName={NODE_NAME}"})
-        status, body = self._request("GET", prefix + query)
+    def _node_pods(self) -> list[dict[str, Any]]:
+        """Every pod bound to this node, those being deleted included."""
+        query = urllib.parse.urlencode({"fieldSelector": f"spec.nodeName={NODE_NAME}"})
+        status, body = self._request("GET", f"/api/v1/pods?{query}")
         if status != 200:
-            raise RuntimeError(f"GET {prefix}{query}: {status} {body}")
-        items = [dict(item) for item in body["items"]]
-        if resource == PODS and namespace is None:
-            # Pods being deleted are handled by _sync_deletions; the runtime sees them as gone.
-            items = [p for p in items if not p["metadata"].get("deletionTimestamp")]
-        return items
+            raise RuntimeError(f"GET /api/v1/pods?{query}: {status} {body}")
+        return [dict(item) for item in body["items"]]
+
+    def _objects(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        # The runtime lists only this node's pods (the Node authorizer allows nothing wider); the
+        # list _sync_deletions made at the start of this loop serves it, one request per loop.
+        if resource != PODS or namespace is not None:
+            raise RuntimeError(f"the process kubelet lists only its node's pods, not {resource}")
+        pods, self._listed = (self._listed if self._listed is not None else self._node_pods()), None
+        # Pods being deleted are handled by _sync_deletions; the runtime sees them as gone.
+        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
     def _get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         plural = _RESOURCE_PATHS[resource]
@@ -273,13 +277,9 @@ class ProcessKubelet(Kubelet):
     async def _sync_deletions(self) -> None:
         """Pods with a deletionTimestamp: stop what runs (the runtime sees them as gone), then
         delete the object for good once nothing of it runs here."""
-        status, body = self._request(
-            "GET", "/api/v1/pods?" + urllib.parse.urlencode({"fieldSelector": f"spec.nodeName={NODE_NAME}"})
-        )
-        if status != 200:
-            return
+        self._listed = self._node_pods()
         running = {run.uid for run in self.pods.values()} | set(self._terminating)
-        for pod in body["items"]:
+        for pod in self._listed:
             meta = pod["metadata"]
             if not meta.get("deletionTimestamp") or meta["uid"] in running or meta["uid"] in self._finished:
                 continue
@@ -325,28 +325,21 @@ class ProcessKubelet(Kubelet):
     def _namespace_pods(self, namespace: str) -> list[dict[str, Any]]:
         # The Node authorizer lets a node list only its own pods; every pod of these tests runs on
         # this one node, so those are all the hostnames cluster DNS would resolve.
-        return [p for p in self._objects(PODS) if p["metadata"]["namespace"] == namespace]
+        return [
+            p
+            for p in self._node_pods()
+            if p["metadata"]["namespace"] == namespace and not p["metadata"].get("deletionTimestamp")
+        ]
 
     # --- ServiceAccount tokens
 
-    def _volumes(self, run: PodRun) -> dict[str, Path]:
-        projected = [v for v in run.spec.get("volumes") or [] if "projected" in v]
-        others = dict(run.pod)
-        others["spec"] = {
-            **run.spec,
-            "volumes": [v for v in run.spec.get("volumes") or [] if "projected" not in v],
-        }
-        plain = PodRun(
-            namespace=run.namespace, name=run.name, uid=run.uid, pod=others, root=run.root, ports=run.ports
-        )
-        out = super()._volumes(plain)
-        for volume in projected:
-            path = run.root / "volumes" / volume["name"]
-            path.mkdir(parents=True, exist_ok=True)
-            for source in volume["projected"].get("sources") or []:
-                self._project_source(run, source, path)
-            out[volume["name"]] = path
-        return out
+    def _other_volume(self, run: PodRun, volume: Mapping[str, Any], path: Path) -> None:
+        """The ``kube-api-access-*`` volume ServiceAccount admission adds: a projected volume."""
+        if "projected" not in volume:
+            super()._other_volume(run, volume, path)
+            return
+        for source in volume["projected"].get("sources") or []:
+            self._project_source(run, source, path)
 
     def _project_source(self, run: PodRun, source: dict[str, Any], path: Path) -> None:
         if "serviceAccountToken" in source:

@@ -72,32 +72,41 @@ def events(plane: ControlPlane, namespace: str, name: str) -> list[dict[str, Any
     return sorted(body["items"], key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
 
 
+def audited(
+    plane: ControlPlane,
+    user: str,
+    verb: str,
+    namespace: str,
+    resource: str,
+    subresource: str | None,
+    code: int,
+) -> list[dict[str, Any]]:
+    """The completed requests of ``user`` on ``resource`` (and ``subresource``) in ``namespace``
+    that the server answered with ``code``, oldest first (audit log)."""
+    out = []
+    for event in plane.audit_events():
+        ref = event.get("objectRef", {})
+        if (
+            event.get("stage") == "ResponseComplete"
+            and event.get("verb") == verb
+            and event.get("user", {}).get("username") == user
+            and ref.get("namespace") == namespace
+            and ref.get("resource") == resource
+            and ref.get("subresource") == subresource
+            and event.get("responseStatus", {}).get("code") == code
+        ):
+            out.append(event)
+    return out
+
+
 def created_by(plane: ControlPlane, user: str, namespace: str, resource: str) -> list[str]:
-    """Names of the ``resource`` objects ``user`` created in ``namespace``, in order (audit log)."""
+    """Names of the ``resource`` objects ``user`` created in ``namespace``, in order."""
     return [
-        e["objectRef"].get("name", "")
-        for e in plane.audit_events()
-        if e.get("stage") == "ResponseComplete"
-        and e.get("verb") == "create"
-        and e.get("user", {}).get("username") == user
-        and e.get("objectRef", {}).get("namespace") == namespace
-        and e.get("objectRef", {}).get("resource") == resource
-        and not e.get("objectRef", {}).get("subresource")
-        and e.get("responseStatus", {}).get("code") == 201
+        e["objectRef"].get("name", "") for e in audited(plane, user, "create", namespace, resource, None, 201)
     ]
 
 
 def status_patches_by(plane: ControlPlane, user: str, namespace: str, plural: str, name: str) -> int:
     """How many status patches of one job ``user`` made that the server accepted."""
-    return sum(
-        1
-        for e in plane.audit_events()
-        if e.get("stage") == "ResponseComplete"
-        and e.get("verb") == "patch"
-        and e.get("user", {}).get("username") == user
-        and e.get("objectRef", {}).get("resource") == plural
-        and e.get("objectRef", {}).get("name") == name
-        and e.get("objectRef", {}).get("subresource") == "status"
-        and e.get("objectRef", {}).get("namespace") == namespace
-        and e.get("responseStatus", {}).get("code") == 200
-    )
+    patches = audited(plane, user, "patch", namespace, plural, "status", 200)
+    return sum(1 for e in patches if e["objectRef"].get("name") == name)

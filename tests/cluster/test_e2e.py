@@ -55,6 +55,12 @@ class World:
     def plane(self) -> ControlPlane:
         return self.operator.plane
 
+    def start(self, name: str, steps: int, **spec: Any) -> None:
+        """A FineTuneJob of ``steps`` steps on the tiny model and dataset (``spec`` overrides)."""
+        job = finetunejob(name, self.bucket, self.model_uri, self.data_uri, **spec)
+        job["spec"]["hyperparameters"]["maxSteps"] = steps
+        scenario.create(self.plane, self.namespace, job)
+
 
 @pytest.fixture
 def world(
@@ -167,10 +173,7 @@ def test_a_killed_worker_fails_the_gang_and_the_replacement_resumes_from_the_new
 ) -> None:
     plane, namespace, bucket = world.plane, world.namespace, world.bucket
     steps = 24
-    model_uri, data_uri = world.model_uri, world.data_uri
-    job = finetunejob("resume", bucket, model_uri, data_uri)
-    job["spec"]["hyperparameters"]["maxSteps"] = steps
-    scenario.create(plane, namespace, job)
+    world.start("resume", steps)
     run = "runs/resume"
 
     wait_for(
@@ -205,11 +208,8 @@ def test_a_killed_worker_fails_the_gang_and_the_replacement_resumes_from_the_new
 def test_suspend_stops_the_gang_and_resume_continues_it(
     world: World,
 ) -> None:
-    plane, namespace, bucket = world.plane, world.namespace, world.bucket
-    model_uri, data_uri = world.model_uri, world.data_uri
-    job = finetunejob("pause", bucket, model_uri, data_uri)
-    job["spec"]["hyperparameters"]["maxSteps"] = 400
-    scenario.create(plane, namespace, job)
+    plane, namespace = world.plane, world.namespace
+    world.start("pause", 400)
     scenario.reach(plane, FTJ, namespace, "pause", "Running", timeout=300)
 
     patch = {"spec": {"suspend": True}}
@@ -239,13 +239,8 @@ def test_suspend_stops_the_gang_and_resume_continues_it(
 def test_a_deadline_fails_the_job_and_ttl_lets_the_garbage_collector_remove_its_children(
     world: World,
 ) -> None:
-    plane, namespace, bucket = world.plane, world.namespace, world.bucket
-    model_uri, data_uri = world.model_uri, world.data_uri
-    job = finetunejob(
-        "late", bucket, model_uri, data_uri, activeDeadlineSeconds=25, ttlSecondsAfterFinished=1
-    )
-    job["spec"]["hyperparameters"]["maxSteps"] = 400
-    scenario.create(plane, namespace, job)
+    plane, namespace = world.plane, world.namespace
+    world.start("late", 400, activeDeadlineSeconds=25, ttlSecondsAfterFinished=1)
 
     failed = scenario.reach(plane, FTJ, namespace, "late", "Failed", timeout=240)
     assert {c["type"]: c.get("reason") for c in failed["conditions"]}["Failed"] == "DeadlineExceeded"
@@ -261,11 +256,8 @@ def test_a_deadline_fails_the_job_and_ttl_lets_the_garbage_collector_remove_its_
 def test_an_operator_restart_mid_run_creates_no_duplicate_children(
     world: World,
 ) -> None:
-    plane, namespace, bucket = world.plane, world.namespace, world.bucket
-    model_uri, data_uri = world.model_uri, world.data_uri
-    job = finetunejob("steady", bucket, model_uri, data_uri)
-    job["spec"]["hyperparameters"]["maxSteps"] = 16
-    scenario.create(plane, namespace, job)
+    plane, namespace = world.plane, world.namespace
+    world.start("steady", 16)
     scenario.reach(plane, FTJ, namespace, "steady", "Running", timeout=300)
 
     world.operator.restart()

@@ -1317,12 +1317,16 @@ class Kubelet:
             elif "configMap" in volume or "secret" in volume:
                 self._project(run.namespace, volume, path)
             else:
-                kinds = sorted(k for k in volume if k != "name")
-                raise ConfigError(
-                    f"volume {volume['name']!r}: unsupported source {kinds} (emptyDir, configMap, secret are)"
-                )
+                self._other_volume(run, volume, path)
             out[volume["name"]] = path
         return out
+
+    def _other_volume(self, run: PodRun, volume: Mapping[str, Any], path: Path) -> None:
+        """A volume source beyond emptyDir, configMap and secret (a subclass may fill ``path``)."""
+        kinds = sorted(k for k in volume if k != "name")
+        raise ConfigError(
+            f"volume {volume['name']!r}: unsupported source {kinds} (emptyDir, configMap, secret are)"
+        )
 
     def _project(self, namespace: str, volume: Mapping[str, Any], path: Path) -> None:
         source = volume.get("configMap") or volume.get("secret") or {}
