@@ -1,0 +1,1 @@
+"""The run contract between the operator, local mode and the runtimes."""
