@@ -82,6 +82,7 @@ class ProcessKubelet(Kubelet):
     _finished: set[str] = field(default_factory=set, init=False)
     _heartbeat_at: float = field(default=0.0, init=False)
     _listed: list[dict[str, Any]] | None = field(default=None, init=False)
+    _stop_requested: asyncio.Event | None = field(default=None, init=False)
 
     # --- lifecycle (a thread of its own)
 
@@ -97,17 +98,21 @@ class ProcessKubelet(Kubelet):
         failure: list[BaseException] = []
 
         def main() -> None:
+            # The loop lives until stop() has run on it to the end: the kubelet's own task ends
+            # early in stop(), so "the task is done" cannot be the signal to close the loop.
             loop = asyncio.new_event_loop()
             self._loop_ref = loop
+            self._stop_requested = asyncio.Event()
             try:
                 loop.run_until_complete(self.start())
             except BaseException as exc:
                 failure.append(exc)
                 ready.set()
+                loop.close()
                 return
             ready.set()
             try:
-                loop.run_until_complete(self._until_stopped())
+                loop.run_until_complete(self._serve_until_stop_requested())
             finally:
                 loop.close()
 
@@ -117,16 +122,19 @@ class ProcessKubelet(Kubelet):
         if failure:
             raise failure[0]
 
-    async def _until_stopped(self) -> None:
-        while self._task is not None and not self._task.done():
-            await asyncio.sleep(0.1)
+    async def _serve_until_stop_requested(self) -> None:
+        assert self._stop_requested is not None
+        await self._stop_requested.wait()
+        await self.stop()
 
     def stop_thread(self) -> None:
-        loop, thread = self._loop_ref, self._thread
-        if loop is None or thread is None:
+        loop, thread, requested = self._loop_ref, self._thread, self._stop_requested
+        if loop is None or thread is None or requested is None:
             return
-        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(60)
-        thread.join(30)
+        loop.call_soon_threadsafe(requested.set)
+        thread.join(90)
+        if thread.is_alive():
+            raise RuntimeError("the process kubelet did not stop within 90 s")
         self._thread = None
 
     async def start(self) -> None:
