@@ -7,7 +7,10 @@ or object missing — never retried. Anything else: retriable (node loss, OOM, p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
+
+from pydantic import ValidationError
 
 EXIT_OK: Final = 0
 EXIT_INVALID_INPUT: Final = 2
@@ -45,3 +48,25 @@ class RetriableError(KubetuneError):
 
     exit_code = 1
     reason = "TransientError"
+
+
+def describe_validation_error(
+    error: ValidationError,
+    *,
+    limit: int | None = None,
+    where: Callable[[tuple[int | str, ...]], str] | None = None,
+    empty: str = "(root)",
+) -> str:
+    """One line for a pydantic ValidationError: ``field.path: message; ...``, the first ``limit``
+    problems. ``where`` turns an error's location into the name a user knows (an environment
+    variable, a camelCase field path); by default the dotted location."""
+    items = error.errors()
+    shown = items if limit is None else items[:limit]
+    parts = []
+    for item in shown:
+        loc = tuple(item["loc"])
+        name = where(loc) if where is not None else ".".join(str(p) for p in loc)
+        parts.append(f"{name or empty}: {item['msg']}")
+    if len(shown) < len(items):
+        parts.append(f"and {len(items) - len(shown)} more")
+    return "; ".join(parts)
