@@ -94,7 +94,7 @@ def finetune(
     from transformers import PrinterCallback, Trainer
 
     from kubetune.trainer import checkpoint, outputs, training
-    from kubetune.trainer.data import make_collator, pad_token_id, prepare_datasets
+    from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
     from kubetune.trainer.progress import ProgressCallback, make_reporter
 
     hp = plan.hyperparameters

@@ -17,8 +17,17 @@ from transformers import PreTrainedTokenizerFast
 from kubetune.api.resources import FineTuneJob
 from kubetune.errors import InvalidInputError, StorageAccessError
 from kubetune.plan import RunPlan, plan_finetune
-from kubetune.trainer import data
-from kubetune.trainer.data import IGNORE_INDEX
+from kubetune.trainer.data.checks import label_id
+from kubetune.trainer.data.collation import LengthStats, make_collator, prepare_datasets
+from kubetune.trainer.data.formats import (
+    IGNORE_INDEX,
+    has_generation_blocks,
+    tokenize_records,
+    tokenize_split,
+)
+from kubetune.trainer.data.loading import collect_records, load_records
+from kubetune.trainer.data.problems import ProblemLog
+from kubetune.trainer.data.readers import Record
 from kubetune.trainer.tinymodel import IM_END, IM_START, build_tokenizer, sample_corpus
 
 pytestmark = pytest.mark.unit
@@ -102,7 +111,7 @@ def ids_of(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
 
 def test_jsonl_records_carry_their_file_and_line(tmp_path: Path) -> None:
     uri = write_jsonl(tmp_path / "train.jsonl", [{"text": "one"}, "", {"text": "three"}])
-    records = data.load_records(make_plan(uri), tmp_path / "scratch")
+    records = load_records(make_plan(uri), tmp_path / "scratch")
     assert records.eval is None
     assert [(r.source, r.data) for r in records.train] == [
         (f"{uri}:1", {"text": "one"}),
@@ -122,7 +131,7 @@ def test_json_csv_and_parquet_read_the_same_records(tmp_path: Path) -> None:
     def read(name: str) -> list[tuple[str, dict[str, Any]]]:
         uri = f"file://{tmp_path / name}"
         plan = make_plan(uri, fmt="classification", task=CLASSIFICATION)
-        return [(r.source.removeprefix(uri), r.data) for r in data.load_records(plan, tmp_path / "s").train]
+        return [(r.source.removeprefix(uri), r.data) for r in load_records(plan, tmp_path / "s").train]
 
     # Sources are file:line; the CSV's first record spans lines 2-3 and starts on line 2.
     assert read("train.json") == [(":2", rows[0]), (":3", rows[1])]
@@ -136,7 +145,7 @@ def test_a_prefix_reads_every_visible_file_in_lexical_order(tmp_path: Path) -> N
     write_jsonl(tmp_path / "data" / "sub" / "c.jsonl", [{"text": "from c"}])
     (tmp_path / "data" / "_SUCCESS").write_text("")
     write_jsonl(tmp_path / "data" / ".hidden" / "x.jsonl", [{"text": "never"}])
-    records = data.load_records(make_plan(f"file://{tmp_path / 'data'}"), tmp_path / "scratch")
+    records = load_records(make_plan(f"file://{tmp_path / 'data'}"), tmp_path / "scratch")
     assert [r.data["text"] for r in records.train] == ["from a", "from b", "from c"]
 
 
@@ -146,19 +155,19 @@ def test_a_file_with_an_unknown_extension_is_named(tmp_path: Path) -> None:
     with pytest.raises(
         InvalidInputError, match=r"notes\.txt: cannot tell the file format.*dataset\.fileFormat"
     ):
-        data.load_records(make_plan(f"file://{tmp_path / 'data'}"), tmp_path / "scratch")
+        load_records(make_plan(f"file://{tmp_path / 'data'}"), tmp_path / "scratch")
 
 
 def test_file_format_overrides_the_extension(tmp_path: Path) -> None:
     uri = write_jsonl(tmp_path / "train.txt", [{"text": "jsonl in disguise"}])
-    records = data.load_records(make_plan(uri, file_format="jsonl"), tmp_path / "scratch")
+    records = load_records(make_plan(uri, file_format="jsonl"), tmp_path / "scratch")
     assert [r.data for r in records.train] == [{"text": "jsonl in disguise"}]
 
 
 def test_missing_data_is_a_storage_error_naming_the_uri(tmp_path: Path) -> None:
     uri = f"file://{tmp_path}/nowhere/train.jsonl"
     with pytest.raises(StorageAccessError, match=r"nowhere/train\.jsonl"):
-        data.load_records(make_plan(uri), tmp_path / "scratch")
+        load_records(make_plan(uri), tmp_path / "scratch")
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -169,7 +178,7 @@ def test_every_malformed_line_is_reported_with_file_and_line(tmp_path: Path) -> 
         tmp_path / "train.jsonl", [{"text": "ok"}, '{"text": "unterminated', {"text": "ok"}, "[1, 2]"]
     )
     with pytest.raises(InvalidInputError) as error:
-        data.load_records(make_plan(uri), tmp_path / "scratch")
+        load_records(make_plan(uri), tmp_path / "scratch")
     message = str(error.value)
     assert f"{uri}:2: malformed JSON" in message
     assert f"{uri}:4: expected a JSON object, got an array" in message
@@ -180,13 +189,13 @@ def test_a_missing_field_names_the_field_the_line_and_what_is_there(tmp_path: Pa
     with pytest.raises(
         InvalidInputError, match=rf"{uri}:2: field 'text' is missing \(the record has: body, id\)"
     ):
-        data.load_records(make_plan(uri), tmp_path / "scratch")
+        load_records(make_plan(uri), tmp_path / "scratch")
 
 
 def test_a_field_missing_everywhere_suggests_the_field_mapping(tmp_path: Path) -> None:
     uri = write_jsonl(tmp_path / "train.jsonl", [{"content": "a"}, {"content": "b"}])
-    problems = data.ProblemLog()
-    data.collect_records(make_plan(uri), tmp_path / "scratch", problems)
+    problems = ProblemLog()
+    collect_records(make_plan(uri), tmp_path / "scratch", problems)
     hints = [p.message for p in problems.problems() if p.kind == "field-mapping"]
     assert hints == [
         f"dataset.train {uri}: no record has field 'text'; the records have: content. "
@@ -201,30 +210,30 @@ def test_an_unknown_label_names_the_label_and_the_allowed_ones(tmp_path: Path) -
         InvalidInputError,
         match=rf"{uri}:1: unknown label 'neutral'; allowed: 'negative', 'positive' \(or ids 0..1\)",
     ):
-        data.load_records(plan, tmp_path / "scratch")
+        load_records(plan, tmp_path / "scratch")
 
 
 def test_labels_are_names_or_ids_and_ids_need_no_names(tmp_path: Path) -> None:
-    assert data.label_id("positive", LABELS, 2) == 1
-    assert data.label_id(0, LABELS, 2) == 0
-    assert data.label_id("1", None, 2) == 1  # CSV cells are strings
-    assert data.label_id(1.0, None, 2) == 1  # Parquet columns may be floats
+    assert label_id("positive", LABELS, 2) == 1
+    assert label_id(0, LABELS, 2) == 0
+    assert label_id("1", None, 2) == 1  # CSV cells are strings
+    assert label_id(1.0, None, 2) == 1  # Parquet columns may be floats
     for bad in (2, -1, True, "positive", 0.5):
         with pytest.raises(ValueError, match="unknown label"):
-            data.label_id(bad, None, 2)
+            label_id(bad, None, 2)
 
 
 def test_an_empty_dataset_is_invalid(tmp_path: Path) -> None:
     uri = write_jsonl(tmp_path / "train.jsonl", ["", "  "])
     with pytest.raises(InvalidInputError, match=rf"dataset.train {uri} has no records"):
-        data.load_records(make_plan(uri), tmp_path / "scratch")
+        load_records(make_plan(uri), tmp_path / "scratch")
 
 
 def test_an_empty_eval_file_is_invalid(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
     evaluation = write_jsonl(tmp_path / "eval.jsonl", [])
     with pytest.raises(InvalidInputError, match=rf"dataset.eval {evaluation} has no records"):
-        data.load_records(make_plan(train, eval_uri=evaluation), tmp_path / "scratch")
+        load_records(make_plan(train, eval_uri=evaluation), tmp_path / "scratch")
 
 
 def test_chat_records_need_a_list_of_messages_with_an_assistant_turn(tmp_path: Path) -> None:
@@ -237,8 +246,8 @@ def test_chat_records_need_a_list_of_messages_with_an_assistant_turn(tmp_path: P
             {"messages": json.dumps(CONVERSATION)},  # a JSON string is fine (CSV cells)
         ],
     )
-    problems = data.ProblemLog()
-    records = data.collect_records(make_plan(uri, fmt="chat"), tmp_path / "scratch", problems)
+    problems = ProblemLog()
+    records = collect_records(make_plan(uri, fmt="chat"), tmp_path / "scratch", problems)
     assert [r.source for r in records.train] == [f"{uri}:4"]
     assert [p.message for p in problems.problems()] == [
         f"{uri}:1: field 'messages': must be a list of {{role, content}} messages, got a string that is not JSON",
@@ -254,7 +263,7 @@ def test_eval_fraction_split_is_deterministic_by_seed(tmp_path: Path) -> None:
     uri = write_jsonl(tmp_path / "train.jsonl", [{"text": f"record {i}"} for i in range(50)])
 
     def split(seed: int) -> tuple[list[str], list[str]]:
-        records = data.load_records(make_plan(uri, eval_fraction=0.2, seed=seed), tmp_path / "scratch")
+        records = load_records(make_plan(uri, eval_fraction=0.2, seed=seed), tmp_path / "scratch")
         assert records.eval is not None
         return [r.source for r in records.train], [r.source for r in records.eval]
 
@@ -270,7 +279,7 @@ def test_eval_fraction_split_is_deterministic_by_seed(tmp_path: Path) -> None:
 
 def test_eval_fraction_holds_out_at_least_one_record(tmp_path: Path) -> None:
     uri = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}, {"text": "b"}, {"text": "c"}])
-    records = data.load_records(make_plan(uri, eval_fraction=0.01), tmp_path / "scratch")
+    records = load_records(make_plan(uri, eval_fraction=0.01), tmp_path / "scratch")
     assert records.eval is not None
     assert len(records.eval) == 1
     assert len(records.train) == 2
@@ -279,7 +288,7 @@ def test_eval_fraction_holds_out_at_least_one_record(tmp_path: Path) -> None:
 def test_eval_fraction_of_a_single_record_is_invalid(tmp_path: Path) -> None:
     uri = write_jsonl(tmp_path / "train.jsonl", [{"text": "alone"}])
     with pytest.raises(InvalidInputError, match="needs at least 2 usable training records"):
-        data.load_records(make_plan(uri, eval_fraction=0.5), tmp_path / "scratch")
+        load_records(make_plan(uri, eval_fraction=0.5), tmp_path / "scratch")
 
 
 # --- formats and loss masks ----------------------------------------------------------------------
@@ -288,7 +297,7 @@ def test_eval_fraction_of_a_single_record_is_invalid(tmp_path: Path) -> None:
 def test_text_trains_on_every_token_and_ends_with_eos(tokenizer: PreTrainedTokenizerFast) -> None:
     plan = make_plan("file:///unused.jsonl", max_seq_length=64)
     text = "The licence grants you the freedom to share and change it."
-    [example] = data.tokenize_records([data.Record("x:1", {"text": text})], plan, tokenizer)
+    [example] = tokenize_records([Record("x:1", {"text": text})], plan, tokenizer)
     expected = [*ids_of(tokenizer, text), tokenizer.eos_token_id]
     assert example == {"input_ids": expected, "attention_mask": [1] * len(expected), "labels": expected}
 
@@ -296,11 +305,11 @@ def test_text_trains_on_every_token_and_ends_with_eos(tokenizer: PreTrainedToken
 def test_text_is_truncated_to_max_seq_length(tokenizer: PreTrainedTokenizerFast) -> None:
     plan = make_plan("file:///unused.jsonl", max_seq_length=8)
     text = " ".join(sample_corpus(5))
-    tokenized = data.tokenize_split([data.Record("x:1", {"text": text})], plan, tokenizer)
+    tokenized = tokenize_split([Record("x:1", {"text": text})], plan, tokenizer)
     [example] = tokenized.examples
     assert example["input_ids"] == ids_of(tokenizer, text)[:8]
     assert tokenized.lengths == [len(ids_of(tokenizer, text)) + 1]
-    assert data.LengthStats.of(tokenized.lengths, 8).truncated == 1
+    assert LengthStats.of(tokenized.lengths, 8).truncated == 1
 
 
 def test_text_keeps_the_bos_a_tokenizer_adds(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -310,14 +319,14 @@ def test_text_keeps_the_bos_a_tokenizer_adds(tokenizer: PreTrainedTokenizerFast)
         single="<s> $A", special_tokens=[("<s>", bos)]
     )
     plan = make_plan("file:///unused.jsonl")
-    [example] = data.tokenize_records([data.Record("x:1", {"text": "free software"})], plan, with_bos)
+    [example] = tokenize_records([Record("x:1", {"text": "free software"})], plan, with_bos)
     assert example["input_ids"] == [bos, *ids_of(with_bos, "free software"), with_bos.eos_token_id]
 
 
 def test_instruction_trains_on_the_response_only(tokenizer: PreTrainedTokenizerFast) -> None:
     plan = make_plan("file:///unused.jsonl", fmt="instruction", max_seq_length=128)
-    record = data.Record("x:1", {"prompt": "Name a colour.", "response": "Blue."})
-    [example] = data.tokenize_records([record], plan, tokenizer)
+    record = Record("x:1", {"prompt": "Name a colour.", "response": "Blue."})
+    [example] = tokenize_records([record], plan, tokenizer)
     prompt = ids_of(tokenizer, "### Instruction:\nName a colour.\n\n### Response:\n")
     response = [*ids_of(tokenizer, "Blue."), tokenizer.eos_token_id]
     assert example["input_ids"] == prompt + response
@@ -330,10 +339,10 @@ def test_instruction_trains_on_the_response_only(tokenizer: PreTrainedTokenizerF
 def test_an_instruction_whose_prompt_fills_the_window_is_left_out(tokenizer: PreTrainedTokenizerFast) -> None:
     plan = make_plan("file:///unused.jsonl", fmt="instruction", max_seq_length=32)
     records = [
-        data.Record("x:1", {"prompt": " ".join(sample_corpus(6)), "response": "Yes."}),
-        data.Record("x:2", {"prompt": "", "response": "Yes."}),
+        Record("x:1", {"prompt": " ".join(sample_corpus(6)), "response": "Yes."}),
+        Record("x:2", {"prompt": "", "response": "Yes."}),
     ]
-    tokenized = data.tokenize_split(records, plan, tokenizer)
+    tokenized = tokenize_split(records, plan, tokenizer)
     assert tokenized.dropped == ["x:1"]
     assert len(tokenized.examples) == 1
 
@@ -357,9 +366,9 @@ def test_chat_trains_on_assistant_turns_only(tokenizer: PreTrainedTokenizerFast,
     if template == "generation blocks":
         tokenizer = build_tokenizer(sample_corpus(300))
         tokenizer.chat_template = CHAT_TEMPLATE_WITH_GENERATION
-        assert data.has_generation_blocks(tokenizer.chat_template)
+        assert has_generation_blocks(tokenizer.chat_template)
     plan = make_plan("file:///unused.jsonl", fmt="chat", max_seq_length=256)
-    [example] = data.tokenize_records([data.Record("x:1", {"messages": CONVERSATION})], plan, tokenizer)
+    [example] = tokenize_records([Record("x:1", {"messages": CONVERSATION})], plan, tokenizer)
     ids, labels = expected_chat(tokenizer)
     assert example["input_ids"] == ids
     for position, (label, wanted) in enumerate(zip(example["labels"], labels, strict=True)):
@@ -375,17 +384,17 @@ def test_chat_without_a_template_is_invalid(tmp_path: Path) -> None:
     with pytest.raises(
         InvalidInputError, match="x:1: the chat format needs a tokenizer with a chat template"
     ):
-        data.tokenize_records([data.Record("x:1", {"messages": CONVERSATION})], plan, no_template)
+        tokenize_records([Record("x:1", {"messages": CONVERSATION})], plan, no_template)
 
 
 def test_classification_maps_labels_to_ids(tokenizer: PreTrainedTokenizerFast) -> None:
     plan = make_plan("file:///unused.jsonl", fmt="classification", task=CLASSIFICATION, max_seq_length=16)
     records = [
-        data.Record("x:1", {"text": "great", "label": "positive"}),
-        data.Record("x:2", {"text": "awful", "label": 0}),
-        data.Record("x:3", {"text": " ".join(sample_corpus(3)), "label": "1"}),
+        Record("x:1", {"text": "great", "label": "positive"}),
+        Record("x:2", {"text": "awful", "label": 0}),
+        Record("x:3", {"text": " ".join(sample_corpus(3)), "label": "1"}),
     ]
-    examples = data.tokenize_records(records, plan, tokenizer)
+    examples = tokenize_records(records, plan, tokenizer)
     assert [e["labels"] for e in examples] == [1, 0, 1]
     assert examples[0]["input_ids"] == ids_of(tokenizer, "great")
     assert len(examples[2]["input_ids"]) == 16
@@ -398,7 +407,7 @@ def test_the_format_must_fit_the_task(tokenizer: PreTrainedTokenizerFast) -> Non
         update={"dataset": causal.dataset.model_copy(update={"format": "classification"})}
     )
     with pytest.raises(InvalidInputError, match="does not fit task causal-lm"):
-        data.tokenize_records([], plan, tokenizer)
+        tokenize_records([], plan, tokenizer)
 
 
 # --- datasets and batches ------------------------------------------------------------------------
@@ -410,7 +419,7 @@ def test_prepare_datasets_tokenizes_both_splits_with_stats(
     rows = [{"text": f"sample {i}", "label": LABELS[i % 2]} for i in range(20)]
     uri = write_jsonl(tmp_path / "train.jsonl", rows)
     plan = make_plan(uri, fmt="classification", task=CLASSIFICATION, eval_fraction=0.25)
-    prepared = data.prepare_datasets(plan, tokenizer, tmp_path / "scratch")
+    prepared = prepare_datasets(plan, tokenizer, tmp_path / "scratch")
     assert prepared.eval is not None
     assert (len(prepared.train), len(prepared.eval)) == (15, 5)
     assert prepared.train.column_names == ["input_ids", "attention_mask", "labels"]
@@ -420,7 +429,7 @@ def test_prepare_datasets_tokenizes_both_splits_with_stats(
     assert prepared.stats.train_files == [uri]
     assert prepared.stats.label_counts is not None
     assert sum(prepared.stats.label_counts.values()) == 15
-    again = data.prepare_datasets(plan, tokenizer, tmp_path / "scratch-again")
+    again = prepare_datasets(plan, tokenizer, tmp_path / "scratch-again")
     assert again.train.to_list() == prepared.train.to_list()
     assert again.eval is not None
     assert again.eval.to_list() == prepared.eval.to_list()
@@ -429,7 +438,7 @@ def test_prepare_datasets_tokenizes_both_splits_with_stats(
 def test_collator_pads_right_with_pad_zero_mask_and_ignored_labels(
     tokenizer: PreTrainedTokenizerFast,
 ) -> None:
-    collate = data.make_collator(tokenizer, make_plan("file:///unused.jsonl"))
+    collate = make_collator(tokenizer, make_plan("file:///unused.jsonl"))
     batch = collate(
         [
             {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, 6, 7]},
@@ -444,7 +453,7 @@ def test_collator_pads_right_with_pad_zero_mask_and_ignored_labels(
 
 def test_collator_gives_one_class_id_per_row(tokenizer: PreTrainedTokenizerFast) -> None:
     plan = make_plan("file:///unused.jsonl", fmt="classification", task=CLASSIFICATION)
-    batch = data.make_collator(tokenizer, plan)(
+    batch = make_collator(tokenizer, plan)(
         [
             {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": 1},
             {"input_ids": [7], "attention_mask": [1], "labels": 0},

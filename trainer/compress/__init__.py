@@ -188,7 +188,7 @@ def compress(plan: RunPlan, scratch: Path, dist: Distributed | None, accelerator
 
     # --- evaluate ------------------------------------------------------------------------------
     from kubetune.trainer.compress.evaluate import measure
-    from kubetune.trainer.data import pad_token_id
+    from kubetune.trainer.data.collation import pad_token_id
 
     device = "cuda" if accelerator == "cuda" else "cpu"
     # CPUs compute bf16/fp16 slowly and less exactly; both sides are measured in fp32 there.

@@ -33,6 +33,7 @@ from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.plan import RunPlan
 from kubetune.storage import ObjectStore, open_store
+from kubetune.trainer.data.formats import IGNORE_INDEX
 from kubetune.trainer.runtime import storage_config
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -357,7 +357,7 @@ def distill(
     from transformers import PrinterCallback
 
     from kubetune.trainer import checkpoint, training
-    from kubetune.trainer.data import make_collator, pad_token_id, prepare_datasets
+    from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
     from kubetune.trainer.progress import ProgressCallback, make_reporter
 
     compression = plan.compression

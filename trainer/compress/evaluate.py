@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
+from kubetune.trainer.data.formats import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES: Final = (".safetensors", ".bin", ".pt", ".pth")
-IGNORE_INDEX: Final = -100
 # exp() of a larger mean loss overflows a double, and JSON has no infinity.
 _MAX_LOG_PERPLEXITY: Final = 700.0
 # Tensors a compressed linear layer stores in place of ``weight`` (compressed-tensors formats).
