@@ -1,7 +1,8 @@
 """Tiny, randomly initialised transformers models with a freshly trained tokenizer.
 
-Used by ``kubetune quickstart-data`` (a model a newcomer can fine-tune in seconds on a laptop) and by
-the test suite (no hub downloads are possible there). Everything is built locally: the tokenizer is
+Used by ``kubetune quickstart-data`` (a model a newcomer can fine-tune in seconds on a laptop), the
+benchmarks and the test suite (no hub downloads are possible there; its classifier builder is in
+``tests/tinymodels.py``). Everything is built locally: the tokenizer is
 a byte-level BPE trained with the ``tokenizers`` library on a caller-given corpus, the weights are
 random, and the output directory is a regular Hugging Face model directory (safetensors, config,
 generation config, tokenizer with a ChatML chat template) that ``AutoModelFor*.from_pretrained``,
@@ -11,21 +12,18 @@ generation config, tokenizer with a ChatML chat template) that ``AutoModelFor*.f
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal, NamedTuple, TypedDict
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    LlamaForSequenceClassification,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -98,7 +96,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
         show_progress=False,
     )
     backend.train_from_iterator(_non_empty(corpus), trainer=trainer)
-    return _wrap_tokenizer(backend)
+    return wrap_tokenizer(backend)
 
 
 def build_tiny_causal_lm(
@@ -118,13 +116,13 @@ def build_tiny_causal_lm(
     Same arguments and seed give bit-identical weights.
     """
     tokenizer = build_tokenizer(corpus, vocab_size)
-    ids = _special_ids(tokenizer)
+    ids = special_ids(tokenizer)
     config: PreTrainedConfig
     model: PreTrainedModel
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
-            **_config_kwargs(tokenizer, ids, hidden_size, num_layers, num_heads, max_position),
+            **config_kwargs(tokenizer, ids, hidden_size, num_layers, num_heads, max_position),
             num_key_value_heads=num_heads,
             tie_word_embeddings=False,
         )
@@ -148,77 +146,20 @@ def build_tiny_causal_lm(
         eos_token_id=[ids.eos, _token_id(tokenizer, IM_END)],
         pad_token_id=ids.pad,
     )
-    return _save(out_dir, model, tokenizer, max_position)
+    return save_model(out_dir, model, tokenizer, max_position)
 
 
-def build_tiny_classifier(
-    out_dir: Path,
-    corpus: Iterable[str],
-    num_labels: int,
-    *,
-    labels: Sequence[str] | None = None,
-    vocab_size: int = 512,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    max_position: int = 256,
-    arch: Literal["llama", "bert"] = "llama",
-    seed: int = 0,
-) -> Path:
-    """Write a randomly initialised sequence classifier plus its tokenizer to ``out_dir``.
+class SpecialIds(NamedTuple):
+    """The ids of ``<s>``, ``</s>`` and ``<pad>`` in a tokenizer from :func:`build_tokenizer`."""
 
-    ``labels`` names the classes (``config.id2label``); default ``LABEL_0 ...``. A ``llama``
-    classifier scores the last non-padding token; a ``bert`` one scores the first, so its tokenizer
-    wraps every input as ``<s> text </s>``.
-    """
-    if num_labels < 1:
-        raise ValueError(f"num_labels={num_labels} must be at least 1")
-    names = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_labels)]
-    if len(names) != num_labels:
-        raise ValueError(f"labels has {len(names)} names but num_labels={num_labels}")
-    tokenizer = build_tokenizer(corpus, vocab_size)
-    ids = _special_ids(tokenizer)
-    id2label = dict(enumerate(names))
-    label2id = {name: i for i, name in enumerate(names)}
-    config: PreTrainedConfig
-    model: PreTrainedModel
-    torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(
-            **_config_kwargs(tokenizer, ids, hidden_size, num_layers, num_heads, max_position),
-            num_key_value_heads=num_heads,
-            id2label=id2label,
-            label2id=label2id,
-        )
-        config.num_labels = num_labels
-        model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
-    elif arch == "bert":
-        config = BertConfig(
-            **_config_kwargs(tokenizer, ids, hidden_size, num_layers, num_heads, max_position),
-            id2label=id2label,
-            label2id=label2id,
-        )
-        config.num_labels = num_labels
-        model = BertForSequenceClassification(config)  # type: ignore[no-untyped-call]
-        backend = tokenizer.backend_tokenizer
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
-            pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
-            special_tokens=[(BOS_TOKEN, ids.bos), (EOS_TOKEN, ids.eos)],
-        )
-        tokenizer = _wrap_tokenizer(backend, cls_token=BOS_TOKEN, sep_token=EOS_TOKEN)
-    else:
-        raise ValueError(f"arch={arch!r} is not supported; allowed: 'llama', 'bert'")
-    return _save(out_dir, model, tokenizer, max_position)
-
-
-class _SpecialIds(NamedTuple):
     bos: int
     eos: int
     pad: int
 
 
-class _ConfigKwargs(TypedDict):
+class ConfigKwargs(TypedDict):
+    """See :func:`config_kwargs`."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -230,7 +171,8 @@ class _ConfigKwargs(TypedDict):
     pad_token_id: int
 
 
-def _wrap_tokenizer(backend: Tokenizer, **extra_tokens: str) -> PreTrainedTokenizerFast:
+def wrap_tokenizer(backend: Tokenizer, **extra_tokens: str) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer around ``backend`` with the special tokens and the ChatML template."""
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
@@ -244,16 +186,16 @@ def _wrap_tokenizer(backend: Tokenizer, **extra_tokens: str) -> PreTrainedTokeni
     )
 
 
-def _config_kwargs(
+def config_kwargs(
     tokenizer: PreTrainedTokenizerFast,
-    ids: _SpecialIds,
+    ids: SpecialIds,
     hidden_size: int,
     num_layers: int,
     num_heads: int,
     max_position: int,
-) -> _ConfigKwargs:
+) -> ConfigKwargs:
     """The sizes and special-token ids that the Llama and BERT configs name alike."""
-    return _ConfigKwargs(
+    return ConfigKwargs(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -266,8 +208,9 @@ def _config_kwargs(
     )
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerFast) -> _SpecialIds:
-    return _SpecialIds(
+def special_ids(tokenizer: PreTrainedTokenizerFast) -> SpecialIds:
+    """The special-token ids a model config names (see :class:`SpecialIds`)."""
+    return SpecialIds(
         bos=_token_id(tokenizer, BOS_TOKEN),
         eos=_token_id(tokenizer, EOS_TOKEN),
         pad=_token_id(tokenizer, PAD_TOKEN),
@@ -280,9 +223,10 @@ def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
     return token_id
 
 
-def _save(
+def save_model(
     out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, max_position: int
 ) -> Path:
+    """Save ``model`` and ``tokenizer`` (limited to ``max_position`` tokens) as a model directory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.model_max_length = max_position

@@ -234,7 +234,8 @@ def test_2_4_sparsegpt_then_w4a16_run_as_one_recipe_and_keep_the_2_4_pattern(
 
 
 def test_a_classifier_is_measured_by_accuracy_and_macro_f1(tmp_path: Path) -> None:
-    from kubetune.trainer.tinymodel import build_tiny_classifier, sample_corpus
+    from kubetune.trainer.tinymodel import sample_corpus
+    from tests.tinymodels import build_tiny_classifier
 
     lines = sample_corpus(300)
     model = build_tiny_classifier(tmp_path / "model", lines, 2, labels=["short", "long"], hidden_size=64)

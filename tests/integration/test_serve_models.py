@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from kubetune.trainer.tinymodel import build_tiny_causal_lm, build_tiny_classifier
+from kubetune.trainer.tinymodel import build_tiny_causal_lm
 from tests.integration.test_serve_support import (
     CORPUS,
     Bucket,
@@ -22,6 +22,7 @@ from tests.integration.test_serve_support import (
     greedy_reference,
     running_server,
 )
+from tests.tinymodels import build_tiny_classifier
 
 pytestmark = pytest.mark.integration
 

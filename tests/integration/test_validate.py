@@ -22,8 +22,9 @@ from kubetune.errors import InvalidInputError, RetriableError, StorageAccessErro
 from kubetune.plan import plan_finetune
 from kubetune.trainer import validate
 from kubetune.trainer.runtime import run_main
-from kubetune.trainer.tinymodel import build_tiny_causal_lm, build_tiny_classifier, sample_corpus
+from kubetune.trainer.tinymodel import build_tiny_causal_lm, sample_corpus
 from tests.s3server import S3Bucket
+from tests.tinymodels import build_tiny_classifier
 
 pytestmark = pytest.mark.integration
 

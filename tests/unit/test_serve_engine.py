@@ -21,7 +21,8 @@ from kubetune.trainer.serve.engine import (
     QueueFullError,
     SamplingParams,
 )
-from kubetune.trainer.tinymodel import build_tiny_causal_lm, build_tiny_classifier, sample_corpus
+from kubetune.trainer.tinymodel import build_tiny_causal_lm, sample_corpus
+from tests.tinymodels import build_tiny_classifier
 
 pytestmark = pytest.mark.unit
 

@@ -11,13 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from kubetune.trainer.tinymodel import (
-    IM_END,
-    build_tiny_causal_lm,
-    build_tiny_classifier,
-    build_tokenizer,
-    sample_corpus,
-)
+from kubetune.trainer.tinymodel import IM_END, build_tiny_causal_lm, build_tokenizer, sample_corpus
+from tests.tinymodels import build_tiny_classifier
 
 pytestmark = pytest.mark.unit
 
