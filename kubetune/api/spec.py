@@ -529,6 +529,106 @@ class Serve(KubeModel):
     )
 
 
+# MLflow refuses '/' and ':' in registered-model names (model URIs are models:/NAME/VERSION); this
+# is the portable subset, which also takes Unity Catalog's catalog.schema.model form.
+REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_REGISTERED_MODEL_LENGTH = 256
+# MLflow's limit on experiment names; control characters (a stray newline) are refused.
+EXPERIMENT_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+MAX_EXPERIMENT_LENGTH = 500
+_SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+class MlflowCredentials(KubeModel):
+    """A Secret (same namespace) with MLflow credentials: a username and password (basic auth) or
+    a token (bearer). Pods receive them as MLFLOW_TRACKING_USERNAME/PASSWORD or
+    MLFLOW_TRACKING_TOKEN by reference; the operator never reads their values."""
+
+    name: str = Field(
+        pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="Secret name (same namespace)."
+    )
+    username_key: str | None = Field(
+        None, pattern=_SECRET_KEY_PATTERN, max_length=253, description="Key of the username in the Secret."
+    )
+    password_key: str | None = Field(
+        None, pattern=_SECRET_KEY_PATTERN, max_length=253, description="Key of the password in the Secret."
+    )
+    token_key: str | None = Field(
+        None, pattern=_SECRET_KEY_PATTERN, max_length=253, description="Key of a bearer token in the Secret."
+    )
+
+    cel_rules = (
+        CelRule(
+            "has(self.usernameKey) == has(self.passwordKey) && has(self.tokenKey) != has(self.usernameKey)",
+            "set tokenKey, or usernameKey and passwordKey, not both",
+            lambda c: (
+                (c.username_key is None) == (c.password_key is None)
+                and (c.token_key is None) != (c.username_key is None)
+            ),
+            field="tokenKey",
+        ),
+    )
+
+
+class MlflowTarget(KubeModel):
+    """Where a run is tracked, as the run plan carries it: never any credentials."""
+
+    uri: str = Field(
+        pattern=ENDPOINT_PATTERN,
+        max_length=2048,
+        description="Tracking server URL, e.g. http://mlflow.mlflow:5000. Never with credentials in it "
+        "(http://USER:PASSWORD@host): they belong in the Secret of secretRef.",
+    )
+    experiment: str | None = Field(
+        None,
+        pattern=EXPERIMENT_PATTERN,
+        max_length=MAX_EXPERIMENT_LENGTH,
+        description="Experiment name, created when missing; defaults to <namespace>/<name> of the job, so "
+        "every run of a job recreated under the same name lands in one experiment.",
+    )
+    registered_model: str | None = Field(
+        None,
+        pattern=REGISTERED_MODEL_PATTERN,
+        max_length=MAX_REGISTERED_MODEL_LENGTH,
+        description="Registered model that receives a new version (pointing at the model in object storage, "
+        "which is never copied into MLflow) when the job succeeds; created when missing. Letters, digits, "
+        "'.', '_' and '-', starting with a letter or digit.",
+    )
+
+    cel_rules = (
+        CelRule(
+            f"!self.uri.matches('{ENDPOINT_CREDENTIALS}')",
+            "uri must not contain credentials (user:password@host): they would be copied into the run "
+            "plan and logs; put them in the Secret named by secretRef",
+            lambda m: _ENDPOINT_CREDENTIALS.match(m.uri) is None,
+            field="uri",
+        ),
+    )
+
+    def resolved(self, namespace: str, name: str) -> MlflowTarget:
+        """This target with the default experiment filled in: ``<namespace>/<name>`` of the job."""
+        return self.model_copy(update={"experiment": self.experiment or f"{namespace}/{name}"})
+
+
+class MlflowTracking(MlflowTarget):
+    """An MLflow tracking server (and model registry) that rank 0 logs the run to."""
+
+    secret_ref: MlflowCredentials | None = Field(
+        None, description="Secret with the credentials; omit for a server without authentication."
+    )
+
+    def target(self, namespace: str, name: str) -> MlflowTarget:
+        """What the run plan carries: the target without the Secret, its experiment resolved."""
+        return MlflowTarget.model_validate(self.model_dump(exclude={"secret_ref"})).resolved(namespace, name)
+
+
+class Tracking(KubeModel):
+    """Experiment tracking. A tracking server that cannot be reached never fails the job: calls
+    are retried briefly, then tracking is switched off for the run and status.tracking says so."""
+
+    mlflow: MlflowTracking | None = Field(None, description="Log the run to MLflow.")
+
+
 class JobSpecBase(KubeModel):
     """Fields shared by FineTuneJob and CompressJob specs: lifecycle, placement, storage, serving."""
 
@@ -555,3 +655,6 @@ class JobSpecBase(KubeModel):
     resources: Resources = Field(default_factory=Resources, description="Pods, processes and placement.")
     serve: Serve = Field(default_factory=Serve, description="Serving of the result.")
     output: Output = Field(description="Where artifacts are written.")
+    tracking: Tracking | None = Field(
+        None, description="Experiment tracking (params, metrics, artifact locations, model registry)."
+    )

@@ -91,6 +91,20 @@ class ServingStatus(KubeModel):
     ready_replicas: int | None = Field(None, ge=0, description="Ready replicas.")
 
 
+class TrackingStatus(KubeModel):
+    """The MLflow run of this job, written by rank 0 (the operator neither reads nor writes it)."""
+
+    experiment_id: str | None = Field(None, description="MLflow experiment id.")
+    run_id: str | None = Field(None, description="MLflow run id.")
+    model_version: str | None = Field(
+        None, description="Version of spec.tracking.mlflow.registeredModel registered on success."
+    )
+    degraded: bool | None = Field(
+        None, description="True when the tracking server could not be reached and tracking was switched off."
+    )
+    message: str | None = Field(None, description="Why tracking is degraded.")
+
+
 class JobStatusBase(KubeModel):
     """Status fields shared by both kinds."""
 
@@ -111,6 +125,7 @@ class JobStatusBase(KubeModel):
     checkpoints: CheckpointStatus | None = Field(None, description="Newest committed checkpoint.")
     artifacts: Artifacts | None = Field(None, description="Result locations.")
     serving: ServingStatus | None = Field(None, description="Serving Deployment state.")
+    tracking: TrackingStatus | None = Field(None, description="Experiment tracking (MLflow run, degradation).")
 
 
 class FineTuneJobStatus(JobStatusBase):

@@ -264,6 +264,34 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
     ("an @ in the endpoint's path", edit(LORA, spec__storage__endpoint="http://minio:9000/a@b"), None),
     ("deepspeed.config with other keys", edit(LORA, spec__deepspeed__config={"steps_per_print": 5}), None),
     (
+        "mlflow tracking with a token",
+        edit(
+            LORA,
+            spec__tracking={
+                "mlflow": {"uri": "http://mlflow:5000", "secretRef": {"name": "m", "tokenKey": "t"}}
+            },
+        ),
+        None,
+    ),
+    (
+        "credentials in the mlflow uri",
+        edit(COMPRESS, spec__tracking={"mlflow": {"uri": "http://USER:PASSWORD@mlflow:5000"}}),
+        "spec.tracking.mlflow.uri",
+    ),
+    (
+        "mlflow credentials: a token and a username",
+        edit(
+            LORA,
+            spec__tracking={
+                "mlflow": {
+                    "uri": "https://mlflow",
+                    "secretRef": {"name": "m", "tokenKey": "t", "usernameKey": "u", "passwordKey": "p"},
+                }
+            },
+        ),
+        "spec.tracking.mlflow.secretRef.tokenKey",
+    ),
+    (
         "distillation without epochs or maxSteps",
         edit(COMPRESS, spec__distillation={"student": {"layerStride": 2}, "hyperparameters": {}}),
         "spec.distillation.hyperparameters.maxSteps",
