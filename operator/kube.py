@@ -18,6 +18,7 @@ import aiohttp
 import kopf
 
 from kubetune import __version__
+from kubetune.api import KINDS
 
 FIELD_MANAGER: Final = "kubetune-operator"
 # Ask for an object's metadata only (metav1.PartialObjectMetadata), with no fallback to the full
@@ -36,8 +37,7 @@ PLURALS: Final[dict[str, str]] = {
     "Deployment": "deployments",
     "Pod": "pods",
     "Secret": "secrets",
-    "FineTuneJob": "finetunejobs",
-    "CompressJob": "compressjobs",
+    **{kind: cls.plural for kind, cls in KINDS.items()},
 }
 
 
