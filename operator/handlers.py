@@ -2,10 +2,11 @@
 
 Every trigger ends in :func:`reconcile` of one job: a watch event of the job itself (creation,
 spec edit, first sight after a start), an event of one of its batch Jobs or its serving
-Deployment, a terminal phase of the FineTuneJob a CompressJob waits for, or the clock (deadlines,
-TTL). Reconciling gathers the observed state from kopf indices (no API reads except a failed Job's
+Deployment, a terminal phase of the FineTuneJob a CompressJob waits for, or the time a decision
+said to look again (a deadline or TTL falling due, a ServiceAccount or Secret no watch reports).
+Reconciling gathers the observed state from kopf indices (no API reads except a failed Job's
 pods, a ServiceAccount named by the spec and the metadata of a Secret it names), calls
-:func:`kubetune.operator.lifecycle.decide` and applies the decision. Run with
+:func:`kubetune.operator.reconcile.decide` and applies the decision. Run with
 ``kopf run -m kubetune.operator.handlers -A`` or ``kubetune operator``.
 """
 
@@ -23,11 +24,15 @@ from typing import Any, Final, cast
 import kopf
 from pydantic import ValidationError
 
-from kubetune.api import GROUP, VERSION, CompressJob, FineTuneJob, Phase
+from kubetune.api import GROUP, KINDS, VERSION, CompressJob, FineTuneJob, Phase
+from kubetune.api.status import JobStatusBase
+from kubetune.errors import describe_validation_error
 from kubetune.operator import lifecycle, render
 from kubetune.operator.kube import ApiError, KubeClient, connection
 from kubetune.operator.lifecycle import Decision, Observation
 from kubetune.operator.metrics import Metrics, phases_of
+from kubetune.operator.policies import failure, validation
+from kubetune.operator.reconcile import child_failure, decide
 from kubetune.operator.render import (
     COMPONENT_SERVE,
     LABEL_JOB,
@@ -41,17 +46,11 @@ from kubetune.operator.render import (
 )
 from kubetune.operator.settings import Settings
 
-KINDS: Final[dict[str, type[FineTuneJob] | type[CompressJob]]] = {
-    "FineTuneJob": FineTuneJob,
-    "CompressJob": CompressJob,
-}
-PLURAL: Final = {kind: cls.plural for kind, cls in KINDS.items()}
 CHILD_LABELS: Final[dict[str, Any]] = {
     LABEL_MANAGED_BY: MANAGER,
     LABEL_JOB: kopf.PRESENT,
     LABEL_KIND: kopf.PRESENT,
 }
-ANNOTATION_PREFIX: Final = "kubetune.io"
 RETRY_DELAY: Final = 10.0
 WORKLOAD_KINDS: Final = ("Job", "Deployment")
 
@@ -84,7 +83,7 @@ class Runtime:
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     # The operator-owned status fields and annotations as last written, by job uid: a reconcile
     # that runs before the watch delivers our own write must not act on the older state.
-    written_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    written_status: dict[str, JobStatusBase] = field(default_factory=dict)
     written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
     # Children created (or found owned) per (job uid, kind, name), for kinds no index tracks, with
     # the job generation they were brought up to date with (see lifecycle.Decision.update).
@@ -100,25 +99,37 @@ class Runtime:
     # (job uid, Secret) pairs found labelled kubetune.io/storage-credentials: "true".
     allowed_secrets: set[tuple[str, str]] = field(default_factory=set)
 
-    retries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
-    clock: asyncio.Task[None] | None = None
+    # The pending look-again of each job, and when it is due (the event loop's clock).
+    retries: dict[Key, tuple[asyncio.Task[None], float]] = field(default_factory=dict)
 
     def retry_later(self, key: Key, delay: float, again: Callable[[], Awaitable[None]]) -> None:
-        """Run ``again`` after ``delay`` seconds unless a retry of this job is already pending."""
-        if key in self.retries:
-            return
+        """Run ``again`` after ``delay`` seconds, unless a look at this job is already due by then
+        (that one decides anew, and asks for the next)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        pending = self.retries.get(key)
+        if pending is not None:
+            if pending[1] <= due:
+                return
+            pending[0].cancel()
 
         async def retry() -> None:
             await asyncio.sleep(delay)
             self.retries.pop(key, None)
             await again()
 
-        self.retries[key] = asyncio.create_task(retry(), name=f"kubetune retry {key}")
+        self.retries[key] = (asyncio.create_task(retry(), name=f"kubetune retry {key}"), due)
+
+    def cancel_retry(self, key: Key) -> None:
+        pending = self.retries.pop(key, None)
+        if pending is not None:
+            pending[0].cancel()
 
     def lock(self, key: Key) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
 
     def forget(self, key: Key, uid: str | None) -> None:
+        self.cancel_retry(key)
         self.locks.pop(key, None)
         self.signatures.pop(key, None)
         if uid:
@@ -151,7 +162,7 @@ def runtime_of(memo: kopf.Memo) -> Runtime:
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """Only raw-event handlers and indices: kopf keeps no per-object state (no progress or diff-base
     annotations). The finalizer's name is the one earlier versions added, so kopf releases it."""
-    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.enabled = True
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
@@ -176,11 +187,7 @@ async def startup(
     indices = {"FineTuneJob": kwargs["finetunejob_index"], "CompressJob": kwargs["compressjob_index"]}
     metrics = Metrics(lambda: phases_of(indices))
     client = KubeClient(lambda: connection(settings, logger))
-    rt = memo["runtime"] = Runtime(settings=config, client=client, metrics=metrics)
-    index_kwargs = {name: kwargs[name] for name in INDEX_NAMES}
-    rt.clock = asyncio.create_task(
-        run_clock(memo, index_kwargs, config.resync_seconds), name="kubetune clock"
-    )
+    memo["runtime"] = Runtime(settings=config, client=client, metrics=metrics)
     if config.metrics_port:
         await metrics.serve(config.metrics_port)
     logger.info(
@@ -193,8 +200,8 @@ async def startup(
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = memo.get("runtime")
     if isinstance(rt, Runtime):
-        for task in [*rt.retries.values(), *([rt.clock] if rt.clock else [])]:
-            task.cancel()
+        for key in list(rt.retries):
+            rt.cancel_retry(key)
         await rt.client.close()
         await rt.metrics.stop()
 
@@ -223,17 +230,17 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-@kopf.index(GROUP, VERSION, PLURAL["FineTuneJob"])
+@kopf.index(GROUP, VERSION, FineTuneJob.plural)
 def finetunejob_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): snapshot(body)}
 
 
-@kopf.index(GROUP, VERSION, PLURAL["CompressJob"])
+@kopf.index(GROUP, VERSION, CompressJob.plural)
 def compressjob_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): snapshot(body)}
 
 
-@kopf.index(GROUP, VERSION, PLURAL["CompressJob"])
+@kopf.index(GROUP, VERSION, CompressJob.plural)
 def compressjobs_by_upstream(spec: kopf.Spec, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     upstream = (spec.get("model") or {}).get("fromFineTuneJob")
     return {(namespace, upstream): name} if upstream else {}
@@ -251,15 +258,6 @@ def serving_deployment_index(
     body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
 ) -> dict[Any, Any]:
     return {(labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]): lifecycle.deployment_state(body)}
-
-
-INDEX_NAMES: Final = (
-    "finetunejob_index",
-    "compressjob_index",
-    "compressjobs_by_upstream",
-    "workload_job_index",
-    "serving_deployment_index",
-)
 
 
 @dataclass(frozen=True)
@@ -285,7 +283,7 @@ class Indices:
 # --- Triggers ------------------------------------------------------------------------------------
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL["FineTuneJob"])
+@kopf.on.event(GROUP, VERSION, FineTuneJob.plural)
 async def finetunejob_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
@@ -300,7 +298,7 @@ async def finetunejob_event(
         await reconcile_key(memo, ("CompressJob", namespace or "", dependent), kwargs, trigger="upstream")
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL["CompressJob"])
+@kopf.on.event(GROUP, VERSION, CompressJob.plural)
 async def compressjob_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
@@ -363,29 +361,6 @@ async def serving_deployment_event(
     )
 
 
-async def run_clock(memo: kopf.Memo, index_kwargs: Mapping[str, Any], interval: float) -> None:
-    """Reconcile, every ``interval`` seconds, the jobs that time alone can change (a running
-    deadline, a pending TTL).
-
-    A loop of our own over the owner indices rather than kopf timers: kopf puts a finalizer on
-    every object a timer watches, so a job with a deadline or TTL could not be deleted (nor
-    pruned by a GitOps tool) while the operator is down or uninstalled.
-    """
-    indices = Indices.of(index_kwargs)
-    while True:
-        await asyncio.sleep(interval)
-        for kind, owners in indices.owners.items():
-            for (namespace, name), store in list(owners.items()):
-                owner = next(iter(store), None)
-                if owner is None:
-                    continue
-                meta = owner.get("metadata") or {}
-                spec, status = owner.get("spec") or {}, owner.get("status") or {}
-                if lifecycle.needs_clock(spec, status, meta.get("annotations") or {}):
-                    # reconcile_key logs and retries whatever fails; the loop goes on.
-                    await reconcile_key(memo, (kind, namespace, name), index_kwargs, trigger="clock")
-
-
 async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], trigger: str) -> None:
     """Reconcile a job on a watch event (its own or a child's). kopf does not retry event
     handlers, so a failure here schedules a retry of its own (a detached task, never a sleep in
@@ -398,7 +373,10 @@ async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], tr
     try:
         recheck = await reconcile(rt, owner, indices, trigger=trigger)
         if recheck is not None:
-            rt.retry_later(key, recheck, lambda: reconcile_key(memo, key, kwargs, "recheck"))
+            # A wall-clock jump (the deadline and TTL are wall-clock times; sleeps are not) delays
+            # a look by at most resync_seconds.
+            delay = min(recheck, rt.settings.resync_seconds)
+            rt.retry_later(key, delay, lambda: reconcile_key(memo, key, kwargs, "recheck"))
     except kopf.PermanentError:
         return  # the job's status says why (e.g. an invalid spec); nothing to retry
     except kopf.TemporaryError as exc:
@@ -413,8 +391,8 @@ async def reconcile_key(memo: kopf.Memo, key: Key, kwargs: Mapping[str, Any], tr
 
 
 async def reconcile(rt: Runtime, owner: Mapping[str, Any], indices: Indices, *, trigger: str) -> float | None:
-    """Bring one job a step forward. Serialised per job; errors become kopf retries. Returns when
-    to look again if the job waits for something no watch reports (see _reconcile_locked)."""
+    """Bring one job a step forward. Serialised per job; errors become kopf retries. Returns the
+    seconds after which to look again, if time alone changes the job (see _reconcile_locked)."""
     kind = str(owner["kind"])
     meta = owner["metadata"]
     key: Key = (kind, meta["namespace"], meta["name"])
@@ -450,23 +428,32 @@ def parse_job(owner: Mapping[str, Any]) -> Job:
     return cls.model_validate({k: owner[k] for k in ("apiVersion", "kind", "metadata", "spec")})
 
 
+def job_status(rt: Runtime, owner: Mapping[str, Any]) -> JobStatusBase:
+    """The operator's fields of the job's status: as we last wrote them, else as observed."""
+    uid = str(owner["metadata"].get("uid") or "")
+    written = rt.written_status.get(uid)
+    if written is not None:
+        return written
+    return lifecycle.observed_status(str(owner["kind"]), owner.get("status") or {})
+
+
 async def _reconcile_locked(
     rt: Runtime, owner: Mapping[str, Any], indices: Indices, key: Key
 ) -> float | None:
-    """Observe, decide, apply. Returns the seconds after which to look again when the job waits
-    for something no watch reports (a ServiceAccount or Secret to appear), else None."""
+    """Observe, decide, apply. Returns the seconds after which to look again when time alone
+    changes the job (a deadline or TTL falls due, a ServiceAccount or Secret may appear), else None."""
     kind, namespace, name = key
     meta = owner["metadata"]
     uid = str(meta.get("uid") or "")
-    status = {**(owner.get("status") or {}), **rt.written_status.get(uid, {})}
+    status = job_status(rt, owner)
     annotations = {**(meta.get("annotations") or {}), **rt.written_annotations.get(uid, {})}
     now = datetime.now(UTC)
     try:
         job = parse_job(owner)
     except ValidationError as exc:
-        message = f"{kind} {namespace}/{name} is invalid: {_first_errors(exc)}"
-        if status.get("phase") != Phase.failed.value:
-            new = lifecycle.invalid_spec_status(status, message, now, meta.get("generation"))
+        message = f"{kind} {namespace}/{name} is invalid: {describe_validation_error(exc, limit=3)}"
+        if status.phase != Phase.failed:
+            new = validation.invalid_spec(status, message, now, meta.get("generation"))
             await _write_status(rt, owner, status, new)
             kopf.event(as_body(owner), type="Warning", reason=lifecycle.REASON_INVALID_SPEC, message=message)
         raise kopf.PermanentError(message) from exc
@@ -480,13 +467,12 @@ async def _reconcile_locked(
             upstream_name, indices.owner(("FineTuneJob", namespace, upstream_name))
         )
     terminations = {}
-    for failed in lifecycle.jobs_to_diagnose(job, status, jobs):
+    for failed in failure.jobs_to_diagnose(job, status, jobs):
         term = await _diagnose(rt, namespace, failed)
         if term is not None:
             terminations[failed] = term
     runner_account = storage_secret = None
-    phase = status.get("phase")
-    if phase is None or not Phase(phase).finished:
+    if not lifecycle.finished(status):
         runner_account = await _runner_account(rt, job, namespace, uid)
         storage_secret = await _storage_secret(rt, job, namespace, uid)
     obs = Observation(
@@ -504,7 +490,7 @@ async def _reconcile_locked(
         runner_account=runner_account,
         storage_secret=storage_secret,
     )
-    decision = lifecycle.decide(obs)
+    decision = decide(obs)
     supporting, bindings, workloads = creation_stages(decision.create)
     try:
         for stage in (supporting, bindings):
@@ -519,9 +505,9 @@ async def _reconcile_locked(
         for patch in decision.patch:
             await _patch_child(rt, namespace, patch)
     except ChildConflict as conflict:
-        decision = lifecycle.child_failure(obs, decision, lifecycle.REASON_NAME_CONFLICT, str(conflict))
+        decision = child_failure(obs, decision, lifecycle.REASON_NAME_CONFLICT, str(conflict))
     except ChildRejected as invalid:
-        decision = lifecycle.child_failure(obs, decision, lifecycle.REASON_INVALID_CHILD, str(invalid))
+        decision = child_failure(obs, decision, lifecycle.REASON_INVALID_CHILD, str(invalid))
     for ref in decision.delete:
         await rt.client.delete(ref.api_version, ref.kind, namespace, ref.name)
         rt.ensured.pop((uid, ref.kind, ref.name), None)
@@ -537,13 +523,10 @@ async def _reconcile_locked(
     await _write_status(rt, owner, status, decision.status)
     # The watch echoes these writes back; that event brings nothing this decision did not know.
     rt.signatures[key] = lifecycle.owner_signature(
-        meta, {**status, **decision.status}, {**annotations, **decision.annotations}
+        meta, lifecycle.operator_wire(decision.status), {**annotations, **decision.annotations}
     )
     _emit(rt, owner, decision)
-    missing = (
-        runner_account == lifecycle.RunnerAccount.missing or storage_secret == lifecycle.StorageSecret.missing
-    )
-    return RETRY_DELAY if missing else None
+    return decision.recheck_after
 
 
 async def _runner_account(rt: Runtime, job: Job, namespace: str, uid: str) -> lifecycle.RunnerAccount | None:
@@ -586,9 +569,9 @@ async def _storage_secret(rt: Runtime, job: Job, namespace: str, uid: str) -> li
 
 
 async def _write_status(
-    rt: Runtime, owner: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]
+    rt: Runtime, owner: Mapping[str, Any], old: JobStatusBase, new: JobStatusBase
 ) -> None:
-    patch = lifecycle.status_diff(old, new)
+    patch = lifecycle.status_patch(old, new)
     if not patch:
         return
     meta = owner["metadata"]
@@ -600,7 +583,7 @@ async def _write_status(
         {"status": patch},
         subresource="status",
     )
-    rt.written_status[str(meta.get("uid") or "")] = {k: new.get(k) for k in lifecycle.OPERATOR_FIELDS}
+    rt.written_status[str(meta.get("uid") or "")] = new
 
 
 def _emit(rt: Runtime, owner: Mapping[str, Any], decision: Decision) -> None:
@@ -622,8 +605,8 @@ def _emit(rt: Runtime, owner: Mapping[str, Any], decision: Decision) -> None:
                 "reason": event.reason,
             },
         )
-    phase = decision.status.get("phase")
-    if any(e.reason == phase for e in decision.events):
+    phase = decision.status.phase
+    if phase is not None and any(e.reason == phase for e in decision.events):
         rt.metrics.transitions.labels(str(owner["kind"]), str(phase)).inc()
 
 
@@ -706,12 +689,4 @@ async def _diagnose(rt: Runtime, namespace: str, job_name: str) -> lifecycle.Ter
             ((pod.get("metadata") or {}).get("labels") or {}).get("job-name"),
         }
     ]
-    return lifecycle.pick_termination(mine)
-
-
-def _first_errors(exc: ValidationError, limit: int = 3) -> str:
-    parts = []
-    for err in exc.errors()[:limit]:
-        where = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+    return failure.pick_termination(mine)

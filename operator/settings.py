@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kubetune.api.base import QUANTITY_PATTERN
+from kubetune.errors import describe_validation_error
 
 DEFAULT_TRAINER_IMAGE = "kubetune/trainer:0.1.0"
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
@@ -58,7 +59,12 @@ class Settings(BaseModel):
     run_as_user: int = Field(1000, ge=1, description="Non-root UID of every workload container.")
     validation_cpu: str = Field("1", pattern=QUANTITY_PATTERN)
     validation_memory: str = Field("4Gi", pattern=QUANTITY_PATTERN)
-    resync_seconds: float = Field(10.0, gt=0, description="Period of deadline and TTL checks.")
+    resync_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest wait between two looks at a job that time alone changes (a running "
+        "deadline, a pending TTL); each is also looked at the moment it falls due.",
+    )
     allowed_image_prefixes: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
         (),
         description="Prefixes the images a job names (spec.resources.image, spec.serve.image) must "
@@ -103,8 +109,11 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             by_field = {field: var for var, field in ENVIRONMENT.items()}
-            problems = "; ".join(
-                f"{by_field.get(str(err['loc'][0]), err['loc'][0])}={values.get(str(err['loc'][0]))!r}: {err['msg']}"
-                for err in exc.errors()
-            )
+
+            def variable(loc: tuple[int | str, ...]) -> str:
+                """The variable that set a field, as the operator's Deployment spells it, and its value."""
+                field = str(loc[0]) if loc else ""
+                return f"{by_field.get(field, field)}={values.get(field)!r}"
+
+            problems = describe_validation_error(exc, where=variable)
             raise SettingsError(f"invalid operator settings: {problems}") from None

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from kubetune.errors import EXIT_INVALID_INPUT
-from kubetune.operator.lifecycle import JobState, Termination, failure_reason
+from kubetune.operator.lifecycle import JobState, Termination
+from kubetune.operator.policies.failure import failure_reason
 from kubetune.ownership import (
     OWNER_FILE,
     OutputConflictError,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import CompressJob, FineTuneJob
+from kubetune.api.status import JobStatusBase
 from kubetune.operator import lifecycle
 from kubetune.operator.lifecycle import (
     ChildPatch,
@@ -17,8 +18,9 @@ from kubetune.operator.lifecycle import (
     Observation,
     Termination,
     Upstream,
-    decide,
 )
+from kubetune.operator.policies.failure import pick_termination
+from kubetune.operator.reconcile import child_failure, decide
 from kubetune.operator.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -61,16 +63,29 @@ def cj(**model: Any) -> CompressJob:
     )
 
 
-def observe(job: FineTuneJob | CompressJob, status: dict[str, Any] | None = None, **kw: Any) -> Observation:
+def observe(
+    job: FineTuneJob | CompressJob, status: dict[str, Any] | JobStatusBase | None = None, **kw: Any
+) -> Observation:
+    if not isinstance(status, JobStatusBase):
+        status = lifecycle.observed_status(job.kind, status or {})
     return Observation(
         job=job,
         namespace="ml",
         settings=Settings(),
         now=kw.pop("now", NOW),
         generation=1,
-        status=status or {},
+        status=status,
         **kw,
     )
+
+
+def wire(decision: lifecycle.Decision) -> dict[str, Any]:
+    """The status a decision writes, as the API server receives it."""
+    return lifecycle.operator_wire(decision.status)
+
+
+def condition(decision: lifecycle.Decision, type_: str) -> dict[str, Any] | None:
+    return next((c for c in wire(decision).get("conditions", []) if c["type"] == type_), None)
 
 
 VALIDATED = [
@@ -103,7 +118,7 @@ def created(decision: lifecycle.Decision) -> list[str]:
 def test_a_new_job_gets_its_plan_identity_and_validation_only() -> None:
     d = decide(observe(ftj()))
     assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
-    assert d.status == {
+    assert wire(d) == {
         "observedGeneration": 1,
         "restarts": 0,
         "phase": "Validating",
@@ -120,15 +135,15 @@ IDENTITY = {"storage": {"serviceAccountName": "team-s3"}}
 def test_a_job_waits_for_the_service_account_it_names() -> None:
     d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.missing))
     assert d.create == []
-    assert d.status["phase"] == "Waiting"
-    assert "ServiceAccount team-s3 (spec.storage.serviceAccountName)" in d.status["message"]
+    assert wire(d)["phase"] == "Waiting"
+    assert "ServiceAccount team-s3 (spec.storage.serviceAccountName)" in wire(d)["message"]
 
 
 def test_a_service_account_without_the_runner_label_fails_the_job() -> None:
     d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.not_allowed))
     assert d.create == []
-    assert d.status["phase"] == "Failed"
-    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    assert wire(d)["phase"] == "Failed"
+    failed = condition(d, "Failed")
     assert failed is not None
     assert failed["reason"] == "ServiceAccountNotAllowed"
     assert 'kubetune.io/runner: "true"' in failed["message"]
@@ -145,7 +160,7 @@ def test_a_labelled_service_account_is_used_and_never_created_or_deleted() -> No
 def test_deciding_again_on_the_written_status_changes_nothing() -> None:
     first = decide(observe(ftj()))
     second = decide(observe(ftj(), first.status, jobs=[job("ft-validate", "validate")]))
-    assert second.status_patch(first.status) == {}
+    assert lifecycle.status_patch(first.status, second.status) == {}
     assert second.events == []
     assert second.delete == []
     assert second.patch == []
@@ -154,11 +169,11 @@ def test_deciding_again_on_the_written_status_changes_nothing() -> None:
 def test_a_queued_job_is_pending_until_kueue_admits_it() -> None:
     d = decide(observe(ftj(queueName="gpus")))
     assert d.create[-1]["spec"]["suspend"] is True
-    assert d.status["phase"] == "Pending"
-    assert "startTime" not in d.status
-    assert "LocalQueue gpus" in d.status["message"]
+    assert wire(d)["phase"] == "Pending"
+    assert "startTime" not in wire(d)
+    assert "LocalQueue gpus" in wire(d)["message"]
     admitted = decide(observe(ftj(queueName="gpus"), d.status, jobs=[job("ft-validate", "validate")]))
-    assert admitted.status["phase"] == "Validating"
+    assert wire(admitted)["phase"] == "Validating"
     assert admitted.patch == []
 
 
@@ -172,10 +187,10 @@ def test_validation_passed_starts_the_gang() -> None:
         "RoleBinding/ft-runner",
         "Job/ft-train-r0",
     ]
-    assert d.status["phase"] == "Running"
-    assert d.status["activeJob"] == "ft-train-r0"
-    assert lifecycle.is_true(d.status["conditions"], "Validated")
-    assert lifecycle.is_true(d.status["conditions"], "Running")
+    assert wire(d)["phase"] == "Running"
+    assert wire(d)["activeJob"] == "ft-train-r0"
+    assert lifecycle.is_true(d.status.conditions, "Validated")
+    assert lifecycle.is_true(d.status.conditions, "Running")
 
 
 @pytest.mark.parametrize(
@@ -210,14 +225,14 @@ def test_non_retriable_failures_fail_at_once(
     failed = job("ft-train-r0", failed=True, failed_reason=job_reason, failed_message=job_message)
     terms = {"ft-train-r0": term} if term else {}
     d = decide(observe(ftj(), dict(RUNNING), jobs=[failed], terminations=terms))
-    assert d.status["phase"] == "Failed"
+    assert wire(d)["phase"] == "Failed"
     assert d.create[-1]["kind"] != "Job"
-    cond = lifecycle.get_condition(d.status["conditions"], "Failed")
+    cond = condition(d, "Failed")
     assert cond is not None
     assert cond["reason"] == reason
     if term:
         assert term.message in cond["message"]
-    assert d.status["completionTime"] == T(NOW)
+    assert wire(d)["completionTime"] == T(NOW)
 
 
 def test_retriable_failure_replaces_the_gang_before_deleting_it() -> None:
@@ -232,12 +247,12 @@ def test_retriable_failure_replaces_the_gang_before_deleting_it() -> None:
     )
     assert created(d)[-1] == "Job/ft-train-r1"
     assert d.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")]
-    assert d.status["restarts"] == 1
-    assert d.status["phase"] == "Running"
+    assert wire(d)["restarts"] == 1
+    assert wire(d)["phase"] == "Running"
     assert [e.reason for e in d.events] == ["Restarting"]
     again = decide(observe(ftj(), d.status, jobs=[failed, job("ft-train-r1", attempt=1)]))
     assert again.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")], "stale attempts go"
-    assert again.status["restarts"] == 1
+    assert wire(again)["restarts"] == 1
     assert "Job/ft-train-r2" not in created(again)
 
 
@@ -246,7 +261,7 @@ def test_restarts_are_bounded_by_max_restarts() -> None:
         "ft-train-r1", attempt=1, failed=True, failed_reason="BackoffLimitExceeded", failed_message="boom"
     )
     d = decide(observe(ftj(maxRestarts=1), dict(RUNNING, restarts=1), jobs=[failed]))
-    cond = lifecycle.get_condition(d.status["conditions"], "Failed")
+    cond = condition(d, "Failed")
     assert cond is not None
     assert cond["reason"] == "RestartsExhausted"
     assert "boom" in cond["message"]
@@ -257,8 +272,8 @@ def test_validation_failure_fails_with_the_runtime_message() -> None:
     failed = job("ft-validate", "validate", failed=True, failed_reason="PodFailurePolicy")
     term = Termination("v", "validate", 2, "Error", "dataset.train: line 3 is not JSON")
     d = decide(observe(ftj(), status, jobs=[failed], terminations={"ft-validate": term}))
-    assert d.status["phase"] == "Failed"
-    validated = lifecycle.get_condition(d.status["conditions"], "Validated")
+    assert wire(d)["phase"] == "Failed"
+    validated = condition(d, "Validated")
     assert validated is not None
     assert validated["status"] == "False"
     assert validated["reason"] == "InvalidInput"
@@ -268,9 +283,9 @@ def test_validation_failure_fails_with_the_runtime_message() -> None:
 def test_deadline_counts_only_unsuspended_time() -> None:
     running = job("ft-train-r0", active=2)
     late = decide(observe(ftj(activeDeadlineSeconds=60), dict(RUNNING), jobs=[running]))
-    assert late.status["phase"] == "Failed"
+    assert wire(late)["phase"] == "Failed"
     assert late.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")]
-    assert lifecycle.get_condition(late.status["conditions"], "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
+    assert condition(late, "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
     paused = decide(
         observe(
             ftj(activeDeadlineSeconds=60),
@@ -279,34 +294,34 @@ def test_deadline_counts_only_unsuspended_time() -> None:
             annotations={lifecycle.ANNOTATION_PAUSED: "50"},
         )
     )
-    assert paused.status["phase"] == "Running"
+    assert wire(paused)["phase"] == "Running"
 
 
 def test_suspend_and_resume_toggle_the_job_and_pause_the_clock() -> None:
     running = job("ft-train-r0", active=2)
     suspended = decide(observe(ftj(suspend=True), dict(RUNNING), jobs=[running]))
     assert [p.body for p in suspended.patch] == [{"spec": {"suspend": True}}]
-    assert suspended.status["phase"] == "Suspended"
+    assert wire(suspended)["phase"] == "Suspended"
     later = NOW + timedelta(seconds=30)
     resumed = decide(observe(ftj(), suspended.status, jobs=[job("ft-train-r0", suspended=True)], now=later))
     assert [p.body for p in resumed.patch] == [{"spec": {"suspend": False}}]
-    assert resumed.status["phase"] == "Running"
+    assert wire(resumed)["phase"] == "Running"
     assert resumed.annotations == {lifecycle.ANNOTATION_PAUSED: "30"}
-    assert lifecycle.get_condition(resumed.status["conditions"], "Suspended")["status"] == "False"  # type: ignore[index]
+    assert condition(resumed, "Suspended")["status"] == "False"  # type: ignore[index]
 
 
 def test_success_records_artifacts_and_serves() -> None:
     d = decide(observe(ftj(serve={"enabled": True}), dict(RUNNING), jobs=[job("ft-train-r0", complete=True)]))
-    assert d.status["phase"] == "Succeeded"
-    assert d.status["artifacts"] == {
+    assert wire(d)["phase"] == "Succeeded"
+    assert wire(d)["artifacts"] == {
         "modelUri": "s3://runs/ft/model",
         "adapterUri": "s3://runs/ft/adapter",
         "metricsUri": "s3://runs/ft/metrics.json",
         "logsUri": "s3://runs/ft/logs",
     }
     assert created(d)[-2:] == ["Service/ft-serve", "Deployment/ft-serve"]
-    assert d.status["serving"]["url"] == "http://ft-serve.ml.svc:8000/v1"
-    assert d.status["serving"]["ready"] is False
+    assert wire(d)["serving"]["url"] == "http://ft-serve.ml.svc:8000/v1"
+    assert wire(d)["serving"]["ready"] is False
 
 
 def test_serve_changes_patch_the_deployment_and_disabling_removes_it() -> None:
@@ -321,7 +336,7 @@ def test_serve_changes_patch_the_deployment_and_disabling_removes_it() -> None:
         ChildRef("apps/v1", "Deployment", "ft-serve"),
         ChildRef("v1", "Service", "ft-serve"),
     ]
-    assert off.status["serving"] is None
+    assert lifecycle.status_patch(d.status, off.status)["serving"] is None, "removed"
 
 
 def test_ttl_deletes_the_workload_children_once() -> None:
@@ -352,13 +367,15 @@ def test_ttl_deletes_the_workload_children_once() -> None:
             Upstream("ft", found=True, phase="Failed", message="OOM"), "Failed", "UpstreamFailed", id="failed"
         ),
         pytest.param(
-            Upstream("ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model", adapter_only=True),
+            Upstream(
+                "ft", found=True, phase="Succeeded", job=ftj(method={"type": "lora", "mergeAdapter": False})
+            ),
             "Failed",
             "InvalidInput",
             id="adapter-only",
         ),
         pytest.param(
-            Upstream("ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model"),
+            Upstream("ft", found=True, phase="Succeeded", job=ftj()),
             "Validating",
             None,
             id="ready",
@@ -367,30 +384,27 @@ def test_ttl_deletes_the_workload_children_once() -> None:
 )
 def test_compressjob_follows_its_finetunejob(upstream: Upstream, phase: str, reason: str | None) -> None:
     d = decide(observe(cj(fromFineTuneJob="ft"), upstream=upstream))
-    assert d.status["phase"] == phase
+    assert wire(d)["phase"] == phase
     if reason:
-        assert lifecycle.get_condition(d.status["conditions"], "Failed")["reason"] == reason  # type: ignore[index]
+        assert condition(d, "Failed")["reason"] == reason  # type: ignore[index]
     if phase == "Validating":
-        assert d.status["sourceModelUri"] == "s3://runs/ft/model"
+        assert wire(d)["sourceModelUri"] == "s3://runs/ft/model"
     if phase == "Waiting":
         assert d.create == []
 
 
 def test_upstream_reads_the_finetunejob_body() -> None:
-    body = {
-        "spec": {"method": {"type": "lora", "mergeAdapter": False}, "output": {"uri": "s3://runs/ft/"}},
-        "status": {"phase": "Succeeded"},
-    }
+    upstream = ftj(method={"type": "lora", "mergeAdapter": False}, output={"uri": "s3://runs/ft/"})
+    body = {**upstream.to_wire(), "status": {"phase": "Succeeded"}}
     up = lifecycle.upstream_from("ft", body)
-    assert up == Upstream(
-        "ft", found=True, phase="Succeeded", model_uri="s3://runs/ft/model", adapter_only=True
-    )
+    assert up == Upstream("ft", found=True, phase="Succeeded", job=upstream)
+    assert lifecycle.upstream_from("ft", None) == Upstream("ft", found=False)
 
 
 def test_conditions_keep_their_transition_time_while_unchanged() -> None:
     first = lifecycle.set_condition([], "Running", True, "Running", "a", NOW, 1)
     later = lifecycle.set_condition(first, "Running", True, "Running", "b", NOW + timedelta(hours=1), 2)
-    assert later == [
+    assert [c.to_wire() for c in later] == [
         {
             "type": "Running",
             "status": "True",
@@ -401,7 +415,7 @@ def test_conditions_keep_their_transition_time_while_unchanged() -> None:
         }
     ]
     flipped = lifecycle.set_condition(later, "Running", False, "Suspended", "c", NOW + timedelta(hours=2))
-    assert flipped[0]["lastTransitionTime"] == T(NOW + timedelta(hours=2))
+    assert flipped[0].last_transition_time == T(NOW + timedelta(hours=2))
 
 
 def test_the_failure_that_explains_a_gang() -> None:
@@ -417,15 +431,13 @@ def test_the_failure_that_explains_a_gang() -> None:
         pod("a", 137, "2026-01-01T00:00:01Z"),
         pod("c", 0, "2026-01-01T00:00:00Z"),
     ]
-    assert lifecycle.pick_termination(pods) == Termination(
-        "a", "trainer", 137, None, "", "2026-01-01T00:00:01Z"
-    )
+    assert pick_termination(pods) == Termination("a", "trainer", 137, None, "", "2026-01-01T00:00:01Z")
     pods.append(pod("d", 2, "2026-01-01T00:00:09Z", "bad data"))
-    picked = lifecycle.pick_termination(pods)
+    picked = pick_termination(pods)
     assert picked is not None
     assert picked.exit_code == 2
     assert picked.describe() == "bad data (container trainer of pod d exited with code 2)"
-    assert lifecycle.pick_termination([]) is None
+    assert pick_termination([]) is None
 
 
 def test_job_state_reads_the_job_controllers_conditions() -> None:
@@ -481,7 +493,9 @@ def plan_ref(d: lifecycle.Decision) -> list[str]:
     return [f"{ref.kind}/{ref.name}" for ref in d.update]
 
 
-def at(generation: int, job: FineTuneJob, status: dict[str, Any], jobs: list[JobState]) -> Observation:
+def at(
+    generation: int, job: FineTuneJob, status: dict[str, Any] | JobStatusBase, jobs: list[JobState]
+) -> Observation:
     obs = observe(job, status, jobs=jobs)
     obs.generation = generation
     return obs
@@ -515,7 +529,7 @@ def test_an_edit_before_the_start_re_renders_the_plan_and_the_validation_job(spe
     assert d.delete == [ChildRef("batch/v1", "Job", "ft-validate")], "its pod template is immutable"
     assert "Job/ft-validate" not in created(d), "created again once the old one is gone"
     assert ("Normal", "SpecChanged") in [(e.type, e.reason) for e in d.events]
-    assert "startTime" not in d.status
+    assert "startTime" not in wire(d)
     # Once gone, it comes back from the current generation.
     again = decide(at(3, new, d.status, []))
     assert validation_of(again).generation == 3
@@ -528,14 +542,14 @@ def test_resuming_before_the_start_unsuspends_the_validation_job_in_place() -> N
     d = decide(at(2, edited(2, suspend=False), first.status, [validation_of(first)]))
     assert d.delete == []
     assert d.patch == [ChildPatch(ChildRef("batch/v1", "Job", "ft-validate"), {"spec": {"suspend": False}})]
-    assert d.status["phase"] == "Validating"
-    assert d.status["startTime"] == T(NOW)
+    assert wire(d)["phase"] == "Validating"
+    assert wire(d)["startTime"] == T(NOW)
 
 
 def test_after_the_start_the_plan_and_validation_job_stay_as_they_are() -> None:
     first = decide(observe(edited(1)))
     started = first.status
-    assert started["startTime"]
+    assert started.start_time
     d = decide(at(2, edited(2, output={"uri": "s3://runs/other"}), started, [validation_of(first)]))
     assert d.update == []
     assert d.delete == []
@@ -617,7 +631,7 @@ def test_children_the_api_server_would_refuse_fail_the_job_before_any_exists(
 ) -> None:
     d = decide(observe(ftj(resources={"workers": 2, **resources})))
     assert d.create == []
-    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    failed = condition(d, "Failed")
     assert failed is not None
     assert failed["reason"] == "InvalidSpec"
     assert expected in failed["message"]
@@ -643,19 +657,19 @@ def test_valid_placement_and_resources_pass() -> None:
 def test_a_rejected_child_fails_the_job_or_after_success_only_its_serving() -> None:
     obs = observe(ftj())
     rejected = "the API server rejected Job ft-validate: spec.template.spec.x: Invalid value: 1"
-    d = lifecycle.child_failure(obs, decide(obs), lifecycle.REASON_INVALID_CHILD, rejected)
+    d = child_failure(obs, decide(obs), lifecycle.REASON_INVALID_CHILD, rejected)
     assert d.create == []
-    assert d.status["phase"] == "Failed"
-    assert d.status["message"] == rejected
-    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    assert wire(d)["phase"] == "Failed"
+    assert wire(d)["message"] == rejected
+    failed = condition(d, "Failed")
     assert failed is not None
     assert failed["reason"] == "InvalidChild"
     assert ("Warning", "InvalidChild") in [(e.type, e.reason) for e in d.events]
     done = {"phase": "Succeeded", "completionTime": T(NOW), "restarts": 0}
     served = observe(ftj(serve={"enabled": True}), done)
-    d = lifecycle.child_failure(served, decide(served), lifecycle.REASON_INVALID_CHILD, rejected)
-    assert d.status["phase"] == "Succeeded"
-    serving = lifecycle.get_condition(d.status["conditions"], "ServingReady")
+    d = child_failure(served, decide(served), lifecycle.REASON_INVALID_CHILD, rejected)
+    assert wire(d)["phase"] == "Succeeded"
+    serving = condition(d, "ServingReady")
     assert serving is not None
     assert serving["reason"] == "InvalidChild"
 
@@ -668,14 +682,14 @@ SECRET = {"storage": {"secretRef": {"name": "team-keys"}}}
 def test_a_job_waits_for_the_secret_it_names() -> None:
     d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.missing))
     assert d.create == []
-    assert d.status["phase"] == "Waiting"
-    assert d.status["message"] == "waiting for Secret team-keys (spec.storage.secretRef) to exist"
+    assert wire(d)["phase"] == "Waiting"
+    assert wire(d)["message"] == "waiting for Secret team-keys (spec.storage.secretRef) to exist"
 
 
 def test_a_secret_without_the_storage_credentials_label_fails_the_job() -> None:
     d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.not_allowed))
     assert d.create == []
-    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    failed = condition(d, "Failed")
     assert failed is not None
     assert failed["reason"] == "SecretNotAllowed"
     assert (
@@ -715,7 +729,7 @@ def test_an_image_outside_the_allowed_prefixes_fails_the_job() -> None:
     obs.settings = ALLOWED
     d = decide(obs)
     assert d.create == []
-    failed = lifecycle.get_condition(d.status["conditions"], "Failed")
+    failed = condition(d, "Failed")
     assert failed is not None
     assert failed["reason"] == "ImageNotAllowed"
     assert failed["message"] == (
@@ -737,8 +751,8 @@ def test_a_serving_image_edited_after_success_is_refused_without_touching_servin
     d = decide(obs)
     assert d.create == []
     assert d.patch == []
-    assert d.status["phase"] == "Succeeded"
-    serving = lifecycle.get_condition(d.status["conditions"], "ServingReady")
+    assert wire(d)["phase"] == "Succeeded"
+    serving = condition(d, "ServingReady")
     assert serving is not None
     assert serving["reason"] == "ImageNotAllowed"
     assert [(e.type, e.reason) for e in d.events] == [("Warning", "ImageNotAllowed")]

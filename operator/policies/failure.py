@@ -1,0 +1,131 @@
+"""Failure policy: what a failed Job means, by the runtimes' exit-code contract (kubetune.errors).
+
+Exit codes 2 (invalid input) and 3 (storage) fail the job at once; any other failure of the gang
+is retriable: the gang is replaced by the next attempt, which resumes from the newest checkpoint,
+until ``spec.maxRestarts`` restarts are spent. The reason of a failure is read from the failed
+container's termination message (or, when its pods are gone, from the Job's own condition).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from kubetune.api import ConditionType, Phase
+from kubetune.api.status import JobStatusBase
+from kubetune.errors import EXIT_INVALID_INPUT, EXIT_STORAGE, NON_RETRIABLE_EXIT_CODES
+from kubetune.operator.lifecycle import (
+    REASON_INVALID_INPUT,
+    REASON_OUTPUT_CONFLICT,
+    REASON_RESTARTS_EXHAUSTED,
+    REASON_STORAGE,
+    REASON_VALIDATION_FAILED,
+    ChildRef,
+    Decision,
+    Event,
+    JobState,
+    Observation,
+    Termination,
+    failed,
+    finished,
+    is_true,
+    terminations_of,
+    with_condition,
+)
+from kubetune.operator.policies import suspension
+from kubetune.operator.render import Job, child_names, initially_suspended, render_main_job
+from kubetune.plan import RunPlan
+
+_EXIT_CODE_IN_MESSAGE: Final = re.compile(r"exit code (\d+)")
+
+
+def pick_termination(pods: Sequence[Mapping[str, Any]]) -> Termination | None:
+    """The failure that explains a gang's end: an exit code of the contract (2, 3) if any pod had
+    one, else the earliest failure (the others usually died because their peer did)."""
+    found = terminations_of(pods)
+    if not found:
+        return None
+    contract = [t for t in found if t.exit_code in NON_RETRIABLE_EXIT_CODES]
+    return min(contract or found, key=lambda t: (t.finished_at or "", t.pod))
+
+
+def failure_reason(term: Termination | None, state: JobState) -> str | None:
+    """InvalidInput/StorageError for the non-retriable exit codes of the runtimes, else None."""
+    code = term.exit_code if term is not None else None
+    if code is None and state.failed_reason == "PodFailurePolicy":
+        match = _EXIT_CODE_IN_MESSAGE.search(state.failed_message or "")
+        code = int(match.group(1)) if match else EXIT_INVALID_INPUT
+    if code == EXIT_INVALID_INPUT:
+        # The runtimes prefix their message with the error's reason (kubetune.ownership's
+        # OutputConflictError: the output prefix belongs to, or overlaps, another job).
+        if term is not None and (term.message or "").startswith(f"{REASON_OUTPUT_CONFLICT}:"):
+            return REASON_OUTPUT_CONFLICT
+        return REASON_INVALID_INPUT
+    if code == EXIT_STORAGE:
+        return REASON_STORAGE
+    return None
+
+
+def current_attempt(job: Job, status: JobStatusBase, jobs: Sequence[JobState]) -> int:
+    """The gang's attempt: the restarts recorded, or a newer attempt's Job already created."""
+    main = child_names(job).main_component
+    attempts = [j.attempt for j in jobs if j.component == main]
+    return max([status.restarts or 0, *attempts])
+
+
+def jobs_to_diagnose(job: Job, status: JobStatusBase, jobs: Sequence[JobState]) -> list[str]:
+    """Failed Jobs whose pods the operator must read (exit code, termination message) to decide."""
+    if finished(status):
+        return []
+    names = child_names(job)
+    wanted = {names.main(current_attempt(job, status, jobs))}
+    if not is_true(status.conditions, ConditionType.validated):
+        wanted.add(names.validate)
+    return sorted(j.name for j in jobs if j.failed and j.name in wanted)
+
+
+def validation_failed(obs: Observation, status: JobStatusBase, validation: JobState) -> Decision:
+    term = obs.terminations.get(validation.name)
+    reason = failure_reason(term, validation) or REASON_VALIDATION_FAILED
+    message = term.describe() if term else (validation.failed_message or "the validation Job failed")
+    message = message.removeprefix(f"{reason}: ")
+    status = with_condition(obs, status, ConditionType.validated, False, reason, message)
+    return Decision(status=failed(obs, status, reason, message), settled=True)
+
+
+def gang_failed(obs: Observation, status: JobStatusBase, current: JobState, plan: RunPlan) -> Decision:
+    """Fail on a non-retriable exit code or when the restarts are spent, else replace the gang."""
+    term = obs.terminations.get(current.name)
+    reason = failure_reason(term, current)
+    detail = term.describe() if term else (current.failed_message or f"Job {current.name} failed")
+    if reason is not None:
+        return Decision(status=failed(obs, status, reason, detail), settled=True)
+    spec = obs.job.spec
+    restarts = status.restarts or 0
+    if restarts >= spec.max_restarts:
+        message = f"{obs.noun} failed {restarts + 1} times (maxRestarts {spec.max_restarts}); last: {detail}"
+        return Decision(status=failed(obs, status, REASON_RESTARTS_EXHAUSTED, message), settled=True)
+    attempt = current.attempt + 1
+    replacement = render_main_job(obs.job, obs.settings, plan, obs.namespace, attempt)
+    status = status.model_copy(update={"restarts": attempt, "active_job": replacement["metadata"]["name"]})
+    message = (
+        f"attempt {current.attempt} failed ({detail}); restart {attempt} of {spec.max_restarts} "
+        "resumes from the newest checkpoint"
+    )
+    restarted = Decision(
+        status=status,
+        # Create the replacement before deleting the failed Job: an operator that dies in between
+        # still finds the newer attempt and never goes back to the old one.
+        create=[replacement],
+        delete=[ChildRef("batch/v1", "Job", current.name)],
+        events=[Event("Warning", "Restarting", message)],
+    )
+    running = suspension.step(
+        obs,
+        status,
+        Phase.running,
+        f"{obs.noun} restarted (restart {attempt})",
+        suspended=initially_suspended(obs.job),
+    )
+    return restarted.then(running)

@@ -1,0 +1,63 @@
+"""The model a job works on; a CompressJob with ``model.fromFineTuneJob`` waits for that job.
+
+The model is recorded in ``status.sourceModelUri`` once known, so a later change of the upstream
+job (or its deletion) never changes what a started compression reads.
+"""
+
+from __future__ import annotations
+
+from kubetune.api import CompressJob, FineTuneJob, Phase
+from kubetune.api.status import CompressJobStatus, JobStatusBase
+from kubetune.operator.lifecycle import (
+    REASON_INVALID_INPUT,
+    REASON_UPSTREAM_FAILED,
+    Decision,
+    Observation,
+    failed,
+    with_phase,
+)
+from kubetune.operator.render import Job
+from kubetune.run.artifacts import AdapterOnlyUpstream, compressible_model_uri
+
+
+def model_uri(job: Job, status: JobStatusBase) -> str | None:
+    """The model to render the plan with, once :func:`resolve` has found it."""
+    if isinstance(job, FineTuneJob):
+        return str(job.spec.model.uri)
+    return status.source_model_uri if isinstance(status, CompressJobStatus) else None
+
+
+def resolve(obs: Observation, status: JobStatusBase) -> Decision:
+    """Record the model a CompressJob compresses, or wait for (or fail with) its upstream job."""
+    job = obs.job
+    if not isinstance(job, CompressJob) or not isinstance(status, CompressJobStatus):
+        return Decision(status=status)
+    if status.source_model_uri:
+        return Decision(status=status)
+    if job.spec.model.uri:
+        return Decision(status=status.model_copy(update={"source_model_uri": str(job.spec.model.uri)}))
+    name = job.spec.model.from_fine_tune_job
+    upstream = obs.upstream
+    if upstream is None or not upstream.found:
+        return Decision(
+            status=with_phase(status, Phase.waiting, f"waiting for FineTuneJob {name} to exist"), settled=True
+        )
+    if upstream.phase == Phase.failed.value:
+        why = f": {upstream.message}" if upstream.message else ""
+        return Decision(
+            status=failed(obs, status, REASON_UPSTREAM_FAILED, f"FineTuneJob {name} failed{why}"),
+            settled=True,
+        )
+    if upstream.phase != Phase.succeeded.value:
+        return Decision(
+            status=with_phase(status, Phase.waiting, f"waiting for FineTuneJob {name} to succeed"),
+            settled=True,
+        )
+    if upstream.job is None:
+        message = f"FineTuneJob {name} has no valid spec to take the model from"
+        return Decision(status=failed(obs, status, REASON_INVALID_INPUT, message), settled=True)
+    try:
+        source = compressible_model_uri(upstream.job)
+    except AdapterOnlyUpstream as refusal:
+        return Decision(status=failed(obs, status, REASON_INVALID_INPUT, str(refusal)), settled=True)
+    return Decision(status=status.model_copy(update={"source_model_uri": source}))
