@@ -30,6 +30,7 @@ from kubetune.api.spec import (
     DeepSpeed,
     Hyperparameters,
     Method,
+    MlflowTarget,
     Task,
 )
 
@@ -104,6 +105,7 @@ class RunPlan(PlanModel):
     compression: CompressionPlan | None = None
     storage: StoragePlan
     world: WorldPlan
+    tracking: MlflowTarget | None = None  # where rank 0 logs the run; never credentials
 
     def output(self, *parts: str) -> str:
         """URI of an artifact under the output prefix, e.g. ``plan.output(MODEL_DIR)``."""
@@ -173,6 +175,12 @@ def _storage_plan(job: FineTuneJob | CompressJob, default_endpoint: str | None) 
     )
 
 
+def _tracking(job: FineTuneJob | CompressJob, namespace: str) -> MlflowTarget | None:
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    ref = _job_ref(job, namespace)
+    return mlflow.target(ref.namespace, ref.name) if mlflow else None
+
+
 def _world(job: FineTuneJob | CompressJob) -> WorldPlan:
     resources = job.spec.resources
     return WorldPlan(
@@ -200,6 +208,7 @@ def plan_finetune(
         checkpoint=spec.checkpoint,
         storage=_storage_plan(job, default_endpoint),
         world=_world(job),
+        tracking=_tracking(job, namespace),
     )
 
 
@@ -236,6 +245,7 @@ def plan_compress(
         ),
         storage=_storage_plan(job, default_endpoint),
         world=world,
+        tracking=_tracking(job, namespace),
     )
 
 
