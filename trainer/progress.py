@@ -134,6 +134,9 @@ class ProgressReporter(Protocol):
     def report_checkpoint(self, step: int, uri: str) -> None:
         """A checkpoint was committed (``status.checkpoints``): the operator cannot see storage."""
 
+    def report_tracking(self, tracking: Mapping[str, Any]) -> None:
+        """The MLflow run, or why tracking is off (``status.tracking``, wire form)."""
+
     def close(self) -> None:
         """Deliver anything still pending and release resources."""
 
@@ -149,6 +152,9 @@ class _ReporterBase(ABC):
         pass
 
     def report_checkpoint(self, step: int, uri: str) -> None:  # noqa: B027
+        pass
+
+    def report_tracking(self, tracking: Mapping[str, Any]) -> None:  # noqa: B027
         pass
 
     def close(self) -> None:  # noqa: B027
@@ -229,6 +235,9 @@ class FileReporter(_ReporterBase):
     def report_checkpoint(self, step: int, uri: str) -> None:
         self._append({"checkpoint": {"latestStep": step, "latestUri": uri}})
 
+    def report_tracking(self, tracking: Mapping[str, Any]) -> None:
+        self._append({"tracking": dict(tracking)})
+
     def _append(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
@@ -259,6 +268,10 @@ class MultiReporter(_ReporterBase):
     def report_checkpoint(self, step: int, uri: str) -> None:
         for reporter in self.reporters:
             reporter.report_checkpoint(step, uri)
+
+    def report_tracking(self, tracking: Mapping[str, Any]) -> None:
+        for reporter in self.reporters:
+            reporter.report_tracking(tracking)
 
     def close(self) -> None:
         for reporter in self.reporters:
@@ -339,6 +352,10 @@ class KubernetesStatusReporter(_ReporterBase):
     def report_checkpoint(self, step: int, uri: str) -> None:
         """Patched at once: checkpoints are minutes apart, and the newest must not be lost."""
         self._patch({"checkpoints": {"latestStep": step, "latestUri": uri}})
+
+    def report_tracking(self, tracking: Mapping[str, Any]) -> None:
+        """Patched at once: it changes at the start and the end of a run, or when tracking fails."""
+        self._patch({"tracking": dict(tracking)})
 
     def _patch(self, status: Mapping[str, Any]) -> bool:
         try:

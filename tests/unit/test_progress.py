@@ -184,6 +184,9 @@ class Recorder:
     def report_checkpoint(self, step: int, uri: str) -> None:
         self.results.append({"checkpoint": step, "uri": uri})
 
+    def report_tracking(self, tracking: Mapping[str, object]) -> None:
+        self.results.append({"tracking": dict(tracking)})
+
     def close(self) -> None:
         pass
 
