@@ -96,6 +96,7 @@ def finetune(
     from kubetune.trainer import checkpoint, outputs, training
     from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
     from kubetune.trainer.progress import ProgressCallback, make_reporter
+    from kubetune.trainer.tracking import start_tracking
 
     hp = plan.hyperparameters
     assert hp is not None
@@ -148,6 +149,10 @@ def finetune(
         outputs.write_run_record(out, plan, record)
     logs_dir = scratch / LOGS_DIR
     reporter = make_reporter(plan, dist.rank)
+    resolved = {"precision": precision.value, "accelerator": accelerator, "processes": dist.world_size}
+    tracking = start_tracking(
+        plan, plan.tracking, rank=dist.rank, sink=reporter, resolved={**resolved, "deepspeed": ds_config}
+    )
 
     def after_commit(step: int, uri: str) -> None:
         # The operator has no storage credentials: the newest checkpoint reaches status from here.
@@ -171,7 +176,7 @@ def finetune(
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits,
-        callbacks=[ProgressCallback(reporter), publisher, startup],
+        callbacks=[ProgressCallback(reporter), publisher, startup, *tracking.callbacks()],
     )
     trainer.remove_callback(PrinterCallback)  # the progress reporter already logs every update
     if plan.task.type == TaskType.sequence_classification:
@@ -219,6 +224,10 @@ def finetune(
             )
             outputs.write_run_record(out, plan, record)  # last: the run is complete
             log.info("finished at step %d: %s", state.global_step, metrics)
+            tracking.succeeded(metrics=metrics, step=state.global_step)
+    except BaseException:
+        tracking.failed()
+        raise
     # --- cleanup -----------------------------------------------------------------------------------
     finally:
         reporter.close()
