@@ -234,12 +234,16 @@ def compress(plan: RunPlan, scratch: Path, dist: Distributed | None, accelerator
     )
     outputs.write_json(store, plan.output(REPORT_FILE), report)
     from kubetune.trainer.progress import make_reporter
+    from kubetune.trainer.tracking import start_tracking
 
     # The operator also reads the report, but a reporter with Kubernetes access sets status.results
     # at once, without waiting for the operator to notice the Job completed.
     reporter = make_reporter(plan, 0)
     try:
         reporter.report_results(results_summary(report))
+        # Only rank 0 is left here; the MLflow run holds the report, its figures and the version.
+        tracking = start_tracking(plan, plan.tracking, rank=0, sink=reporter, resolved={"device": device})
+        tracking.succeeded(report=report, results=results_summary(report))
     finally:
         reporter.close()
     write_run_record(
