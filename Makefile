@@ -39,9 +39,10 @@ run: setup
 	$(VENV)/bin/kubetune run $(EXAMPLE)
 
 # The real-cluster tier's binaries (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# etcd, MinIO), built from their Go modules once per version into ~/.cache/kubetune/testbin.
+# etcd, MinIO) and helm for the chart's tests, built from their Go modules once per version into
+# ~/.cache/kubetune/testbin.
 testbin:
-	bash tests/testbin/build.sh
+	bash tests/testbin/build.sh && bash tests/testbin/helm.sh
 
 test: setup testbin
 	$(PY) -m pytest -q -ra
