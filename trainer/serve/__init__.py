@@ -38,7 +38,7 @@ from kubetune.errors import TERMINATION_LOG, KubetuneError
 from .protocol import DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .state import ServerState
 
 # The app (torch, transformers, fastapi) is imported by main() only, so --help and argument errors
 # answer at once; embedders import kubetune.trainer.serve.app themselves.
@@ -137,8 +137,9 @@ def main(argv: list[str]) -> int:
         return _download_only(args)
     import torch
 
-    from .app import ServeSettings, create_app
+    from .app import create_app
     from .auth import api_keys_from_env
+    from .state import ServeSettings
 
     try:
         api_keys = api_keys_from_env(os.environ)
