@@ -350,6 +350,25 @@ def _storage_env(job: Job, endpoint: str | None) -> list[Manifest]:
     return env
 
 
+def _tracking_env(job: Job) -> list[Manifest]:
+    """MLflow credentials, by reference to the user's Secret (never read here); only the gang,
+    whose rank 0 logs the run, receives them. MLflow's client reads these variables itself."""
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    ref = mlflow.secret_ref if mlflow else None
+    if ref is None:
+        return []
+    keys = [
+        ("MLFLOW_TRACKING_USERNAME", ref.username_key),
+        ("MLFLOW_TRACKING_PASSWORD", ref.password_key),
+        ("MLFLOW_TRACKING_TOKEN", ref.token_key),
+    ]
+    return [
+        {"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}}
+        for var, key in keys
+        if key is not None
+    ]
+
+
 def _job_env(job: Job, plan: RunPlan) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "KUBETUNE_JOB_KIND", "value": plan.job.kind},
@@ -535,7 +554,7 @@ def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command[:1],
         "args": command[1:],
-        "env": _job_env(job, plan),
+        "env": _job_env(job, plan) + _tracking_env(job),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
         "volumeMounts": [_PLAN_MOUNT, *_scratch_mounts(), _SHM_MOUNT],
         "securityContext": CONTAINER_SECURITY_CONTEXT,

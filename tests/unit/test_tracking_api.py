@@ -169,3 +169,65 @@ def test_either_kind_of_credentials_is_taken(secret_ref: dict[str, str]) -> None
 @pytest.mark.parametrize("name", ["bot", "support-bot.v2", "catalog.schema.model", "Bot_1"])
 def test_registered_model_names_mlflow_takes_are_taken(name: str) -> None:
     parse_resource(with_tracking(LORA, registeredModel=name))
+
+
+# --- what the operator renders --------------------------------------------------------------
+
+
+def rendered(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    from kubetune.operator import render
+    from kubetune.operator.settings import Settings
+
+    job = parse_resource(edited(doc, metadata__namespace="team-a"))
+    return render.render_all(job, Settings(), "team-a")
+
+
+def test_the_gang_gets_the_credentials_by_reference_and_the_plan_gets_none() -> None:
+    children = rendered(with_tracking(LORA))
+    (trainer,) = [
+        c
+        for child in children
+        if child["kind"] == "Job"
+        for c in child["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "trainer"
+    ]
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["MLFLOW_TRACKING_USERNAME"] == {
+        "name": "MLFLOW_TRACKING_USERNAME",
+        "valueFrom": {"secretKeyRef": {"name": "mlflow-creds", "key": "user"}},
+    }
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mlflow-creds",
+        "key": "password",
+    }
+    assert "MLFLOW_TRACKING_TOKEN" not in env
+    (configmap,) = [c for c in children if c["kind"] == "ConfigMap"]
+    plan_text = "".join(configmap["data"].values())
+    assert "https://mlflow.example.com" in plan_text
+    assert "support-bot.lora" in plan_text
+    assert "mlflow-creds" not in plan_text
+
+
+def test_a_token_becomes_mlflow_tracking_token() -> None:
+    children = rendered(with_tracking(LORA, secretRef={"name": "mlflow-token", "tokenKey": "token"}))
+    envs = [
+        e
+        for child in children
+        if child["kind"] == "Job"
+        for c in child["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+    ]
+    tracking = [e for e in envs if e["name"].startswith("MLFLOW_")]
+    assert tracking == [
+        {
+            "name": "MLFLOW_TRACKING_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "mlflow-token", "key": "token"}},
+        }
+    ]
+
+
+def test_jobs_without_tracking_render_no_mlflow_variables() -> None:
+    children = rendered(LORA)
+    text = str(children)
+    assert "MLFLOW_" not in text
+    assert "tracking" not in text
