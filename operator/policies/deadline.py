@@ -55,7 +55,7 @@ def active_seconds(status: JobStatusBase, annotations: Mapping[str, str], now: d
 def enforce(obs: Observation, status: JobStatusBase) -> Decision:
     """Fail a job that ran past its deadline, deleting the Jobs still running."""
     deadline = obs.job.spec.active_deadline_seconds
-    if deadline is None:
+    if deadline is None or finished(status):
         return Decision(status=status)
     active = active_seconds(status, obs.annotations, obs.now)
     if active is None or active < deadline:
