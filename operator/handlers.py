@@ -35,6 +35,7 @@ from kubetune.operator.policies import failure, validation
 from kubetune.operator.reconcile import child_failure, decide
 from kubetune.operator.render import (
     COMPONENT_SERVE,
+    LABEL_COMPONENT,
     LABEL_JOB,
     LABEL_KIND,
     LABEL_MANAGED_BY,
@@ -352,7 +353,7 @@ async def workload_job_event(
     await reconcile_key(memo, (labels[LABEL_KIND], namespace or "", labels[LABEL_JOB]), kwargs, trigger="job")
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={**CHILD_LABELS, "kubetune.io/component": COMPONENT_SERVE})
+@kopf.on.event("apps", "v1", "deployments", labels={**CHILD_LABELS, LABEL_COMPONENT: COMPONENT_SERVE})
 async def serving_deployment_event(
     labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
 ) -> None:
