@@ -125,7 +125,9 @@ class JobStatusBase(KubeModel):
     checkpoints: CheckpointStatus | None = Field(None, description="Newest committed checkpoint.")
     artifacts: Artifacts | None = Field(None, description="Result locations.")
     serving: ServingStatus | None = Field(None, description="Serving Deployment state.")
-    tracking: TrackingStatus | None = Field(None, description="Experiment tracking (MLflow run, degradation).")
+    tracking: TrackingStatus | None = Field(
+        None, description="Experiment tracking (MLflow run, degradation)."
+    )
 
 
 class FineTuneJobStatus(JobStatusBase):
