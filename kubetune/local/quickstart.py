@@ -42,8 +42,12 @@ def prepare(root: Path, *, force: bool = False) -> tuple[Path, Path]:
         write_dataset(data_file, paragraphs)
     if force or not (model_dir / "config.json").exists():
         # Imported here: the trainer extra (torch, transformers) is only needed for this step.
+        from kubetune.trainer.quiet import hide_save_progress_bars, silence_known_library_noise
+
+        silence_known_library_noise()
         from kubetune.trainer.tinymodel import build_tiny_causal_lm
 
+        hide_save_progress_bars()
         build_tiny_causal_lm(model_dir, paragraphs)
     return model_dir, data_file
 
