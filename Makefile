@@ -10,6 +10,10 @@ EDITABLE_STAMP := $(VENV)/.editable-stamp
 # the package directories, whose modification time changes when files are added or removed.
 PKG_DIRS := $(shell find kubetune operator trainer -type d -not -name __pycache__ 2>/dev/null)
 EXAMPLE ?= manifests/examples/quickstart.yaml
+# pip and setuptools print screens of notices on a successful install (editable-install warnings
+# among them); their output goes to this file, shown only when a step fails.
+SETUP_LOG := $(VENV)-setup.log
+logged = ( $(1) ) >> $(SETUP_LOG) 2>&1 || { echo "kubetune: setup step failed: $(1)"; tail -n 40 $(SETUP_LOG); echo "full log: $(SETUP_LOG)"; exit 1; }
 
 .PHONY: setup dev-install testbin run test test-unit lint format crds docs bench clean
 
@@ -19,24 +23,26 @@ setup: $(EDITABLE_STAMP)
 # deepspeed without build isolation (its setup imports torch), then everything else resolved in one
 # pass against the pinned set in constraints.txt (`pip freeze` of that pass, CUDA wheels included).
 $(DEPS_STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
-	$(PIP) install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=strict
-	touch $@
+	@echo "kubetune: installing dependencies into $(VENV) (a few minutes the first time; log: $(SETUP_LOG))"
+	@: > $(SETUP_LOG)
+	@$(call logged,test -x $(PY) || $(PYTHON) -m venv $(VENV))
+	@$(call logged,$(PIP) install --upgrade pip setuptools wheel)
+	@$(call logged,$(PIP) install -c constraints.txt torch==2.13.0)
+	@$(call logged,$(PIP) install -c constraints.txt --no-build-isolation deepspeed)
+	@$(call logged,$(PIP) install -c constraints.txt -e '.[dev]' --config-settings editable_mode=strict)
+	@touch $@
 
 $(EDITABLE_STAMP): $(DEPS_STAMP) $(PKG_DIRS)
-	$(PIP) install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
-	touch $@
+	@$(call logged,$(PIP) install --no-deps --no-build-isolation -e . --config-settings editable_mode=strict)
+	@touch $@
 
 dev-install:
-	$(PIP) install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
-	touch $(EDITABLE_STAMP)
+	@$(call logged,$(PIP) install --no-deps --no-build-isolation -e . --config-settings editable_mode=strict)
+	@touch $(EDITABLE_STAMP)
 
 run: setup
-	$(VENV)/bin/kubetune quickstart-data
-	$(VENV)/bin/kubetune run $(EXAMPLE)
+	@$(VENV)/bin/kubetune quickstart-data
+	@$(VENV)/bin/kubetune run $(EXAMPLE)
 
 # The real-cluster tier's binaries (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
 # etcd, MinIO) and helm for the chart's tests, built from their Go modules once per version into
