@@ -30,7 +30,7 @@ from kubetune.errors import describe_validation_error
 from kubetune.operator import lifecycle, render
 from kubetune.operator.kube import ApiError, KubeClient, connection
 from kubetune.operator.lifecycle import Decision, Observation
-from kubetune.operator.metrics import Metrics, phases_of
+from kubetune.operator.metrics import Metrics, jobs_of, status_change
 from kubetune.operator.policies import failure, validation
 from kubetune.operator.reconcile import child_failure, decide
 from kubetune.operator.render import (
@@ -184,9 +184,9 @@ async def startup(
     if not isinstance(config, Settings):
         config = Settings.from_env()
     configure_kopf(settings)
-    # kopf hands every index to every handler; the phase gauge reads the owner indices.
+    # kopf hands every index to every handler; the job gauges read the owner indices.
     indices = {"FineTuneJob": kwargs["finetunejob_index"], "CompressJob": kwargs["compressjob_index"]}
-    metrics = Metrics(lambda: phases_of(indices))
+    metrics = Metrics(lambda: jobs_of(indices))
     client = KubeClient(lambda: connection(settings, logger))
     memo["runtime"] = Runtime(settings=config, client=client, metrics=metrics)
     if config.metrics_port:
@@ -223,7 +223,15 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
         "kind": body.get("kind"),
         "metadata": {
             key: copy.deepcopy(meta[key])
-            for key in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            for key in (
+                "name",
+                "namespace",
+                "uid",
+                "generation",
+                "creationTimestamp",
+                "labels",
+                "annotations",
+            )
             if key in meta
         },
         "spec": copy.deepcopy(dict(body.get("spec") or {})),
@@ -585,6 +593,7 @@ async def _write_status(
         subresource="status",
     )
     rt.written_status[str(meta.get("uid") or "")] = new
+    rt.metrics.record(str(owner["kind"]), status_change(old, new, meta.get("creationTimestamp")))
 
 
 def _emit(rt: Runtime, owner: Mapping[str, Any], decision: Decision) -> None:
