@@ -97,8 +97,8 @@ class Runtime:
     signatures: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
     # (job uid, ServiceAccount) pairs found labelled kubetune.io/runner: "true".
     allowed_accounts: set[tuple[str, str]] = field(default_factory=set)
-    # (job uid, Secret) pairs found labelled kubetune.io/storage-credentials: "true".
-    allowed_secrets: set[tuple[str, str]] = field(default_factory=set)
+    # (job uid, Secret, opt-in label) found labelled "true".
+    allowed_secrets: set[tuple[str, str, str]] = field(default_factory=set)
 
     # The pending look-again of each job, and when it is due (the event loop's clock).
     retries: dict[Key, tuple[asyncio.Task[None], float]] = field(default_factory=dict)
@@ -480,10 +480,17 @@ async def _reconcile_locked(
         term = await _diagnose(rt, namespace, failed)
         if term is not None:
             terminations[failed] = term
-    runner_account = storage_secret = None
+    runner_account = storage_secret = tracking_secret = None
     if not lifecycle.finished(status):
         runner_account = await _runner_account(rt, job, namespace, uid)
-        storage_secret = await _storage_secret(rt, job, namespace, uid)
+        storage = job.spec.storage.secret_ref
+        if storage is not None:
+            storage_secret = await _secret_access(rt, namespace, uid, storage.name, LABEL_STORAGE_CREDENTIALS)
+        tracking = job.spec.tracking.mlflow if job.spec.tracking else None
+        if tracking is not None and tracking.secret_ref is not None:
+            tracking_secret = await _secret_access(
+                rt, namespace, uid, tracking.secret_ref.name, lifecycle.LABEL_TRACKING_CREDENTIALS
+            )
     obs = Observation(
         job=job,
         namespace=namespace,
@@ -498,6 +505,7 @@ async def _reconcile_locked(
         upstream=upstream,
         runner_account=runner_account,
         storage_secret=storage_secret,
+        tracking_secret=tracking_secret,
     )
     decision = decide(obs)
     supporting, bindings, workloads = creation_stages(decision.create)
@@ -557,24 +565,23 @@ async def _runner_account(rt: Runtime, job: Job, namespace: str, uid: str) -> li
     return lifecycle.RunnerAccount.allowed
 
 
-async def _storage_secret(rt: Runtime, job: Job, namespace: str, uid: str) -> lifecycle.StorageSecret | None:
-    """Whether the job may take storage credentials from the Secret it names (None: it names
-    none). Reads the Secret's metadata only (labels), never its values."""
-    ref = job.spec.storage.secret_ref
-    if ref is None:
-        return None
-    if (uid, ref.name) in rt.allowed_secrets:
-        return lifecycle.StorageSecret.allowed
+async def _secret_access(
+    rt: Runtime, namespace: str, uid: str, name: str, label: str
+) -> lifecycle.SecretAccess:
+    """Whether the job may hand its pods keys of Secret ``name``: its owner opts it in with
+    ``label: "true"``. Reads the Secret's metadata only (labels), never its values."""
+    if (uid, name, label) in rt.allowed_secrets:
+        return lifecycle.SecretAccess.allowed
     try:
-        secret = await rt.client.get_metadata("v1", "Secret", namespace, ref.name)
+        secret = await rt.client.get_metadata("v1", "Secret", namespace, name)
     except ApiError as exc:
         if exc.status == 404:
-            return lifecycle.StorageSecret.missing
+            return lifecycle.SecretAccess.missing
         raise
-    if (secret["metadata"].get("labels") or {}).get(LABEL_STORAGE_CREDENTIALS) != "true":
-        return lifecycle.StorageSecret.not_allowed
-    rt.allowed_secrets.add((uid, ref.name))
-    return lifecycle.StorageSecret.allowed
+    if (secret["metadata"].get("labels") or {}).get(label) != "true":
+        return lifecycle.SecretAccess.not_allowed
+    rt.allowed_secrets.add((uid, name, label))
+    return lifecycle.SecretAccess.allowed
 
 
 async def _write_status(

@@ -325,12 +325,17 @@ class RunnerAccount(StrEnum):
     allowed = "allowed"
 
 
-class StorageSecret(StrEnum):
-    """What the operator found of the Secret named by spec.storage.secretRef (metadata only)."""
+class SecretAccess(StrEnum):
+    """What the operator found of a Secret a job takes credentials from (metadata only)."""
 
     missing = "missing"
-    not_allowed = "not-allowed"  # exists without the kubetune.io/storage-credentials: "true" label
+    not_allowed = "not-allowed"  # exists without the opt-in label of its use
     allowed = "allowed"
+
+
+# A Secret's owner opts it in for each use on its own: a Secret of storage keys does not thereby
+# send its keys to a tracking server a job names.
+LABEL_TRACKING_CREDENTIALS: Final = "kubetune.io/tracking-credentials"
 
 
 @dataclass
@@ -347,7 +352,8 @@ class Observation:
     terminations: Mapping[str, Termination] = field(default_factory=dict)
     upstream: Upstream | None = None
     runner_account: RunnerAccount | None = None
-    storage_secret: StorageSecret | None = None
+    storage_secret: SecretAccess | None = None
+    tracking_secret: SecretAccess | None = None
 
     @property
     def noun(self) -> str:

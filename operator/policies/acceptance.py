@@ -15,6 +15,7 @@ from kubetune.api import Phase
 from kubetune.api.status import JobStatusBase
 from kubetune.operator.admission import child_problems, disallowed_images, images_message
 from kubetune.operator.lifecycle import (
+    LABEL_TRACKING_CREDENTIALS,
     REASON_ACCOUNT_NOT_ALLOWED,
     REASON_IMAGE_NOT_ALLOWED,
     REASON_INVALID_SPEC,
@@ -22,7 +23,7 @@ from kubetune.operator.lifecycle import (
     Decision,
     Observation,
     RunnerAccount,
-    StorageSecret,
+    SecretAccess,
     failed,
     with_phase,
 )
@@ -33,7 +34,7 @@ REFERENCE_RECHECK_SECONDS: Final = 10.0
 
 def admit(obs: Observation, status: JobStatusBase) -> Decision:
     """Nothing (the job may go on), or its failure, or a wait for what it references."""
-    for check in (_pod_templates, _images, _runner_account, _storage_secret):
+    for check in (_pod_templates, _images, _runner_account, _storage_secret, _tracking_secret):
         decision = check(obs, status)
         if decision is not None:
             return decision
@@ -86,15 +87,40 @@ def _runner_account(obs: Observation, status: JobStatusBase) -> Decision | None:
 def _storage_secret(obs: Observation, status: JobStatusBase) -> Decision | None:
     """A Secret may supply storage credentials once it exists and is labelled for it."""
     ref = obs.job.spec.storage.secret_ref
-    if ref is None or obs.storage_secret == StorageSecret.allowed:
+    if ref is None:
         return None
-    if obs.storage_secret == StorageSecret.not_allowed:
+    return _labelled_secret(
+        obs, status, obs.storage_secret, ref.name, "spec.storage.secretRef", LABEL_STORAGE_CREDENTIALS
+    )
+
+
+def _tracking_secret(obs: Observation, status: JobStatusBase) -> Decision | None:
+    """A Secret may supply tracking-server credentials once it exists and is labelled for that:
+    otherwise whoever may create a job could send any Secret's keys to a server of their choice."""
+    tracking = obs.job.spec.tracking.mlflow if obs.job.spec.tracking else None
+    if tracking is None or tracking.secret_ref is None:
+        return None
+    return _labelled_secret(
+        obs,
+        status,
+        obs.tracking_secret,
+        tracking.secret_ref.name,
+        "spec.tracking.mlflow.secretRef",
+        LABEL_TRACKING_CREDENTIALS,
+    )
+
+
+def _labelled_secret(
+    obs: Observation, status: JobStatusBase, access: SecretAccess | None, name: str, field: str, label: str
+) -> Decision | None:
+    if access == SecretAccess.allowed:
+        return None
+    if access == SecretAccess.not_allowed:
         return _refuse(
             obs,
             status,
             REASON_SECRET_NOT_ALLOWED,
-            f"Secret {ref.name} (spec.storage.secretRef) lacks the label "
-            f'{LABEL_STORAGE_CREDENTIALS}: "true"; whoever owns the Secret in namespace '
-            f"{obs.namespace} adds it to let kubetune jobs' pods receive its keys",
+            f'Secret {name} ({field}) lacks the label {label}: "true"; whoever owns the Secret in '
+            f"namespace {obs.namespace} adds it to let kubetune jobs' pods receive its keys",
         )
-    return _wait(status, f"waiting for Secret {ref.name} (spec.storage.secretRef) to exist")
+    return _wait(status, f"waiting for Secret {name} ({field}) to exist")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.lifecycle import RunnerAccount, StorageSecret
+from kubetune.operator.lifecycle import RunnerAccount, SecretAccess
 from kubetune.operator.policies import acceptance
 from kubetune.operator.settings import Settings
 from tests.policies import ago, condition, finetunejob, observe, wire
@@ -18,6 +18,14 @@ pytestmark = pytest.mark.unit
 
 ACCOUNT = {"storage": {"serviceAccountName": "team-s3"}}
 SECRET = {"storage": {"secretRef": {"name": "team-keys"}}}
+TRACKED = {
+    "tracking": {
+        "mlflow": {
+            "uri": "https://mlflow.example.com",
+            "secretRef": {"name": "mlflow-keys", "tokenKey": "token"},
+        }
+    }
+}
 BAD_TOLERATION = {"resources": {"workers": 2, "tolerations": [{"operator": "Equal", "value": "x"}]}}
 OUTSIDE = {"resources": {"workers": 2, "image": "docker.io/someone/miner:1"}}
 ALLOWED = Settings(allowed_image_prefixes=("registry.example.com/ml/",))
@@ -43,12 +51,23 @@ ALLOWED = Settings(allowed_image_prefixes=("registry.example.com/ml/",))
         pytest.param(
             ACCOUNT, {"runner_account": RunnerAccount.allowed}, "admitted", None, id="account-allowed"
         ),
-        pytest.param(SECRET, {"storage_secret": StorageSecret.missing}, "Waiting", None, id="secret-missing"),
+        pytest.param(SECRET, {"storage_secret": SecretAccess.missing}, "Waiting", None, id="secret-missing"),
         pytest.param(
-            SECRET, {"storage_secret": StorageSecret.not_allowed}, "Failed", "SecretNotAllowed", id="secret"
+            SECRET, {"storage_secret": SecretAccess.not_allowed}, "Failed", "SecretNotAllowed", id="secret"
+        ),
+        pytest.param(SECRET, {"storage_secret": SecretAccess.allowed}, "admitted", None, id="secret-allowed"),
+        pytest.param(
+            TRACKED, {"tracking_secret": SecretAccess.missing}, "Waiting", None, id="tracking-secret-missing"
         ),
         pytest.param(
-            SECRET, {"storage_secret": StorageSecret.allowed}, "admitted", None, id="secret-allowed"
+            TRACKED,
+            {"tracking_secret": SecretAccess.not_allowed},
+            "Failed",
+            "SecretNotAllowed",
+            id="tracking-secret",
+        ),
+        pytest.param(
+            TRACKED, {"tracking_secret": SecretAccess.allowed}, "admitted", None, id="tracking-secret-allowed"
         ),
     ],
 )
@@ -72,3 +91,14 @@ def test_pod_templates_are_checked_only_before_the_start() -> None:
     # Later edits reach a child only when one is created, and the API server refuses those itself.
     obs = observe(finetunejob(**BAD_TOLERATION), {"startTime": ago(10)})
     assert not acceptance.admit(obs, obs.status).settled
+
+
+def test_a_tracking_secret_is_refused_by_name_field_and_the_label_it_lacks() -> None:
+    obs = observe(finetunejob(**TRACKED), tracking_secret=SecretAccess.not_allowed)
+
+    message = (condition(acceptance.admit(obs, obs.status), "Failed") or {}).get("message", "")
+
+    assert (
+        'Secret mlflow-keys (spec.tracking.mlflow.secretRef) lacks the label kubetune.io/tracking-credentials: "true"'
+        in message
+    )

@@ -680,14 +680,14 @@ SECRET = {"storage": {"secretRef": {"name": "team-keys"}}}
 
 
 def test_a_job_waits_for_the_secret_it_names() -> None:
-    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.missing))
+    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.SecretAccess.missing))
     assert d.create == []
     assert wire(d)["phase"] == "Waiting"
     assert wire(d)["message"] == "waiting for Secret team-keys (spec.storage.secretRef) to exist"
 
 
 def test_a_secret_without_the_storage_credentials_label_fails_the_job() -> None:
-    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.not_allowed))
+    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.SecretAccess.not_allowed))
     assert d.create == []
     failed = condition(d, "Failed")
     assert failed is not None
@@ -699,7 +699,7 @@ def test_a_secret_without_the_storage_credentials_label_fails_the_job() -> None:
 
 
 def test_a_labelled_secret_is_used() -> None:
-    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.StorageSecret.allowed))
+    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.SecretAccess.allowed))
     assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
 
 
