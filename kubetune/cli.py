@@ -114,19 +114,21 @@ class Validate:
 
 
 class Crds:
-    DEFAULT_OUT = ("crds", "manifests/crds")
+    # One generator for every copy, so kustomize's and Helm's CRDs never drift from the models.
+    DEFAULT_OUT = ("crds", "manifests/crds", "charts/kubetune/crds")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.description = (
-            "Write the CRDs generated from kubetune.api. By default they go to crds/ and to "
-            "manifests/crds/ (which kustomize builds), relative to the current directory."
+            "Write the CRDs generated from kubetune.api. By default they go to crds/, "
+            "manifests/crds/ (which kustomize builds) and charts/kubetune/crds/ (which Helm "
+            "installs), relative to the current directory."
         )
         parser.add_argument(
             "--out",
             action="append",
             metavar="DIR",
-            help="output directory (repeatable; default: crds and manifests/crds)",
+            help="output directory (repeatable; default: crds, manifests/crds and charts/kubetune/crds)",
         )
         parser.add_argument(
             "--check", action="store_true", help="write nothing; exit 1 with a diff when the files differ"
