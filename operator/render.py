@@ -23,11 +23,24 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from kubetune.api import API_VERSION, CompressJob, FineTuneJob
-from kubetune.api.resources import MAX_NAME_LENGTH as API_MAX_NAME_LENGTH
-from kubetune.api.spec import MethodType, ServeRuntime
-from kubetune.errors import EXIT_INVALID_INPUT, EXIT_STORAGE, TERMINATION_LOG
+from kubetune.api.spec import SecretKeyNames, ServeRuntime
 from kubetune.operator.settings import Settings
-from kubetune.plan import ADAPTER_DIR, MODEL_DIR, RunPlan, dumps_plan, plan_compress, plan_finetune
+from kubetune.run import workloads
+from kubetune.run.artifacts import ADAPTER_DIR, MODEL_DIR, ServedModel
+from kubetune.run.plan import RunPlan, dumps_plan, plan_compress, plan_finetune, storage_plan
+from kubetune.run.workloads import (
+    ENV_DS_ACCELERATOR,
+    ENV_SCRATCH_DIR,
+    ENV_SERVE_API_KEY,
+    MASTER_PORT,
+    NON_RETRIABLE_EXIT_CODES,
+    PROGRESS_TO_STATUS_AND_LOG,
+    SERVE_PORT,
+    TERMINATION_LOG,
+    Env,
+    Rendezvous,
+    Workload,
+)
 
 Job = FineTuneJob | CompressJob
 Manifest = dict[str, Any]
@@ -56,22 +69,18 @@ GPU_RESOURCE: Final = "nvidia.com/gpu"
 COMPONENT_PLAN: Final = "plan"
 COMPONENT_WORKERS: Final = "workers"
 COMPONENT_RUNNER: Final = "runner"
-COMPONENT_VALIDATE: Final = "validate"
-COMPONENT_TRAIN: Final = "train"
-COMPONENT_COMPRESS: Final = "compress"
-COMPONENT_SERVE: Final = "serve"
+COMPONENT_VALIDATE: Final = workloads.VALIDATE
+COMPONENT_TRAIN: Final = workloads.TRAIN
+COMPONENT_COMPRESS: Final = workloads.COMPRESS
+COMPONENT_SERVE: Final = workloads.SERVE
 
 PLAN_DIR: Final = "/etc/kubetune"
 PLAN_KEY: Final = "plan.json"
 PLAN_PATH: Final = f"{PLAN_DIR}/{PLAN_KEY}"
 SCRATCH_DIR: Final = "/scratch"
 MODELS_DIR: Final = "/models"
-MASTER_PORT: Final = 29500
-SERVE_PORT: Final = 8000
-
-# Longest job names whose every child name stays a DNS label, enforced by the CRDs' CEL rules: the
-# hostname of the last pod of the last attempt, "<job>-train-r1000-1023", must fit in 63.
-MAX_NAME_LENGTH: Final = API_MAX_NAME_LENGTH
+# An Indexed Job's pod learns its index (the gang's node rank) from this variable.
+NODE_RANK_OF_INDEXED_POD: Final = "$(JOB_COMPLETION_INDEX)"
 
 CONTAINER_SECURITY_CONTEXT: Final[Manifest] = {
     "allowPrivilegeEscalation": False,
@@ -314,7 +323,7 @@ def _pod_security_context(settings: Settings) -> Manifest:
 def _scratch_env() -> list[Manifest]:
     # The root filesystem is read-only: every cache and temporary file goes to the scratch volume.
     return [
-        {"name": "KUBETUNE_SCRATCH_DIR", "value": SCRATCH_DIR},
+        {"name": ENV_SCRATCH_DIR, "value": SCRATCH_DIR},
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/.cache"},
@@ -325,18 +334,14 @@ def _scratch_env() -> list[Manifest]:
     ]
 
 
-def _storage_env(job: Job, endpoint: str | None) -> list[Manifest]:
-    """S3 settings; the keys come from the user's Secret by reference (never read here)."""
-    storage = job.spec.storage
-    env: list[Manifest] = []
-    if endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
-    if storage.region:
-        env += [
-            {"name": "AWS_REGION", "value": storage.region},
-            {"name": "AWS_DEFAULT_REGION", "value": storage.region},
-        ]
-    ref = storage.secret_ref
+def _env(pairs: Env) -> list[Manifest]:
+    return [{"name": name, "value": value} for name, value in pairs]
+
+
+def _storage_env(workload: Workload, ref: SecretKeyNames | None) -> list[Manifest]:
+    """The workload's S3 settings; the keys come from the user's Secret by reference (never read
+    here)."""
+    env = _env(workload.storage_env)
     if ref is not None:
         keys = [
             ("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
@@ -369,19 +374,14 @@ def _tracking_env(job: Job) -> list[Manifest]:
     ]
 
 
-def _job_env(job: Job, plan: RunPlan) -> list[Manifest]:
-    env: list[Manifest] = [
-        {"name": "KUBETUNE_JOB_KIND", "value": plan.job.kind},
-        {"name": "KUBETUNE_JOB_NAMESPACE", "value": plan.job.namespace},
-        {"name": "KUBETUNE_JOB_NAME", "value": plan.job.name},
-        {"name": "KUBETUNE_PLAN", "value": PLAN_PATH},
-        # Rank 0 patches status.progress (and results, checkpoints) through the runner
-        # ServiceAccount, and logs the same lines for `kubectl logs`.
-        {"name": "KUBETUNE_PROGRESS", "value": "kubernetes,log"},
-    ]
+def _job_env(job: Job, plan: RunPlan, workload: Workload) -> list[Manifest]:
+    # Rank 0 patches status.progress (and results, checkpoints) through the runner
+    # ServiceAccount, and logs the same lines for `kubectl logs`.
+    env = _env(workload.environment(plan_path=PLAN_PATH, progress=PROGRESS_TO_STATUS_AND_LOG))
     if plan.world.gpus_per_worker == 0:
-        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
-    return env + _scratch_env() + _storage_env(job, plan.storage.endpoint)
+        # The pod has no GPU: DeepSpeed must not look for one.
+        env.append({"name": ENV_DS_ACCELERATOR, "value": "cpu"})
+    return env + _scratch_env() + _storage_env(workload, job.spec.storage.secret_ref)
 
 
 def _scratch_volumes(job: Job) -> list[Manifest]:
@@ -429,7 +429,7 @@ def _pod_failure_policy(container: str) -> Manifest:
                 "onExitCodes": {
                     "containerName": container,
                     "operator": "In",
-                    "values": [EXIT_INVALID_INPUT, EXIT_STORAGE],
+                    "values": list(NON_RETRIABLE_EXIT_CODES),
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -464,12 +464,13 @@ def _placement(job: Job) -> Manifest:
 def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace: str) -> Manifest:
     """A single CPU pod that checks model and data before the gang holds any accelerator."""
     names = child_names(job)
+    workload = workloads.validate_workload(plan)
     container: Manifest = {
-        "name": "validate",
+        "name": workload.name,
         "image": job.spec.resources.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "kubetune.trainer", "validate", "--plan", PLAN_PATH],
-        "env": _job_env(job, plan),
+        "command": ["python", *workload.argv(plan_path=PLAN_PATH)],
+        "env": _job_env(job, plan, workload),
         "resources": {
             "requests": {"cpu": settings.validation_cpu, "memory": settings.validation_memory},
             "limits": {"memory": settings.validation_memory},
@@ -499,7 +500,7 @@ def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace
         "parallelism": 1,
         # Transient errors (exit 1: network, throttling) get two more tries; 2 and 3 never.
         "backoffLimit": 2,
-        "podFailurePolicy": _pod_failure_policy("validate"),
+        "podFailurePolicy": _pod_failure_policy(workload.name),
         "template": {
             "metadata": {"labels": labels(job, COMPONENT_VALIDATE)},
             "spec": pod_spec,
@@ -514,31 +515,6 @@ def render_validation_job(job: Job, settings: Settings, plan: RunPlan, namespace
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
-def main_command(job: Job, plan: RunPlan, master_addr: str) -> list[str]:
-    """torchrun over the gang for training (through ``kubetune.trainer launch``, which keeps the
-    workers' exit codes 2 and 3 that plain torchrun turns into 1); a plain process for
-    single-process compression."""
-    command = "finetune" if isinstance(job, FineTuneJob) else "compress"
-    runtime = ["-m", "kubetune.trainer", command, "--plan", PLAN_PATH]
-    distributed = isinstance(job, FineTuneJob) or (
-        plan.compression is not None and plan.compression.distillation
-    )
-    if not distributed:
-        return ["python", *runtime]
-    return [
-        "python",
-        "-m",
-        "kubetune.trainer",
-        "launch",
-        f"--nnodes={plan.world.workers}",
-        f"--nproc_per_node={plan.world.processes_per_worker}",
-        "--node_rank=$(JOB_COMPLETION_INDEX)",
-        f"--master_addr={master_addr}",
-        f"--master_port={MASTER_PORT}",
-        *runtime,
-    ]
-
-
 def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str, attempt: int) -> Manifest:
     """The gang: one Indexed Job, pod i is ``<job>-<i>.<workers-service>`` and torchrun node i."""
     names = child_names(job)
@@ -547,15 +523,17 @@ def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str,
     container_name = "trainer" if isinstance(job, FineTuneJob) else "compress"
     resources = job.spec.resources
     workers = plan.world.workers
-    command = main_command(job, plan, master_addr=f"{name}-0.{names.workers}")
+    workload = workloads.main_workload(plan)
+    # Pod i of the Indexed Job is torchrun node i; node 0 is reached through the headless Service.
+    rendezvous = Rendezvous(node_rank=NODE_RANK_OF_INDEXED_POD, master_addr=f"{name}-0.{names.workers}")
     container: Manifest = {
         "name": container_name,
         "image": resources.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": command[:1],
-        "args": command[1:],
-        "env": _job_env(job, plan) + _tracking_env(job),
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+        "command": ["python"],
+        "args": workload.argv(plan_path=PLAN_PATH, rendezvous=rendezvous if workload.distributed else None),
+        "env": _job_env(job, plan, workload) + _tracking_env(job),
+        "ports": _container_ports(workload),
         "volumeMounts": [_PLAN_MOUNT, *_scratch_mounts(), _SHM_MOUNT],
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         "terminationMessagePath": TERMINATION_LOG,
@@ -598,29 +576,16 @@ def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str,
     }
 
 
+def _container_ports(workload: Workload) -> list[Manifest]:
+    return [{"name": name, "containerPort": port} for name, port in workload.ports]
+
+
 # --- Serving ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """What a serving Deployment loads: a full model, optionally with an unmerged LoRA adapter."""
-
-    model_uri: str
-    adapter_uri: str | None = None
-
-
-def output_uri(job: Job, *parts: str) -> str:
-    return "/".join([job.spec.output.uri.rstrip("/"), *parts])
-
-
-def served_model(job: Job) -> ServedModel:
-    if (
-        isinstance(job, FineTuneJob)
-        and job.spec.method.type == MethodType.lora
-        and not job.spec.method.merges
-    ):
-        return ServedModel(model_uri=job.spec.model.uri, adapter_uri=output_uri(job, ADAPTER_DIR))
-    return ServedModel(model_uri=output_uri(job, MODEL_DIR))
+def serving_workload(job: Job, settings: Settings) -> Workload:
+    """What the serving Deployment runs (the built-in server; vLLM serves the same model)."""
+    return workloads.serve_workload(job, storage_plan(job, settings.storage_endpoint))
 
 
 def serving_url(job: Job, namespace: str) -> str:
@@ -647,23 +612,17 @@ def _api_key_env(job: Job, var: str) -> list[Manifest]:
     return [{"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
 
 
-def _builtin_server(job: Job, settings: Settings, model: ServedModel, endpoint: str | None) -> Manifest:
+def _builtin_server(job: Job, settings: Settings, workload: Workload) -> Manifest:
     serve = job.spec.serve
-    args = ["-m", "kubetune.trainer", "serve", "--model", model.model_uri]
-    if model.adapter_uri:
-        args += ["--adapter", model.adapter_uri]
-    args += ["--port", str(SERVE_PORT), "--served-model-name", job_name(job)]
-    args += ["--max-batch-size", str(serve.max_batch_size)]
-    if endpoint:
-        args += ["--storage-endpoint", endpoint]
+    secret = job.spec.storage.secret_ref
     container: Manifest = {
         "name": "server",
         "image": serve.image or settings.effective_serve_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python"],
-        "args": args,
-        "env": _scratch_env() + _storage_env(job, endpoint) + _api_key_env(job, "KUBETUNE_SERVE_API_KEY"),
-        "ports": [{"name": "http", "containerPort": SERVE_PORT}],
+        "args": workload.argv(),
+        "env": _scratch_env() + _storage_env(workload, secret) + _api_key_env(job, ENV_SERVE_API_KEY),
+        "ports": _container_ports(workload),
         # Downloading a large model may take long: allow up to an hour before liveness applies.
         "startupProbe": _http_probe("/healthz", period=10, failures=360),
         "livenessProbe": _http_probe("/healthz", period=10, failures=6),
@@ -678,13 +637,13 @@ def _builtin_server(job: Job, settings: Settings, model: ServedModel, endpoint: 
     return container
 
 
-def _vllm_containers(
-    job: Job, settings: Settings, model: ServedModel, endpoint: str | None
-) -> tuple[Manifest, Manifest]:
-    """An init container (our image) copies the model out of object storage into a shared
-    emptyDir; vLLM then serves it from local disk."""
+def _vllm_containers(job: Job, settings: Settings, workload: Workload) -> tuple[Manifest, Manifest]:
+    """An init container (our image) copies the workload's model out of object storage into a
+    shared emptyDir; vLLM then serves it from local disk."""
     serve = job.spec.serve
     name = job_name(job)
+    model = _served(workload)
+    endpoint = storage_plan(job, settings.storage_endpoint).endpoint
     fetch_args = ["-m", "kubetune.trainer", "serve", "--download-only", "--model", model.model_uri]
     if model.adapter_uri:
         fetch_args += ["--adapter", model.adapter_uri]
@@ -699,7 +658,7 @@ def _vllm_containers(
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python"],
         "args": fetch_args,
-        "env": _scratch_env() + _storage_env(job, endpoint),
+        "env": _scratch_env() + _storage_env(workload, job.spec.storage.secret_ref),
         "volumeMounts": [models_mount, *_scratch_mounts()],
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -727,7 +686,7 @@ def _vllm_containers(
             {"name": "DO_NOT_TRACK", "value": "1"},
             *_api_key_env(job, "VLLM_API_KEY"),
         ],
-        "ports": [{"name": "http", "containerPort": SERVE_PORT}],
+        "ports": _container_ports(workload),
         # vLLM answers /health only once the engine has loaded the weights.
         "startupProbe": _http_probe("/health", period=10, failures=360),
         "livenessProbe": _http_probe("/health", period=10, failures=6),
@@ -742,13 +701,16 @@ def _vllm_containers(
     return fetch, vllm
 
 
-def render_serving(
-    job: Job, settings: Settings, namespace: str, model: ServedModel | None = None
-) -> list[Manifest]:
+def _served(workload: Workload) -> ServedModel:
+    if workload.served is None:
+        raise RenderError(f"the {workload.name} workload serves no model")
+    return workload.served
+
+
+def render_serving(job: Job, settings: Settings, namespace: str) -> list[Manifest]:
     """Deployment + Service serving the job's result over the OpenAI-compatible API."""
     names = child_names(job)
-    model = model or served_model(job)
-    endpoint = job.spec.storage.endpoint or settings.storage_endpoint
+    workload = serving_workload(job, settings)
     serve = job.spec.serve
     pod_spec: Manifest = {
         # Serving pods need no API access, and outlive the NAME-runner identity (TTL); a user's
@@ -764,7 +726,7 @@ def render_serving(
     }
     volumes = _scratch_volumes(job)
     if serve.runtime == ServeRuntime.vllm:
-        fetch, vllm = _vllm_containers(job, settings, model, endpoint)
+        fetch, vllm = _vllm_containers(job, settings, workload)
         pod_spec["initContainers"] = [fetch]
         pod_spec["containers"] = [vllm]
         volumes = [
@@ -773,7 +735,7 @@ def render_serving(
             _SHM_VOLUME,
         ]
     else:
-        pod_spec["containers"] = [_builtin_server(job, settings, model, endpoint)]
+        pod_spec["containers"] = [_builtin_server(job, settings, workload)]
     pod_spec["volumes"] = volumes
     spec: Manifest = {
         "replicas": serve.replicas,

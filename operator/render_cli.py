@@ -17,9 +17,11 @@ from pydantic import ValidationError
 
 from kubetune.api import KINDS, CompressJob, FineTuneJob
 from kubetune.api.validation import load_documents
+from kubetune.errors import describe_validation_error
 from kubetune.operator import admission, render
 from kubetune.operator.settings import Settings, SettingsError
-from kubetune.plan import finetune_model_uri
+from kubetune.run.artifacts import AdapterOnlyUpstream
+from kubetune.run.upstream import UpstreamNotFound, compress_model_uri
 
 PHASES = ("all", "base", "validate", "train", "serve")
 
@@ -60,9 +62,7 @@ def load_jobs(documents: Iterable[Any], source: str) -> list[FineTuneJob | Compr
             jobs.append(KINDS[doc["kind"]].model_validate(doc))
         except ValidationError as exc:
             name = (doc.get("metadata") or {}).get("name", "?")
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
-            )
+            problems = describe_validation_error(exc, limit=5)
             raise RenderInputError(
                 f"{source}: document {number} ({doc['kind']} {name}): {problems}"
             ) from None
@@ -70,23 +70,19 @@ def load_jobs(documents: Iterable[Any], source: str) -> list[FineTuneJob | Compr
 
 
 def resolve_model(job: CompressJob, jobs: list[FineTuneJob | CompressJob], model_uri: str | None) -> str:
-    if job.spec.model.uri:
-        return str(job.spec.model.uri)
-    upstream_name = job.spec.model.from_fine_tune_job
-    for other in jobs:
-        if isinstance(other, FineTuneJob) and other.metadata.name == upstream_name:
-            if not other.spec.method.merges and other.spec.method.type.value == "lora":
-                raise RenderInputError(
-                    f"CompressJob {job.metadata.name}: FineTuneJob {upstream_name} writes only a LoRA "
-                    "adapter (mergeAdapter: false); compression needs a full model"
-                )
-            return finetune_model_uri(other)
-    if model_uri:
-        return model_uri
-    raise RenderInputError(
-        f"CompressJob {job.metadata.name}: model.fromFineTuneJob {upstream_name!r} is not in the input; "
-        "add it to the file or pass --model-uri URI"
-    )
+    """The model a CompressJob compresses: its own, its upstream FineTuneJob's from the same file,
+    else ``--model-uri``."""
+    try:
+        return compress_model_uri(job, [other for other in jobs if isinstance(other, FineTuneJob)])
+    except AdapterOnlyUpstream as refusal:
+        raise RenderInputError(f"CompressJob {job.metadata.name}: {refusal}") from None
+    except UpstreamNotFound as missing:
+        if model_uri:
+            return model_uri
+        raise RenderInputError(
+            f"CompressJob {job.metadata.name}: model.fromFineTuneJob {missing.name!r} is not in the input; "
+            "add it to the file or pass --model-uri URI"
+        ) from None
 
 
 def render_job(

@@ -1,7 +1,9 @@
-"""Command lines and environments of the local processes that stand in for pods.
+"""Local processes from a job's workloads (:mod:`kubetune.run.workloads`): what stands in for pods.
 
-Pure functions: local mode launches exactly the runtime entry points a cluster runs
-(``python -m kubetune.trainer ...``), with one torchrun (``launch``) playing each pod.
+Pure functions: local mode launches exactly the workloads a cluster runs, with one torchrun
+(``launch``) playing each pod of a gang. What is local's own is only what differs between a pod
+and a process on this machine: paths under the run directory, caches, the accelerator this
+machine has, and free ports (the processes share one network namespace, pods do not).
 """
 
 from __future__ import annotations
@@ -10,9 +12,19 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
-from kubetune.api.spec import MethodType
-from kubetune.plan import ADAPTER_DIR, MODEL_DIR, RunPlan
+from kubetune.run.workloads import (
+    ENV_DS_ACCELERATOR,
+    ENV_TERMINATION_LOG,
+    Rendezvous,
+    Workload,
+    progress_to_file,
+)
+
+# Every node of a local gang finds node 0 on this machine, as pods find <job>-0.<service>.
+LOCAL_HOST: Final = "127.0.0.1"
+TERMINATION_LOG_FILE: Final = "termination-log"
 
 
 @dataclass(frozen=True)
@@ -25,8 +37,14 @@ class ProcessSpec:
     cwd: Path | None = None
 
 
-def runtime_env(*, accelerator: str, progress_file: Path | None, scratch: Path) -> dict[str, str]:
-    """Environment shared by every runtime process of a local run."""
+def termination_log(run_dir: Path) -> Path:
+    """Where a local run's processes write their one-line failure reason (a pod's
+    terminationMessagePath)."""
+    return run_dir / TERMINATION_LOG_FILE
+
+
+def runtime_env(*, accelerator: str, scratch: Path) -> dict[str, str]:
+    """Environment every process of a local run shares, whatever its workload."""
     env = {
         "PYTHONUNBUFFERED": "1",
         # Keep caches out of the user's home and away from each other's runs.
@@ -36,12 +54,9 @@ def runtime_env(*, accelerator: str, progress_file: Path | None, scratch: Path) 
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
     if accelerator == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
+        env[ENV_DS_ACCELERATOR] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    if progress_file is not None:
-        env["KUBETUNE_PROGRESS"] = f"file:{progress_file}"
-    # Where a pod's container would write its one-line failure reason (terminationMessagePath).
-    env["KUBETUNE_TERMINATION_LOG"] = str(scratch / "termination-log")
+    env[ENV_TERMINATION_LOG] = str(termination_log(scratch))
     return env
 
 
@@ -51,86 +66,63 @@ def cpu_threads_per_process(processes: int, cores: int | None = None) -> int:
     return max(1, available // max(1, processes))
 
 
-def validate_process(plan_path: Path, env: dict[str, str], scratch: Path) -> ProcessSpec:
-    argv = [sys.executable, *_runtime_args("validate", plan_path, scratch / "validate")]
-    return ProcessSpec(name="validate", argv=argv, env=env)
-
-
-def _runtime_args(command: str, plan_path: Path, scratch: Path) -> list[str]:
-    """``-m kubetune.trainer COMMAND --plan ... --scratch-dir ...``: how every runtime is started."""
-    return ["-m", "kubetune.trainer", command, "--plan", str(plan_path), "--scratch-dir", str(scratch)]
-
-
-def training_processes(
-    plan: RunPlan,
-    plan_path: Path,
+def workload_env(
+    workload: Workload,
+    env: dict[str, str],
     *,
-    command: str,
+    plan_path: Path | None = None,
+    progress_file: Path | None = None,
+) -> dict[str, str]:
+    """``env`` with the workload's own environment: the job, the plan, progress, storage."""
+    progress = progress_to_file(progress_file) if progress_file is not None else None
+    plan = str(plan_path) if plan_path is not None else None
+    return {
+        **env,
+        **dict(workload.environment(plan_path=plan, progress=progress)),
+        **dict(workload.storage_env),
+    }
+
+
+def validate_process(
+    workload: Workload, *, plan_path: Path, progress_file: Path, scratch: Path, env: dict[str, str]
+) -> ProcessSpec:
+    argv = [sys.executable, *workload.argv(plan_path=str(plan_path), scratch_dir=str(scratch / "validate"))]
+    return ProcessSpec(
+        name="validate",
+        argv=argv,
+        env=workload_env(workload, env, plan_path=plan_path, progress_file=progress_file),
+    )
+
+
+def main_processes(
+    workload: Workload,
+    *,
+    plan_path: Path,
+    progress_file: Path,
     scratch: Path,
     master_port: int,
     env: dict[str, str],
-    cpu_threads: int,
 ) -> list[ProcessSpec]:
-    """One torchrun per worker, like one pod per worker of the Indexed Job.
-
-    Workers rendezvous on 127.0.0.1 the way pods rendezvous on ``<job>-0.<service>``.
-    """
-    world = plan.world
+    """One torchrun per node of a gang, like one pod per node of the Indexed Job; a workload that
+    runs in one process (quantization, pruning) is that process."""
+    process_env = workload_env(workload, env, plan_path=plan_path, progress_file=progress_file)
+    gang = workload.gang
+    if gang is None:
+        argv = workload.argv(plan_path=str(plan_path), scratch_dir=str(scratch / "worker-0"))
+        return [ProcessSpec(name="worker-0", argv=[sys.executable, *argv], env=process_env)]
+    threads = cpu_threads_per_process(gang.nodes * gang.processes_per_node)
     specs = []
-    for rank in range(world.workers):
-        argv = [
-            sys.executable,
-            "-m",
-            "kubetune.trainer",
-            "launch",
-            f"--nnodes={world.workers}",
-            f"--node_rank={rank}",
-            f"--nproc_per_node={world.processes_per_worker}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={master_port}",
-            *_runtime_args(command, plan_path, scratch / f"worker-{rank}"),
-        ]
-        worker_env = dict(env)
-        worker_env["OMP_NUM_THREADS"] = str(cpu_threads)
-        specs.append(ProcessSpec(name=f"worker-{rank}", argv=argv, env=worker_env))
+    for rank in range(gang.nodes):
+        rendezvous = Rendezvous(node_rank=str(rank), master_addr=LOCAL_HOST, master_port=master_port)
+        argv = workload.argv(
+            plan_path=str(plan_path), scratch_dir=str(scratch / f"worker-{rank}"), rendezvous=rendezvous
+        )
+        worker_env = {**process_env, "OMP_NUM_THREADS": str(threads)}
+        specs.append(ProcessSpec(name=f"worker-{rank}", argv=[sys.executable, *argv], env=worker_env))
     return specs
 
 
-def single_process(plan_path: Path, *, command: str, scratch: Path, env: dict[str, str]) -> ProcessSpec:
-    """A runtime that needs no process group (quantization, pruning)."""
-    argv = [sys.executable, *_runtime_args(command, plan_path, scratch / "worker-0")]
-    return ProcessSpec(name="worker-0", argv=argv, env=env)
-
-
-def serve_process(
-    plan: RunPlan, *, port: int, scratch: Path, env: dict[str, str], served_name: str, max_batch_size: int
-) -> ProcessSpec:
-    # An unmerged LoRA run has no full model of its own: serve the base with the adapter.
-    merged = plan.method is None or plan.method.type == MethodType.full or plan.method.merges
-    model_args = (
-        ["--model", plan.output(MODEL_DIR)]
-        if merged
-        else ["--model", plan.model_uri, "--adapter", plan.output(ADAPTER_DIR)]
-    )
-    argv = [
-        sys.executable,
-        "-m",
-        "kubetune.trainer",
-        "serve",
-        *model_args,
-        "--served-model-name",
-        served_name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--scratch-dir",
-        str(scratch / "serve"),
-        "--max-batch-size",
-        str(max_batch_size),
-    ]
-    if plan.storage.endpoint:
-        argv += ["--storage-endpoint", plan.storage.endpoint]
-    if plan.storage.region:
-        argv += ["--storage-region", plan.storage.region]
-    return ProcessSpec(name="serve", argv=argv, env=env)
+def serve_process(workload: Workload, *, port: int, scratch: Path, env: dict[str, str]) -> ProcessSpec:
+    """The server, listening on this machine only."""
+    argv = workload.argv(host=LOCAL_HOST, port=port, scratch_dir=str(scratch / "serve"))
+    return ProcessSpec(name="serve", argv=[sys.executable, *argv], env=workload_env(workload, env))

@@ -20,18 +20,21 @@ from rich.console import Console
 
 from kubetune.api import CompressJob, FineTuneJob
 from kubetune.api.spec import TaskType
-from kubetune.errors import EXIT_INVALID_INPUT, EXIT_OK, EXIT_STORAGE, KubetuneError
+from kubetune.errors import KubetuneError
 from kubetune.local import launcher, processes
 from kubetune.local.display import ProgressFile, TrainingProgress, flatten, summary_table
-from kubetune.plan import (
-    METRICS_FILE,
-    MODEL_DIR,
-    REPORT_FILE,
-    RUN_RECORD_FILE,
-    RunPlan,
-    finetune_model_uri,
-    plan_compress,
-    plan_finetune,
+from kubetune.run.artifacts import RUN_RECORD_FILE, AdapterOnlyUpstream
+from kubetune.run.plan import RunPlan, plan_compress, plan_finetune
+from kubetune.run.upstream import UpstreamNotFound, compress_model_uri
+from kubetune.run.workloads import (
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    EXIT_STORAGE,
+    NON_RETRIABLE_EXIT_CODES,
+    Workload,
+    main_workload,
+    serve_workload,
+    validate_workload,
 )
 
 LOCAL_NAMESPACE = "local"
@@ -47,6 +50,15 @@ class RunOptions:
     port: int | None = None
     accelerator: str = "auto"
     verbose: bool = False
+
+
+@dataclass(frozen=True)
+class JobWorkloads:
+    """What local mode runs for one job, in order: the same workloads the operator renders."""
+
+    validate: Workload
+    main: Workload
+    serve: Workload | None
 
 
 @dataclass
@@ -83,20 +95,27 @@ class LocalRunner:
     # --- plans ----------------------------------------------------------------------------
 
     def plan_for(self, job: FineTuneJob | CompressJob) -> RunPlan:
+        """The job's run plan. Raises :class:`LookupError` for a CompressJob whose upstream has not
+        run here yet, :class:`~kubetune.run.artifacts.AdapterOnlyUpstream` for one whose upstream
+        wrote only an adapter (the operator refuses it with the same message)."""
         if isinstance(job, FineTuneJob):
             return plan_finetune(job, namespace=LOCAL_NAMESPACE)
-        model = job.spec.model
-        if model.uri is not None:
-            model_uri = model.uri
-        else:
-            upstream = self.finished.get(model.from_fine_tune_job or "")
-            if upstream is None:
-                raise LookupError(
-                    f"spec.model.fromFineTuneJob: FineTuneJob {model.from_fine_tune_job!r} has not run in this "
-                    "invocation; put it before the CompressJob in the same file, or use spec.model.uri"
-                )
-            model_uri = finetune_model_uri(upstream)
+        try:
+            model_uri = compress_model_uri(job, self.finished.values())
+        except UpstreamNotFound as missing:
+            raise LookupError(
+                f"spec.model.fromFineTuneJob: FineTuneJob {missing.name!r} has not run in this "
+                "invocation; put it before the CompressJob in the same file, or use spec.model.uri"
+            ) from None
         return plan_compress(job, model_uri=model_uri, namespace=LOCAL_NAMESPACE)
+
+    def workloads_for(self, job: FineTuneJob | CompressJob, plan: RunPlan) -> JobWorkloads:
+        serves = self.options.serve and job.spec.serve.enabled
+        return JobWorkloads(
+            validate=validate_workload(plan),
+            main=main_workload(plan),
+            serve=serve_workload(job, plan.storage) if serves else None,
+        )
 
     # --- one job --------------------------------------------------------------------------
 
@@ -105,7 +124,7 @@ class LocalRunner:
         kind = type(job).kind_name
         try:
             plan = self.plan_for(job)
-        except LookupError as exc:
+        except (LookupError, AdapterOnlyUpstream) as exc:
             self.console.print(f"[red]{kind}/{name}: {exc}")
             return RunOutcome(EXIT_INVALID_INPUT)
         run_dir = self.options.workdir / f"{kind.lower()}-{name}"
@@ -143,12 +162,13 @@ class LocalRunner:
             )
             return RunOutcome(EXIT_INVALID_INPUT, plan)
         self._run_dir = run_dir
-        (run_dir / "termination-log").unlink(missing_ok=True)
+        launcher.termination_log(run_dir).unlink(missing_ok=True)
         plan_path = run_dir / "plan.json"
         plan_path.write_text(plan.to_json())
         progress_path = run_dir / "progress.jsonl"
         progress_path.unlink(missing_ok=True)
-        env = launcher.runtime_env(accelerator=self.accelerator, progress_file=progress_path, scratch=run_dir)
+        env = launcher.runtime_env(accelerator=self.accelerator, scratch=run_dir)
+        work = self.workloads_for(job, plan)
         logs = run_dir / "logs"
         outcome = RunOutcome(EXIT_OK, plan)
         self.console.rule(f"{kind} {name}")
@@ -157,7 +177,17 @@ class LocalRunner:
         started = time.monotonic()
         with self.console.status("validating model and data..."):
             result = processes.run_gang(
-                [launcher.validate_process(plan_path, env, run_dir)], logs, on_tick=lambda: None
+                [
+                    launcher.validate_process(
+                        work.validate,
+                        plan_path=plan_path,
+                        progress_file=progress_path,
+                        scratch=run_dir,
+                        env=env,
+                    )
+                ],
+                logs,
+                on_tick=lambda: None,
             )
         outcome.timings["validate"] = time.monotonic() - started
         if result.exit_code != 0:
@@ -165,20 +195,14 @@ class LocalRunner:
         self.console.print(f"[green]✓[/] model and data valid ({outcome.timings['validate']:.1f}s)")
 
         started = time.monotonic()
-        command = "finetune" if plan.kind == "finetune" else "compress"
-        trains = plan.kind == "finetune" or (plan.compression is not None and plan.compression.distillation)
-        if trains:
-            specs = launcher.training_processes(
-                plan,
-                plan_path,
-                command=command,
-                scratch=run_dir,
-                master_port=free_port(),
-                env=env,
-                cpu_threads=launcher.cpu_threads_per_process(plan.world.size),
-            )
-        else:
-            specs = [launcher.single_process(plan_path, command=command, scratch=run_dir, env=env)]
+        specs = launcher.main_processes(
+            work.main,
+            plan_path=plan_path,
+            progress_file=progress_path,
+            scratch=run_dir,
+            master_port=free_port(),
+            env=env,
+        )
         follower = ProgressFile(progress_path)
         label = "training" if plan.kind == "finetune" else "compressing"
         with TrainingProgress(self.console, label) as bar:
@@ -194,8 +218,8 @@ class LocalRunner:
         self._summarise(plan, outcome)
         if isinstance(job, FineTuneJob):
             self.finished[name] = job
-        if self.options.serve and job.spec.serve.enabled:
-            return self._serve(job, plan, run_dir, env, outcome)
+        if work.serve is not None:
+            return self._serve(job, plan, work.serve, run_dir, env, outcome)
         return outcome
 
     def _failed(self, outcome: RunOutcome, result: processes.GangResult, stage: str) -> RunOutcome:
@@ -210,13 +234,13 @@ class LocalRunner:
         if proc is not None:
             self.console.print(f"[dim]last lines of {proc.log_path}:[/]")
             self.console.print(proc.tail(), markup=False, highlight=False)
-        if result.exit_code not in (EXIT_INVALID_INPUT, EXIT_STORAGE):
+        if result.exit_code not in NON_RETRIABLE_EXIT_CODES:
             self.console.print("run the same command again to resume from the newest committed checkpoint")
         outcome.exit_code = result.exit_code or 1
         return outcome
 
     def _termination_reason(self) -> str:
-        path = self._run_dir / "termination-log"
+        path = launcher.termination_log(self._run_dir)
         try:
             return path.read_text().strip()
         except OSError:
@@ -226,7 +250,8 @@ class LocalRunner:
         from kubetune.storage import StorageConfig, open_store
 
         config = StorageConfig(endpoint=plan.storage.endpoint, region=plan.storage.region)
-        results_uri = plan.output(METRICS_FILE if plan.kind == "finetune" else REPORT_FILE)
+        artifacts = plan.artifacts
+        results_uri = artifacts.report_uri or artifacts.metrics_uri
         try:
             results = json.loads(open_store(results_uri, config).read_bytes(results_uri))
         except Exception as exc:  # the summary is a courtesy; the run itself succeeded
@@ -243,23 +268,18 @@ class LocalRunner:
         self,
         job: FineTuneJob | CompressJob,
         plan: RunPlan,
+        workload: Workload,
         run_dir: Path,
         env: dict[str, str],
         outcome: RunOutcome,
     ) -> RunOutcome:
         port = self.options.port or free_port()
         name = job.metadata.name or "model"
-        spec = launcher.serve_process(
-            plan,
-            port=port,
-            scratch=run_dir,
-            env=env,
-            served_name=name,
-            max_batch_size=job.spec.serve.max_batch_size,
-        )
-        base = f"http://127.0.0.1:{port}"
+        spec = launcher.serve_process(workload, port=port, scratch=run_dir, env=env)
+        base = f"http://{launcher.LOCAL_HOST}:{port}"
+        served = workload.served.model_uri if workload.served else plan.output_uri
         with processes.background(spec, run_dir / "logs") as server:
-            with self.console.status(f"starting the server for {plan.output(MODEL_DIR)}..."):
+            with self.console.status(f"starting the server for {served}..."):
                 ready = wait_ready(base, server)
             if not ready:
                 self.console.print(

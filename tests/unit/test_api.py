@@ -529,7 +529,13 @@ def test_name_limits_match_the_operators_child_names(tmp_path: Path) -> None:
     """The API refuses exactly the names whose children the operator could not name."""
     # A fresh interpreter outside the repository: from its root, the source folder kubetune/
     # shadows the installed package, which is what maps operator/ to kubetune.operator.
-    code = "import json; from kubetune.operator import render; print(json.dumps(render.MAX_NAME_LENGTH))"
+    # The longest name whose last child, "<job>-train-r1000-1023" (restarts <= 1000, workers <= 1024),
+    # is still a DNS label, as the operator names it.
+    code = (
+        "import json; from kubetune.operator import render; print(json.dumps({kind: max(n for n in "
+        "range(1, 64) if len(render.ChildNames(kind, 'j' * n).main(1000) + '-1023') <= 63) "
+        "for kind in ('FineTuneJob', 'CompressJob')}))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120
     )

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from kubetune.api import KINDS, CompressJob, FineTuneJob
+from kubetune.api.resources import MAX_NAME_LENGTH
 from kubetune.api.spec import ServeRuntime
 from kubetune.operator import render, render_cli
 from kubetune.operator.settings import Settings, SettingsError
@@ -572,7 +573,7 @@ def test_the_restricted_check_catches_violations() -> None:
 
 @pytest.mark.parametrize("kind", ["FineTuneJob", "CompressJob"])
 def test_longest_allowed_job_name_keeps_every_child_a_dns_label(kind: str) -> None:
-    longest = "j" * render.MAX_NAME_LENGTH[kind]
+    longest = "j" * MAX_NAME_LENGTH[kind]
     names = render.ChildNames(kind, longest)
     last_hostname = f"{names.main(1000)}-1023"  # maxRestarts <= 1000, workers <= 1024
     children = [
