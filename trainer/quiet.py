@@ -33,4 +33,4 @@ def hide_save_progress_bars() -> None:
     that only writes a model prints its own line instead."""
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
