@@ -40,7 +40,8 @@ from transformers import TrainerCallback
 
 from kubetune.errors import InvalidInputError, RetriableError
 from kubetune.ownership import Owner, holds_claim
-from kubetune.plan import CHECKPOINTS_DIR, COMMIT_MARKER, JobRef, RunPlan
+from kubetune.run.artifacts import COMMIT_MARKER, join_uri
+from kubetune.run.plan import JobRef, RunPlan
 from kubetune.storage import ObjectStore
 from kubetune.trainer.training import (
     Distributed,
@@ -175,11 +176,11 @@ def merge_file_records(reports: Sequence[Sequence[FileRecord]]) -> tuple[FileRec
 
 
 def checkpoints_uri(plan: RunPlan) -> str:
-    return plan.output(CHECKPOINTS_DIR)
+    return plan.artifacts.checkpoints_uri
 
 
 def step_uri(plan: RunPlan, step: int) -> str:
-    return plan.output(CHECKPOINTS_DIR, f"{STEP_PREFIX}{step}")
+    return join_uri(plan.artifacts.checkpoints_uri, f"{STEP_PREFIX}{step}")
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
-from kubetune.plan import LOGS_DIR, METRICS_FILE, RunPlan
+from kubetune.run.artifacts import LOGS_DIR
+from kubetune.run.plan import RunPlan
 from kubetune.storage import open_store
 from kubetune.trainer.runtime import parse_runtime_args, run_main, scratch_root, storage_config
 
 if TYPE_CHECKING:
+    from kubetune.run.deepspeed import Accelerator
     from kubetune.trainer.outputs import StartupClock
-    from kubetune.trainer.training import Accelerator, Distributed
+    from kubetune.trainer.training import Distributed
 
 log = logging.getLogger("kubetune.trainer.finetune")
 
@@ -41,12 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def load_plan(path: Path) -> RunPlan:
-    try:
-        plan = RunPlan.model_validate_json(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InvalidInputError(f"cannot read the run plan {path}: {e.strerror or e}") from e
-    except ValidationError as e:
-        raise InvalidInputError(f"{path} is not a valid run plan: {e}") from e
+    """The plan a fine-tuning run can run (exit code 2 for anything else)."""
+    plan = RunPlan.from_file(path)
     if plan.kind != "finetune" or plan.hyperparameters is None:
         raise InvalidInputError(
             f"{path} is a {plan.kind} plan without training settings, not a finetune plan"
@@ -208,7 +204,7 @@ def finetune(
                 )
                 state = trainer.state
                 metrics = outputs.final_metrics(plan, state.log_history, eval_metrics, state.global_step)
-                outputs.write_json(out, plan.output(METRICS_FILE), metrics)
+                outputs.write_json(out, plan.artifacts.metrics_uri, metrics)
                 outputs.upload_logs(out, plan, logs_dir)
             record.update(
                 status="succeeded",

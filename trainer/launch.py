@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-from kubetune.errors import EXIT_INVALID_INPUT, EXIT_STORAGE
+from kubetune.errors import NON_RETRIABLE_EXIT_CODES
 
 
 def gang_exit_code(worker_exit_codes: Iterable[int]) -> int:
@@ -19,7 +19,7 @@ def gang_exit_code(worker_exit_codes: Iterable[int]) -> int:
     codes = [c for c in worker_exit_codes if c != 0]
     if not codes:
         return 0
-    for contract in (EXIT_INVALID_INPUT, EXIT_STORAGE):
+    for contract in NON_RETRIABLE_EXIT_CODES:  # invalid input first, then storage
         if contract in codes:
             return contract
     # Everything else is retriable; a worker killed by a signal reports a negative code.

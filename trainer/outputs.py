@@ -31,17 +31,9 @@ from typing import TYPE_CHECKING, Any, Final
 import psutil
 from transformers import TrainerCallback
 
-from kubetune.api.spec import MethodType, TaskType
+from kubetune.api.spec import TaskType
 from kubetune.ownership import OutputConflictError, Owner, claim_output, plan_inputs, republish
-from kubetune.plan import (
-    ADAPTER_DIR,
-    CHECKPOINTS_DIR,
-    LOGS_DIR,
-    METRICS_FILE,
-    MODEL_DIR,
-    RUN_RECORD_FILE,
-    RunPlan,
-)
+from kubetune.run.plan import RunPlan
 from kubetune.storage import ObjectStore
 from kubetune.trainer.checkpoint import describe_job, job_identity, same_job
 
@@ -90,7 +82,7 @@ def guard_output(store: ObjectStore, plan: RunPlan) -> dict[str, Any] | None:
     Returns the previous run record of this same job (a restart), or ``None`` for a fresh prefix.
     """
     claim_output(store, plan.output_uri, output_owner(plan), plan_inputs(plan))
-    record_uri = plan.output(RUN_RECORD_FILE)
+    record_uri = plan.artifacts.run_record_uri
     if not store.exists(record_uri):
         return None
     try:
@@ -172,13 +164,14 @@ def now() -> str:
 
 
 def artifact_uris(plan: RunPlan) -> dict[str, str | None]:
-    lora = plan.method is not None and plan.method.type == MethodType.lora
+    """The run record's ``artifacts``: every URI a fine-tuning run writes."""
+    artifacts = plan.artifacts
     return {
-        "model": plan.output(MODEL_DIR) if not lora or plan.method is None or plan.method.merges else None,
-        "adapter": plan.output(ADAPTER_DIR) if lora else None,
-        "metrics": plan.output(METRICS_FILE),
-        "logs": plan.output(LOGS_DIR),
-        "checkpoints": plan.output(CHECKPOINTS_DIR),
+        "model": artifacts.model_uri,
+        "adapter": artifacts.adapter_uri,
+        "metrics": artifacts.metrics_uri,
+        "logs": artifacts.logs_uri,
+        "checkpoints": artifacts.checkpoints_uri,
     }
 
 
@@ -196,7 +189,7 @@ def write_run_record(store: ObjectStore, plan: RunPlan, record: dict[str, Any]) 
         "artifacts": artifact_uris(plan),
         **record,
     }
-    write_json(store, plan.output(RUN_RECORD_FILE), full)
+    write_json(store, plan.artifacts.run_record_uri, full)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -292,17 +285,18 @@ def publish_model(
     with the dtype): they are deleted after the new files are uploaded, never before
     (:func:`kubetune.ownership.republish`)."""
     uploaded: dict[str, str] = {}
-    lora = plan.method is not None and plan.method.type == MethodType.lora
-    if lora:
-        _replace_prefix(store, plan, trained_dir, plan.output(ADAPTER_DIR))
-        uploaded["adapter"] = plan.output(ADAPTER_DIR)
-        if plan.method is not None and plan.method.merges:
+    artifacts = plan.artifacts
+    if artifacts.adapter_uri is not None:
+        # What was trained is the adapter; the model, when the run writes one, is it merged.
+        _replace_prefix(store, plan, trained_dir, artifacts.adapter_uri)
+        uploaded["adapter"] = artifacts.adapter_uri
+        if artifacts.model_uri is not None:
             merged = merge_adapter(plan, base_dir, trained_dir, work_dir / "merged", tokenizer)
-            _replace_prefix(store, plan, merged, plan.output(MODEL_DIR))
-            uploaded["model"] = plan.output(MODEL_DIR)
-    else:
-        _replace_prefix(store, plan, trained_dir, plan.output(MODEL_DIR))
-        uploaded["model"] = plan.output(MODEL_DIR)
+            _replace_prefix(store, plan, merged, artifacts.model_uri)
+            uploaded["model"] = artifacts.model_uri
+    elif artifacts.model_uri is not None:
+        _replace_prefix(store, plan, trained_dir, artifacts.model_uri)
+        uploaded["model"] = artifacts.model_uri
     for name, uri in uploaded.items():
         log.info("wrote the %s to %s", name, uri)
     return uploaded
@@ -316,4 +310,4 @@ def upload_logs(store: ObjectStore, plan: RunPlan, logs_dir: Path) -> None:
     """TensorBoard event files to ``<output>/logs`` (each run writes files of its own names, so a
     resumed run adds to the earlier ones)."""
     if logs_dir.is_dir() and any(p.is_file() for p in logs_dir.rglob("*")):
-        store.upload_dir(logs_dir, plan.output(LOGS_DIR))
+        store.upload_dir(logs_dir, plan.artifacts.logs_uri)

@@ -35,17 +35,16 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from transformers import TrainerCallback
 
+from kubetune.api import GROUP, KINDS
 from kubetune.api.status import Progress
-from kubetune.plan import JobRef, RunPlan
+from kubetune.run.plan import JobRef, RunPlan
+from kubetune.run.workloads import ENV_PROGRESS
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
-
-PROGRESS_ENV = "KUBETUNE_PROGRESS"
-KUBETUNE_GROUP = "kubetune.io"
 
 # Evaluation entries that describe the evaluation run itself rather than model quality.
 _EVAL_BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "epoch")
@@ -278,11 +277,6 @@ class MultiReporter(_ReporterBase):
             reporter.close()
 
 
-def resource_plural(kind: str) -> str:
-    """The plural resource name of a kubetune kind: FineTuneJob -> finetunejobs."""
-    return kind.lower() + "s"
-
-
 def _load_api_client() -> ApiClient:
     """In-cluster credentials (the pod's ServiceAccount) when running in a pod, else KUBECONFIG."""
     from kubernetes import client, config
@@ -319,9 +313,9 @@ class KubernetesStatusReporter(_ReporterBase):
     ) -> None:
         group, _, version = job.api_version.partition("/")
         self.job = job
-        self.group = group if version else KUBETUNE_GROUP
+        self.group = group if version else GROUP
         self.version = version or group
-        self.plural = resource_plural(job.kind)
+        self.plural = KINDS[job.kind].plural
         self.min_interval_s = min_interval_s
         self.request_timeout_s = request_timeout_s
         self.sent = 0  # successful patches, for tests and the final log line
@@ -457,7 +451,7 @@ def make_reporter(plan: RunPlan, rank: int) -> ProgressReporter:
     """
     if rank != 0:
         return NullReporter()
-    spec = os.environ.get(PROGRESS_ENV, "").strip() or "log"
+    spec = os.environ.get(ENV_PROGRESS, "").strip() or "log"
     reporters: list[ProgressReporter] = []
     for item in (part.strip() for part in spec.split(",")):
         if item == "kubernetes":
@@ -467,7 +461,7 @@ def make_reporter(plan: RunPlan, rank: int) -> ProgressReporter:
         elif item == "log":
             reporters.append(LogReporter())
         elif item:
-            log.warning("ignoring %s entry %r: expected kubernetes, file:/path or log", PROGRESS_ENV, item)
+            log.warning("ignoring %s entry %r: expected kubernetes, file:/path or log", ENV_PROGRESS, item)
     if not reporters:
         reporters.append(LogReporter())
     return reporters[0] if len(reporters) == 1 else MultiReporter(reporters)

@@ -19,20 +19,12 @@ from pathlib import Path
 from typing import Final
 
 from kubetune.api.spec import AddressingStyle
-from kubetune.errors import (
-    EXIT_INVALID_INPUT,
-    EXIT_STORAGE,
-    TERMINATION_LOG,
-    KubetuneError,
-)
-from kubetune.plan import RunPlan
+from kubetune.errors import NON_RETRIABLE_EXIT_CODES, TERMINATION_LOG, KubetuneError
+from kubetune.run.plan import RunPlan
+from kubetune.run.workloads import ENV_SCRATCH_DIR, ENV_TERMINATION_LOG
 from kubetune.storage import StorageConfig
 
 log = logging.getLogger("kubetune.trainer")
-
-# Overrides where the termination message goes (local mode and tests, where /dev is not writable).
-TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"
-SCRATCH_ENV: Final = "KUBETUNE_SCRATCH_DIR"
 # The kubelet reads at most 4096 bytes of the termination message.
 _TERMINATION_MESSAGE_MAX: Final = 4096
 _EXIT_INTERRUPTED: Final = 130
@@ -67,7 +59,8 @@ def write_termination_message(message: str) -> bool:
     outside them (``KUBETUNE_TERMINATION_LOG`` unset) there is nothing to write to. Returns whether
     it was written.
     """
-    override = os.environ.get(TERMINATION_LOG_ENV)
+    # The override is for local mode and tests, where /dev is not writable.
+    override = os.environ.get(ENV_TERMINATION_LOG)
     path = Path(override or TERMINATION_LOG)
     if override is None and not (path.exists() and os.access(path, os.W_OK)):
         return False
@@ -91,7 +84,7 @@ def run_main(fn: Callable[[], int]) -> int:
         return fn()
     except KubetuneError as e:
         reason = f"{e.reason}: {e}"
-        if e.exit_code in (EXIT_INVALID_INPUT, EXIT_STORAGE):
+        if e.exit_code in NON_RETRIABLE_EXIT_CODES:
             log.error("%s", reason)
         else:
             log.exception("%s", reason)
@@ -140,7 +133,7 @@ def scratch_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where a runtime may write large temporary files: ``--scratch-dir``, else
     ``KUBETUNE_SCRATCH_DIR``, else the system temporary directory (pods mount an emptyDir there,
     since their root filesystem is read-only)."""
-    chosen = explicit or os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
+    chosen = explicit or os.environ.get(ENV_SCRATCH_DIR) or tempfile.gettempdir()
     path = Path(chosen)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -16,7 +16,6 @@ accelerator once, on first use.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import socket
@@ -24,11 +23,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 from kubetune.api.spec import LRScheduler, MethodType, Precision, TaskType
 from kubetune.errors import InvalidInputError
-from kubetune.plan import RunPlan
+from kubetune.run.deepspeed import Accelerator, config_for_hardware
+from kubetune.run.plan import RunPlan
 
 if TYPE_CHECKING:
     import torch
@@ -37,15 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Accelerator = Literal["cuda", "cpu"]
-
 # torchrun's variables; a process started without torchrun gets a one-process world with these.
 _STANDALONE_ENV: Final = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 # DeepSpeed's shared-memory all-reduce only speeds up *inference* collectives on CPU
 # (TorchBackend.inference_all_reduce), which training never calls, yet building it compiles a
 # C++ extension for a minute or more in every fresh container.
 _SHM_COMM_OP: Final = "deepspeed_shm_comm"
-_ADAM_DEFAULTS: Final = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -233,40 +230,12 @@ def torch_dtype(precision: Precision) -> torch.dtype:
     return {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision, torch.float32)
 
 
-def _offloads(zero: dict[str, Any]) -> bool:
-    return any(
-        isinstance(zero.get(key), dict) and zero[key].get("device", "none") in ("cpu", "nvme")
-        for key in ("offload_optimizer", "offload_param")
-    )
-
-
 def deepspeed_config(plan: RunPlan, precision: Precision, accelerator: Accelerator) -> dict[str, Any]:
-    """The plan's DeepSpeed config completed with what only the runtime knows: precision, and the
-    optimizer that CPU offload needs on this hardware."""
-    hp = plan.hyperparameters
-    assert hp is not None, "finetune plans carry hyperparameters"
-    config = copy.deepcopy(plan.deepspeed_config or {})
-    config.setdefault("train_micro_batch_size_per_gpu", hp.per_device_batch_size)
-    config.setdefault("gradient_accumulation_steps", hp.gradient_accumulation_steps)
-    config.setdefault("gradient_clipping", hp.max_grad_norm)
-    zero = config.setdefault("zero_optimization", {"stage": 0})
-    # Extra keys the user set (loss scaling, ...) stay; "enabled" follows the resolved precision.
-    config["bf16"] = {**config.get("bf16", {}), "enabled": precision == Precision.bf16}
-    config["fp16"] = {**config.get("fp16", {}), "enabled": precision == Precision.fp16}
-    if zero.get("stage") == 3:
-        # <output>/model must be a plain checkpoint, so the shards are gathered when saving.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if _offloads(zero):
-        if accelerator == "cpu":
-            # On a CPU-only node the states already live in host memory, and DeepSpeed's CPU Adam
-            # would be compiled at start-up (minutes); the Trainer's torch AdamW steps instead.
-            config["zero_force_ds_cpu_optimizer"] = False
-            for key in ("offload_optimizer", "offload_param"):
-                if isinstance(zero.get(key), dict):
-                    zero[key].pop("pin_memory", None)
-        else:
-            config.setdefault("optimizer", {"type": "AdamW", "params": dict(_ADAM_DEFAULTS)})
-    return config
+    """The plan's DeepSpeed config (resolved from the spec, :mod:`kubetune.run.deepspeed`) with
+    what this node decides: the precision and what CPU offloading needs on this accelerator."""
+    if plan.deepspeed_config is None:
+        raise InvalidInputError(f"the {plan.kind} plan has no DeepSpeed config, so it cannot train")
+    return config_for_hardware(plan.deepspeed_config, precision=precision, accelerator=accelerator)
 
 
 def check_cpu_adam(accelerator: Accelerator) -> None:

@@ -27,12 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from pydantic import ValidationError
-
 from kubetune.api.spec import DataFormat, TaskType
 from kubetune.errors import EXIT_INVALID_INPUT, EXIT_OK, EXIT_STORAGE, InvalidInputError, StorageAccessError
 from kubetune.ownership import check_inputs, plan_inputs
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 from kubetune.storage import open_store
 from kubetune.trainer import data
 from kubetune.trainer.runtime import run_main, scratch_root, storage_config, write_termination_message
@@ -465,18 +463,6 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _read_plan(path: str) -> RunPlan:
-    try:
-        return RunPlan.from_file(path)
-    except OSError as e:
-        raise InvalidInputError(f"cannot read the run plan {path}: {e.strerror or e}") from None
-    except ValidationError as e:
-        errors = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'plan'}: {err['msg']}" for err in e.errors()[:10]
-        )
-        raise InvalidInputError(f"the run plan {path} is invalid: {errors}") from None
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune.trainer validate",
@@ -493,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         try:
-            plan = _read_plan(args.plan)
+            plan = RunPlan.from_file(args.plan)
             # An output inside the job's model or dataset is refused before anything is read
             # (kubetune.ownership, reason OutputConflict): training would read its own outputs.
             check_inputs(plan.output_uri, plan_inputs(plan))

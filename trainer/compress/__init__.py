@@ -40,13 +40,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from kubetune.api.resources import PruningMethod, QuantizationMethod
 from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.ownership import republish
-from kubetune.plan import MODEL_DIR, REPORT_FILE, RUN_RECORD_FILE, RunPlan
+from kubetune.run.artifacts import MODEL_DIR, REPORT_FILE, RUN_RECORD_FILE
+from kubetune.run.plan import RunPlan
+from kubetune.run.workloads import runs_distributed
 from kubetune.storage import ObjectStore, open_store
 from kubetune.trainer.compress import recipes
 from kubetune.trainer.runtime import parse_runtime_args, run_main, scratch_root, storage_config
@@ -54,8 +54,9 @@ from kubetune.trainer.runtime import parse_runtime_args, run_main, scratch_root,
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from kubetune.run.deepspeed import Accelerator
     from kubetune.trainer.compress.examples import CompressionData
-    from kubetune.trainer.training import Accelerator, Distributed
+    from kubetune.trainer.training import Distributed
 
 log = logging.getLogger("kubetune.trainer.compress")
 
@@ -67,23 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parse_runtime_args(argv, command="compress", doc=__doc__)
 
 
-def _describe_validation(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(plan)"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def load_plan(path: Path) -> RunPlan:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InvalidInputError(f"cannot read the run plan {path}: {e.strerror or e}") from e
-    try:
-        plan = RunPlan.model_validate_json(text)
-    except ValidationError as e:
-        raise InvalidInputError(f"{path} is not a valid compress plan: {_describe_validation(e)}") from e
+    """The plan a compression run can run (exit code 2 for anything else, before any download)."""
+    plan = RunPlan.from_file(path)
     recipes.check_plan(plan)
     return plan
 
@@ -107,7 +94,7 @@ def run(plan_path: Path, scratch_dir: Path | None) -> int:
 
     from kubetune.trainer import training
 
-    dist = training.init_distributed(accelerator) if compression.distillation is not None else None
+    dist = training.init_distributed(accelerator) if runs_distributed(plan) else None
     try:
         compress(plan, scratch, dist, accelerator)
     finally:

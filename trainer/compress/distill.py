@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 from kubetune.storage import ObjectStore, open_store
 from kubetune.trainer.data.formats import IGNORE_INDEX
 from kubetune.trainer.runtime import storage_config
@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from kubetune.run.deepspeed import Accelerator
     from kubetune.trainer.outputs import Timings
-    from kubetune.trainer.training import Accelerator, Distributed
+    from kubetune.trainer.training import Distributed
 
 log = logging.getLogger(__name__)
 
