@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kubetune.api import FineTuneJob
-from kubetune.plan import plan_finetune
+from kubetune.run.plan import plan_finetune
 from kubetune.trainer.tinymodel import build_tiny_causal_lm, sample_corpus
 
 CASES = {

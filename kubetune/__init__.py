@@ -1,7 +1,7 @@
 """kubetune: Kubernetes-native fine-tuning and model compression.
 
 The top-level package is the torch-free core shared by the operator and the runtimes:
-API types (:mod:`kubetune.api`), the run plan (:mod:`kubetune.plan`), object storage
+API types (:mod:`kubetune.api`), the run contract (:mod:`kubetune.run`), object storage
 (:mod:`kubetune.storage`) and the command line (:mod:`kubetune.cli`).
 """
 

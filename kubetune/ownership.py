@@ -39,10 +39,10 @@ from kubetune.errors import InvalidInputError
 from kubetune.storage import ObjectStore
 
 if TYPE_CHECKING:
-    from kubetune.plan import RunPlan
+    from kubetune.run.plan import RunPlan
 
 OWNER_FILE: Final = "_OWNER.json"
-RUN_RECORD: Final = "run.json"  # kubetune.plan.RUN_RECORD_FILE (not imported: plan pulls in the API)
+RUN_RECORD: Final = "run.json"  # kubetune.run.artifacts.RUN_RECORD_FILE (not imported: plan pulls in the API)
 OWNER_VERSION: Final = 1
 
 

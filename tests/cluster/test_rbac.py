@@ -17,7 +17,7 @@ from kubernetes import config
 
 from kubetune.api import FineTuneJob
 from kubetune.operator import render
-from kubetune.plan import JobRef
+from kubetune.run.plan import JobRef
 from kubetune.trainer.progress import KubernetesStatusReporter
 from tests.cluster.conftest import OPERATOR_USER, OperatorProcess, create_token, wait_for
 from tests.cluster.controlplane import ControlPlane

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kubetune.api.resources import CompressJob
-from kubetune.plan import dumps_plan, plan_compress
+from kubetune.run.plan import dumps_plan, plan_compress
 from kubetune.trainer.tinymodel import LICENSES_DIR, build_tiny_causal_lm
 from tests.integration.test_finetune_support import free_port, trainer_env, write_jsonl
 

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from kubetune.api.resources import FineTuneJob
-from kubetune.plan import dumps_plan, plan_finetune
+from kubetune.run.plan import dumps_plan, plan_finetune
 from kubetune.trainer.tinymodel import build_tiny_causal_lm
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kmock import KubernetesEmulator, Request, ResourceInfo, method
 
-from kubetune.plan import JobRef
+from kubetune.run.plan import JobRef
 from kubetune.trainer.progress import KubernetesStatusReporter, ProgressUpdate
 
 pytestmark = pytest.mark.integration

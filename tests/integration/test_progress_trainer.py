@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from kubetune.api.resources import FineTuneJob
-from kubetune.plan import plan_finetune
+from kubetune.run.plan import plan_finetune
 from kubetune.trainer import data
 from kubetune.trainer.progress import FileReporter, ProgressCallback
 from kubetune.trainer.tinymodel import build_tiny_causal_lm, sample_corpus

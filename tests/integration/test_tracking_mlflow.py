@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from kubetune.api.resources import CompressJob, FineTuneJob
-from kubetune.plan import dumps_plan, plan_compress, plan_finetune
+from kubetune.run.plan import dumps_plan, plan_compress, plan_finetune
 from kubetune.storage import open_store
 from tests.integration.test_compress_support import compress_job, run_compress
 from tests.integration.test_finetune_support import free_port, run_finetune, run_single, tiny_causal_lm

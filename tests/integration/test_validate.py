@@ -19,7 +19,7 @@ import pytest
 
 from kubetune.api.resources import FineTuneJob
 from kubetune.errors import InvalidInputError, RetriableError, StorageAccessError
-from kubetune.plan import plan_finetune
+from kubetune.run.plan import plan_finetune
 from kubetune.trainer import validate
 from kubetune.trainer.runtime import run_main
 from kubetune.trainer.tinymodel import build_tiny_causal_lm, sample_corpus

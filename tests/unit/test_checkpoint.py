@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.api.spec import Precision
 from kubetune.errors import InvalidInputError, RetriableError
-from kubetune.plan import JobRef, RunPlan, plan_finetune
+from kubetune.run.plan import JobRef, RunPlan, plan_finetune
 from kubetune.storage import FileStore
 from kubetune.trainer.checkpoint import (
     CheckpointPublisher,

@@ -17,7 +17,7 @@ from kubetune.api.resources import CompressJob, QuantizationMethod, Quantization
 from kubetune.api.spec import TaskType
 from kubetune.api.status import CompressionResults
 from kubetune.errors import InvalidInputError
-from kubetune.plan import RunPlan, plan_compress
+from kubetune.run.plan import RunPlan, plan_compress
 from kubetune.trainer.compress import build_report, load_plan, results_summary
 from kubetune.trainer.compress import recipes as r
 from kubetune.trainer.compress.distill import derive_student, distillation_loss, kept_layers

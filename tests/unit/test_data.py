@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from kubetune.api.resources import FineTuneJob
 from kubetune.errors import InvalidInputError, StorageAccessError
-from kubetune.plan import RunPlan, plan_finetune
+from kubetune.run.plan import RunPlan, plan_finetune
 from kubetune.trainer.data.checks import label_id
 from kubetune.trainer.data.collation import LengthStats, make_collator, prepare_datasets
 from kubetune.trainer.data.formats import (

@@ -16,7 +16,15 @@ HEAVY = ("torch", "transformers", "deepspeed", "peft", "llmcompressor", "kopf", 
 
 
 @pytest.mark.parametrize(
-    "module", ["kubetune.api", "kubetune.api.crd", "kubetune.api.validation", "kubetune.plan", "kubetune.cli"]
+    "module",
+    [
+        "kubetune.api",
+        "kubetune.api.crd",
+        "kubetune.api.validation",
+        "kubetune.run.plan",
+        "kubetune.run.workloads",
+        "kubetune.cli",
+    ],
 )
 def test_core_module_imports_nothing_heavy(module: str) -> None:
     # A fresh interpreter: this test process has long imported everything.

@@ -25,6 +25,7 @@ LAYERS = {
             ROOT / "kubetune" / "api",
             ROOT / "kubetune" / "storage",
             ROOT / "kubetune" / "plan.py",
+            ROOT / "kubetune" / "run",
             ROOT / "kubetune" / "errors.py",
         ],
         (

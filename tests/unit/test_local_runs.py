@@ -16,7 +16,7 @@ from rich.console import Console
 from kubetune.api import FineTuneJob
 from kubetune.errors import EXIT_INVALID_INPUT
 from kubetune.local.runner import LOCAL_NAMESPACE, LocalRunner, RunOptions, resume_changes
-from kubetune.plan import plan_finetune
+from kubetune.run.plan import plan_finetune
 
 pytestmark = pytest.mark.unit
 

@@ -23,7 +23,7 @@ from kubetune.ownership import (
     overlap,
     republish,
 )
-from kubetune.plan import RunPlan, plan_finetune
+from kubetune.run.plan import RunPlan, plan_finetune
 from kubetune.storage import FileStore
 from kubetune.trainer.checkpoint import (
     CheckpointPublisher,

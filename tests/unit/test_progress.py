@@ -17,7 +17,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from kubetune.api.resources import FineTuneJob
 from kubetune.api.status import Progress
 from kubetune.local.display import ProgressFile
-from kubetune.plan import RunPlan, plan_finetune
+from kubetune.run.plan import RunPlan, plan_finetune
 from kubetune.trainer.progress import (
     FileReporter,
     KubernetesStatusReporter,

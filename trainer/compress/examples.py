@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from kubetune.api.spec import Hyperparameters
 from kubetune.errors import InvalidInputError
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 from kubetune.trainer.data.formats import Example, tokenize_split
 from kubetune.trainer.data.loading import load_records
 

@@ -40,7 +40,7 @@ from kubetune.api.resources import (
     SparsityPattern,
 )
 from kubetune.errors import InvalidInputError
-from kubetune.plan import CompressionPlan, RunPlan
+from kubetune.run.plan import CompressionPlan, RunPlan
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from kubetune.api.spec import DataFormat
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 
 from .problems import ProblemLog
 from .readers import Record, json_type

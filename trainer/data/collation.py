@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.api.spec import TaskType
 from kubetune.errors import InvalidInputError
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 
 from .formats import IGNORE_INDEX, Example, tokenize_split
 from .loading import LoadReport, collect_records

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from kubetune.api.spec import DataFormat, TaskType
 from kubetune.errors import InvalidInputError
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 
 from .checks import chat_messages, label_id
 from .problems import ProblemLog

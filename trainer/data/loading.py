@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubetune.errors import InvalidInputError, StorageAccessError
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 from kubetune.storage import open_store
 from kubetune.trainer.runtime import storage_config
 

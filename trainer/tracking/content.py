@@ -9,8 +9,8 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-from kubetune.plan import RunPlan
 from kubetune.run.artifacts import RunArtifacts, compress_artifacts, finetune_artifacts
+from kubetune.run.plan import RunPlan
 
 # MLflow's limits (mlflow.utils.validation): longer params are refused, not truncated, so they are
 # shortened here; a batch takes at most 100 params or tags and 1000 metrics.

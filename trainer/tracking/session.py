@@ -21,7 +21,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from kubetune.api.spec import MlflowTarget
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 from kubetune.trainer.tracking import content
 from kubetune.trainer.tracking.guard import Guard
 
