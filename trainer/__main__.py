@@ -9,15 +9,30 @@ from __future__ import annotations
 import importlib
 import sys
 
+from kubetune.run.workloads import (
+    RUNTIME_COMPRESS,
+    RUNTIME_FINETUNE,
+    RUNTIME_LAUNCH,
+    RUNTIME_SERVE,
+    RUNTIME_VALIDATE,
+)
+
+# The runtimes the workloads of kubetune.run.workloads name.
 COMMANDS = {
-    "launch": ("kubetune.trainer.launch", "torchrun that keeps the workers' exit-code contract (2, 3)."),
-    "finetune": ("kubetune.trainer.finetune", "Fine-tune a model from a run plan (launched by torchrun)."),
-    "validate": (
+    RUNTIME_LAUNCH: (
+        "kubetune.trainer.launch",
+        "torchrun that keeps the workers' exit-code contract (2, 3).",
+    ),
+    RUNTIME_FINETUNE: (
+        "kubetune.trainer.finetune",
+        "Fine-tune a model from a run plan (launched by torchrun).",
+    ),
+    RUNTIME_VALIDATE: (
         "kubetune.trainer.validate",
         "Check that a plan's model and data are reachable and well-formed.",
     ),
-    "compress": ("kubetune.trainer.compress", "Quantize, prune or distill a model from a run plan."),
-    "serve": ("kubetune.trainer.serve", "Serve a model over an OpenAI-compatible HTTP API."),
+    RUNTIME_COMPRESS: ("kubetune.trainer.compress", "Quantize, prune or distill a model from a run plan."),
+    RUNTIME_SERVE: ("kubetune.trainer.serve", "Serve a model over an OpenAI-compatible HTTP API."),
 }
 
 
