@@ -29,6 +29,7 @@ from kubetune.api.spec import LRScheduler, MethodType, Precision, TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.run.deepspeed import Accelerator, config_for_hardware
 from kubetune.run.plan import RunPlan
+from kubetune.run.workloads import ENV_DS_ACCELERATOR
 
 if TYPE_CHECKING:
     import torch
@@ -79,9 +80,9 @@ def select_accelerator() -> Accelerator:
     ``DS_ACCELERATOR=cpu``, so DeepSpeed never probes for GPUs). Call before importing DeepSpeed."""
     import torch
 
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda":
+    if torch.cuda.is_available() and os.environ.get(ENV_DS_ACCELERATOR, "cuda") == "cuda":
         return "cuda"
-    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ[ENV_DS_ACCELERATOR] = "cpu"
     return "cpu"
 
 
