@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    # Before the command imports torch, transformers and DeepSpeed: pod logs and local logs then
+    # start with the runtime's own lines.
+    from kubetune.trainer.quiet import silence_known_library_noise
+
+    silence_known_library_noise()
     module = importlib.import_module(COMMANDS[command][0])
     result: int = module.main(rest)
     return result
