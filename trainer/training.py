@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -276,11 +276,14 @@ def training_arguments(
     precision: Precision,
     ds_config: dict[str, Any],
     has_eval: bool,
+    arguments_class: type[TrainingArguments] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> TrainingArguments:
     """The Trainer's arguments, one for one from the plan's hyperparameters.
 
     Create them before loading the model: with ZeRO-3 they switch on ``deepspeed.zero.Init`` so
-    ``from_pretrained`` loads each rank's shard only.
+    ``from_pretrained`` loads each rank's shard only. A trainer with arguments of its own (trl's
+    ``DPOConfig``) passes its ``arguments_class`` and the ``overrides`` it sets on top.
     """
     import torch
     from transformers import TrainingArguments
@@ -292,47 +295,49 @@ def training_arguments(
         eval_strategy, eval_steps = "steps", hp.eval_every_steps
     else:
         eval_strategy, eval_steps = "epoch", None
+    arguments: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        # One line per argument: the plan is the single source of every knob.
+        num_train_epochs=float(hp.epochs or 1.0),
+        max_steps=hp.max_steps or -1,  # -1: derive from epochs
+        per_device_train_batch_size=hp.per_device_batch_size,
+        per_device_eval_batch_size=hp.per_device_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=_SCHEDULERS[hp.lr_scheduler],
+        warmup_steps=hp.warmup_steps,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        bf16=precision == Precision.bf16,
+        fp16=precision == Precision.fp16,
+        gradient_checkpointing=hp.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and ZeRO-3.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if hp.gradient_checkpointing else None,
+        logging_steps=hp.logging_every_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy if has_eval else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=None,  # the CheckpointPublisher rotates committed checkpoints in storage
+        report_to=["tensorboard"],
+        deepspeed=ds_config,
+        # Use the PartialState init_distributed() created (DeepSpeed with an explicit backend).
+        accelerator_config={"use_configured_state": True},
+        label_names=["labels"],
+        remove_unused_columns=False,  # our datasets hold exactly the model's inputs
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
+        disable_tqdm=True,
+        log_level="warning",  # kubetune logs progress itself (ProgressCallback)
+        log_level_replica="error",
+        ddp_timeout=_DDP_TIMEOUT_S,
+    )
+    arguments.update(overrides or {})
     try:
-        return TrainingArguments(
-            output_dir=str(output_dir),
-            # One line per argument: the plan is the single source of every knob.
-            num_train_epochs=float(hp.epochs or 1.0),
-            max_steps=hp.max_steps or -1,  # -1: derive from epochs
-            per_device_train_batch_size=hp.per_device_batch_size,
-            per_device_eval_batch_size=hp.per_device_batch_size,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            learning_rate=hp.learning_rate,
-            lr_scheduler_type=_SCHEDULERS[hp.lr_scheduler],
-            warmup_steps=hp.warmup_steps,
-            weight_decay=hp.weight_decay,
-            max_grad_norm=hp.max_grad_norm,
-            seed=hp.seed,
-            data_seed=hp.seed,
-            bf16=precision == Precision.bf16,
-            fp16=precision == Precision.fp16,
-            gradient_checkpointing=hp.gradient_checkpointing,
-            # Non-reentrant checkpointing works with frozen inputs (LoRA) and ZeRO-3.
-            gradient_checkpointing_kwargs={"use_reentrant": False} if hp.gradient_checkpointing else None,
-            logging_steps=hp.logging_every_steps,
-            logging_first_step=True,
-            eval_strategy=eval_strategy if has_eval else "no",
-            eval_steps=eval_steps,
-            save_strategy="steps",
-            save_steps=every,
-            save_total_limit=None,  # the CheckpointPublisher rotates committed checkpoints in storage
-            report_to=["tensorboard"],
-            deepspeed=ds_config,
-            # Use the PartialState init_distributed() created (DeepSpeed with an explicit backend).
-            accelerator_config={"use_configured_state": True},
-            label_names=["labels"],
-            remove_unused_columns=False,  # our datasets hold exactly the model's inputs
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
-            disable_tqdm=True,
-            log_level="warning",  # kubetune logs progress itself (ProgressCallback)
-            log_level_replica="error",
-            ddp_timeout=_DDP_TIMEOUT_S,
-        )
+        return (arguments_class or TrainingArguments)(**arguments)
     except ValueError as e:
         raise InvalidInputError(f"the DeepSpeed config disagrees with the hyperparameters: {e}") from e
 
@@ -366,8 +371,11 @@ def load_model(
     *,
     precision: Precision,
     pad_token_id: int | None,
+    adapters: bool = True,
 ) -> torch.nn.Module:
-    """The base model with the task's head, wrapped with LoRA adapters for ``method: lora``.
+    """The base model with the task's head, wrapped with LoRA adapters for ``method: lora`` unless
+    ``adapters`` is false (trl's DPOTrainer adds them itself, so it can switch them off to
+    compute the reference).
 
     The seed is set first so a new classification head and the adapters start identically on
     every rank and in every restart.
@@ -394,7 +402,7 @@ def load_model(
         raise InvalidInputError(
             f"model {plan.model_uri}: cannot load it for {plan.task.type.value}: {e}"
         ) from e
-    if plan.method is not None and plan.method.type == MethodType.lora:
+    if adapters and plan.method is not None and plan.method.type == MethodType.lora:
         from peft import get_peft_model
 
         adapted = get_peft_model(model, lora_config(plan, model))
