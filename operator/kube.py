@@ -18,7 +18,7 @@ import aiohttp
 import kopf
 
 from kubetune import __version__
-from kubetune.api import KINDS
+from kubetune.api.kinds import RESOURCES
 
 FIELD_MANAGER: Final = "kubetune-operator"
 # Ask for an object's metadata only (metav1.PartialObjectMetadata), with no fallback to the full
@@ -37,7 +37,7 @@ PLURALS: Final[dict[str, str]] = {
     "Deployment": "deployments",
     "Pod": "pods",
     "Secret": "secrets",
-    **{kind: cls.plural for kind, cls in KINDS.items()},
+    **{kind: cls.plural for kind, cls in RESOURCES.items()},
 }
 
 

@@ -1,6 +1,7 @@
 """The kubetune API (kubetune.io/v1alpha1): pydantic models that are the single source of truth
 for the CRDs, the operator, the runtimes and local mode."""
 
+from kubetune.api.kinds import RESOURCES
 from kubetune.api.resources import (
     API_VERSION,
     GROUP,
@@ -13,11 +14,13 @@ from kubetune.api.resources import (
     KubetuneResource,
 )
 from kubetune.api.status import Condition, ConditionType, Phase
+from kubetune.api.sweep import FineTuneSweep, FineTuneSweepSpec
 
 __all__ = [
     "API_VERSION",
     "GROUP",
     "KINDS",
+    "RESOURCES",
     "VERSION",
     "CompressJob",
     "CompressJobSpec",
@@ -25,6 +28,8 @@ __all__ = [
     "ConditionType",
     "FineTuneJob",
     "FineTuneJobSpec",
+    "FineTuneSweep",
+    "FineTuneSweepSpec",
     "KubetuneResource",
     "Phase",
 ]

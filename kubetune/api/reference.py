@@ -29,7 +29,8 @@ from kubetune.api.base import (
     uri_pattern,
 )
 from kubetune.api.crd import CATEGORY, crd_for
-from kubetune.api.resources import API_VERSION, KINDS, KubetuneResource
+from kubetune.api.kinds import RESOURCES
+from kubetune.api.resources import API_VERSION, KubetuneResource
 from kubetune.api.spec import JobSpecBase
 
 DEFAULT_OUT: Final = Path("docs/reference.md")
@@ -348,13 +349,13 @@ def _contents(kinds: Sequence[type[KubetuneResource]]) -> list[str]:
 
 def render_reference() -> str:
     """The whole reference page as Markdown (deterministic: same models, same text)."""
-    kinds: list[type[KubetuneResource]] = list(KINDS.values())
+    kinds: list[type[KubetuneResource]] = list(RESOURCES.values())
     lines = [
         GENERATED_NOTE.rstrip("\n"),
         "",
         f"# API reference: {API_VERSION}",
         "",
-        "Every field of the two kinds, generated from the pydantic models in `kubetune/api` (the same",
+        "Every field of each kind, generated from the pydantic models in `kubetune/api` (the same",
         "source as the CRDs under `crds/`, so `kubectl explain finetunejob.spec.dataset` shows the same",
         "descriptions). **Allowed** is what the API server accepts; the **Rules** are CEL",
         "`x-kubernetes-validations` across fields, with the message the API server (and",

@@ -66,14 +66,16 @@ class ObjectMeta(KubeModel):
 _DNS_1035_LABEL = re.compile(DNS_1035_LABEL_PATTERN)
 
 
-def name_rules(kind: str) -> tuple[CelRule, ...]:
-    """The rules on a job's own name (root-level CEL rules, where ``self`` is the object)."""
-    limit = MAX_NAME_LENGTH[kind]
+def name_rules(kind: str, limit: int | None = None, longest_child: str | None = None) -> tuple[CelRule, ...]:
+    """The rules on a job's own name (root-level CEL rules, where ``self`` is the object); a kind
+    other than the two jobs gives its own ``limit`` and the name of its longest descendant."""
+    limit = limit if limit is not None else MAX_NAME_LENGTH[kind]
+    longest = longest_child or _LONGEST_CHILD[kind]
     return (
         CelRule(
             f"!has(self.metadata.name) || size(self.metadata.name) <= {limit}",
             f"{kind} names must be at most {limit} characters: children are named after the job "
-            f"and the longest, the pod hostname {_LONGEST_CHILD[kind]}, must fit in 63",
+            f"and the longest, the pod hostname {longest}, must fit in 63",
             lambda r: r.metadata.name is None or len(r.metadata.name) <= limit,
             field="metadata.name",
         ),

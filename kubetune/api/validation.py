@@ -31,12 +31,14 @@ from kubetune.api.base import (
     uri_pattern,
 )
 from kubetune.api.crd import openapi_schema
-from kubetune.api.resources import API_VERSION, GROUP, KINDS, CompressJob, FineTuneJob
+from kubetune.api.kinds import RESOURCES as KINDS
+from kubetune.api.resources import API_VERSION, GROUP, CompressJob, FineTuneJob
+from kubetune.api.sweep import FineTuneSweep
 from kubetune.errors import InvalidInputError
 
 STDIN = "-"
 
-Resource = FineTuneJob | CompressJob
+Resource = FineTuneJob | CompressJob | FineTuneSweep
 PathPart = str | int
 
 _URI_HELP_BY_PATTERN = {
@@ -413,6 +415,11 @@ def _field_error(error: Any, schema: dict[str, Any]) -> FieldError:
         allowed = f"'{value}' (quoted), or an integer, or a suffixed quantity such as 1500m"
     elif kind in ("config_size", "config_derived"):
         message, allowed = error["msg"], None
+    elif kind == "search_space":
+        # A parameter checked against the template: name the parameter, not the whole spec.
+        parts.append("parameters")
+        parts.append(int(ctx["index"]))
+        message, allowed = f"{ctx['path']}: {ctx['problem']}", None
     else:
         message = error["msg"][0].lower() + error["msg"][1:]
         if value is not None and not isinstance(value, dict | list):

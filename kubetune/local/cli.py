@@ -8,7 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from kubetune.api.sweep import FineTuneSweep
 from kubetune.api.validation import load_resources
+from kubetune.errors import InvalidInputError
 from kubetune.local import processes
 from kubetune.local.runner import LocalRunner, RunOptions
 
@@ -38,7 +40,15 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     # Raises InvalidInputError listing every problem (file:line, field path, what is allowed);
     # the CLI prints it and exits with code 2, exactly like `kubetune validate`.
-    jobs = load_resources(args.file)
+    resources = load_resources(args.file)
+    sweeps = [r.metadata.name for r in resources if isinstance(r, FineTuneSweep)]
+    if sweeps:
+        # The operator runs sweeps; local mode runs the two job kinds.
+        raise InvalidInputError(
+            f"FineTuneSweep {', '.join(map(str, sweeps))}: local mode runs FineTuneJobs "
+            "and CompressJobs; apply a FineTuneSweep to a cluster running the operator"
+        )
+    jobs = [r for r in resources if not isinstance(r, FineTuneSweep)]
     runner = LocalRunner(
         RunOptions(
             workdir=args.workdir.resolve(),

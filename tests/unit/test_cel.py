@@ -44,6 +44,8 @@ def example(name: str) -> dict[str, Any]:
 LORA = example("finetune-lora-causal-lm.yaml")
 CLASSIFIER = example("finetune-full-classification.yaml")
 COMPRESS = example("compress-from-finetune.yaml")
+SWEEP = example("sweep-lora.yaml")
+LR = {"path": "hyperparameters.learningRate", "type": "float", "min": 1e-5, "max": 1e-3}
 
 
 # --- The API server's view ------------------------------------------------------------------
@@ -92,8 +94,8 @@ def cel_violations(value: Any, schema: dict[str, Any], path: tuple[str, ...] = (
             if key in schema.get("properties", {}):
                 found += cel_violations(item, schema["properties"][key], (*path, key))
     elif isinstance(value, list) and "items" in schema:
-        for item in value:
-            found += cel_violations(item, schema["items"], path)
+        for index, item in enumerate(value):
+            found += cel_violations(item, schema["items"], (*path[:-1], f"{path[-1]}[{index}]"))
     return found
 
 
@@ -126,6 +128,59 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
     ("lora example", edit(LORA), None),
     ("classification example", edit(CLASSIFIER), None),
     ("compress example", edit(COMPRESS), None),
+    ("sweep example", edit(SWEEP), None),
+    ("sweep name of 41 characters", edit(SWEEP, metadata__name="s" * 41), "metadata.name"),
+    ("sweep name of 40 characters", edit(SWEEP, metadata__name="s" * 40), None),
+    ("sweep name with capitals", edit(SWEEP, metadata__name="Sweep"), "metadata.name"),
+    (
+        "sweep: categorical with min",
+        edit(
+            SWEEP,
+            spec__parameters=[{"path": "method.lora.r", "type": "categorical", "values": [8], "min": 1}],
+        ),
+        "spec.parameters[0].type",
+    ),
+    (
+        "sweep: float without max",
+        edit(SWEEP, spec__parameters=[{k: v for k, v in LR.items() if k != "max"}]),
+        "spec.parameters[0].type",
+    ),
+    (
+        "sweep: min above max",
+        edit(
+            SWEEP,
+            spec__parameters=[LR, {**LR, "path": "hyperparameters.weightDecay", "min": 0.5, "max": 0.1}],
+        ),
+        "spec.parameters[1].max",
+    ),
+    (
+        "sweep: log from zero",
+        edit(SWEEP, spec__parameters=[{**LR, "min": 0.0, "log": True}]),
+        "spec.parameters[0].log",
+    ),
+    (
+        "sweep: log with step",
+        edit(SWEEP, spec__parameters=[{**LR, "step": 1e-5, "log": True}]),
+        "spec.parameters[0].log",
+    ),
+    (
+        "sweep: int with a fractional step",
+        edit(
+            SWEEP,
+            spec__parameters=[{"path": "method.lora.r", "type": "int", "min": 4, "max": 32, "step": 2.5}],
+        ),
+        "spec.parameters[0].min",
+    ),
+    (
+        "sweep: grid over a float without step",
+        edit(SWEEP, spec__algorithm={"type": "grid"}),
+        "spec.parameters",
+    ),
+    (
+        "sweep: grid over steps and values",
+        edit(SWEEP, spec__algorithm={"type": "grid"}, spec__parameters=[{**LR, "step": 1e-4}]),
+        None,
+    ),
     ("numLabels with causal-lm", edit(LORA, spec__task__numLabels=3), "spec.task.numLabels"),
     (
         "classification without numLabels",

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv_utils
 
-from kubetune.api import KINDS
+from kubetune.api import RESOURCES as KINDS
 from kubetune.api.crd import generate_crds
 from kubetune.api.validation import validate_document
 
@@ -87,6 +87,7 @@ def test_kustomization_builds_valid_objects(built: list[dict[str, Any]]) -> None
         ("ClusterRoleBinding", "kubetune-operator"),
         ("CustomResourceDefinition", "compressjobs.kubetune.io"),
         ("CustomResourceDefinition", "finetunejobs.kubetune.io"),
+        ("CustomResourceDefinition", "finetunesweeps.kubetune.io"),
         ("Deployment", "kubetune-operator"),
         ("Namespace", "kubetune-system"),
         ("Service", "kubetune-operator-metrics"),
@@ -186,6 +187,7 @@ def test_examples_cover_the_documented_scenarios() -> None:
         "finetune-lora-causal-lm.yaml": "FineTuneJob",
         "quickstart.yaml": "FineTuneJob",
         "s3-secret.yaml": "Secret",
+        "sweep-lora.yaml": "FineTuneSweep",
     }
 
 

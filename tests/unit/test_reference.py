@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import KINDS
+from kubetune.api import KINDS, RESOURCES
 from kubetune.api.crd import generate_crds
 from kubetune.api.reference import main, render_reference
 
@@ -40,7 +40,7 @@ def field_paths(node: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str
 def kind_section(kind: str) -> str:
     """The part of the page about one kind (spec.model exists in both with different fields)."""
     start = PAGE.index(f"## {kind}\n")
-    following = [PAGE.index(f"## {k}\n") for k in KINDS if PAGE.index(f"## {k}\n") > start]
+    following = [PAGE.index(f"## {k}\n") for k in RESOURCES if PAGE.index(f"## {k}\n") > start]
     return PAGE[start : min(following, default=len(PAGE))]
 
 

@@ -1,0 +1,148 @@
+"""The study of a sweep rebuilt from its trials: numbering, determinism, grid, pruning, best."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api.sweep import FineTuneSweep, FineTuneSweepSpec, TrialState
+from kubetune.sweep import study
+from kubetune.sweep.space import grid_size, trial_output, trial_spec
+from kubetune.sweep.study import TrialRecord
+
+pytestmark = pytest.mark.unit
+
+EXAMPLE = yaml.safe_load(
+    (Path(__file__).resolve().parents[2] / "manifests/examples/sweep-lora.yaml").read_text()
+)
+LR = "hyperparameters.learningRate"
+
+
+def sweep(**spec: Any) -> FineTuneSweepSpec:
+    doc = copy.deepcopy(EXAMPLE)
+    doc["spec"].update(spec)
+    return FineTuneSweep.model_validate(doc).spec
+
+
+def complete(number: int, params: dict[str, Any], value: float) -> TrialRecord:
+    return TrialRecord(number, params, TrialState.complete, {100: value + 1, 200: value}, value)
+
+
+def run_sequentially(spec: FineTuneSweepSpec, count: int, batch: int) -> list[dict[str, Any]]:
+    """Ask ``count`` trials, ``batch`` per decision, each decision from the records alone (as
+    after a restart); every trial completes with an objective its learning rate decides."""
+    records: list[TrialRecord] = []
+    while len(records) < count:
+        pending = []
+        for _ in range(batch):
+            number = study.next_number(records + pending)
+            params = study.next_parameters(spec, records + pending)
+            pending.append(TrialRecord(number, params, TrialState.running))
+        records += [complete(r.number, dict(r.params), abs(r.params[LR] - 3e-4)) for r in pending]
+    return [dict(r.params) for r in records[:count]]
+
+
+def test_numbering_continues_from_the_children_and_skips_none() -> None:
+    spec = sweep()
+    records = [complete(0, {LR: 1e-4, "method.lora.r": 8, "hyperparameters.warmupSteps": 0}, 1.0)]
+    records.append(
+        TrialRecord(2, {LR: 2e-4, "method.lora.r": 16, "hyperparameters.warmupSteps": 25}, TrialState.running)
+    )
+    assert study.next_number(records) == 3
+    # The missing trial 1 (deleted by someone) counts as failed; numbers stay aligned.
+    rebuilt = study.rebuild(spec, records)
+    assert [t.number for t in rebuilt.trials] == [0, 1, 2]
+    assert [t.state.name for t in rebuilt.trials] == ["COMPLETE", "FAIL", "RUNNING"]
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "random"])
+def test_the_same_seed_and_history_give_the_same_trials_however_decisions_were_batched(
+    algorithm: str,
+) -> None:
+    spec = sweep(algorithm={"type": algorithm, "seed": 3})
+    one_at_a_time = run_sequentially(spec, 6, batch=1)
+    assert run_sequentially(spec, 6, batch=1) == one_at_a_time
+    assert len({p[LR] for p in one_at_a_time}) == 6  # no trial repeats another
+
+
+def test_another_seed_gives_other_trials() -> None:
+    assert run_sequentially(sweep(algorithm={"seed": 1}), 3, 1) != run_sequentially(
+        sweep(algorithm={"seed": 2}), 3, 1
+    )
+
+
+def test_grid_takes_every_point_once_then_is_exhausted() -> None:
+    spec = sweep(
+        algorithm={"type": "grid", "seed": 5},
+        parameters=[
+            {"path": LR, "type": "float", "min": 1e-4, "max": 3e-4, "step": 1e-4},
+            {"path": "method.lora.r", "type": "categorical", "values": [8, 16]},
+        ],
+        maxTrials=100,
+    )
+    assert grid_size(spec) == 6
+    records: list[TrialRecord] = []
+    while not study.exhausted(spec, records):
+        params = study.next_parameters(spec, records)
+        records.append(complete(study.next_number(records), params, 1.0))
+    points = {(round(r.params[LR], 8), r.params["method.lora.r"]) for r in records}
+    assert len(records) == 6
+    assert points == {(lr, r) for lr in (1e-4, 2e-4, 3e-4) for r in (8, 16)}
+
+
+def median_spec() -> FineTuneSweepSpec:
+    return sweep(earlyStopping={"type": "median", "startupTrials": 2, "warmupSteps": 0})
+
+
+def test_median_stops_a_trial_worse_than_earlier_ones_at_the_same_step() -> None:
+    p = {LR: 1e-4, "method.lora.r": 8, "hyperparameters.warmupSteps": 0}
+    done = [complete(0, p, 1.0), complete(1, p, 1.2)]  # at step 100: 2.0 and 2.2
+    bad = TrialRecord(2, p, TrialState.running, {100: 3.0})
+    good = TrialRecord(3, p, TrialState.running, {100: 1.5})
+    assert study.to_prune(median_spec(), [*done, bad, good]) == [2]
+
+
+def test_median_waits_for_its_startup_trials_and_none_never_stops() -> None:
+    p = {LR: 1e-4, "method.lora.r": 8, "hyperparameters.warmupSteps": 0}
+    bad = TrialRecord(1, p, TrialState.running, {100: 3.0})
+    assert study.to_prune(median_spec(), [complete(0, p, 1.0), bad]) == []
+    assert study.to_prune(sweep(), [complete(0, p, 1.0), complete(1, p, 1.0), bad]) == []
+
+
+def test_successive_halving_compares_with_the_rungs_of_the_rebuilt_trials() -> None:
+    spec = sweep(earlyStopping={"type": "successiveHalving", "minResource": 100, "reductionFactor": 2})
+    p = {LR: 1e-4, "method.lora.r": 8, "hyperparameters.warmupSteps": 0}
+    done = [complete(n, p, 1.0 + n / 10) for n in range(3)]  # rung 0 (step 100): 2.0, 2.1, 2.2
+    assert study.to_prune(spec, [*done, TrialRecord(3, p, TrialState.running, {100: 5.0})]) == [3]
+    assert study.to_prune(spec, [*done, TrialRecord(3, p, TrialState.running, {100: 1.0})]) == []
+
+
+@pytest.mark.parametrize(("direction", "winner"), [("minimize", 1), ("maximize", 2)])
+def test_best_is_the_completed_trial_with_the_best_objective(direction: str, winner: int) -> None:
+    spec = sweep(objective={"metric": "eval_loss", "direction": direction})
+    p = {LR: 1e-4}
+    records = [
+        complete(0, p, 0.5),
+        complete(1, p, 0.2),
+        complete(2, p, 0.9),
+        TrialRecord(3, p, TrialState.pruned, {100: 0.01}),
+        TrialRecord(4, p, TrialState.running, {100: 0.01}),
+    ]
+    best = study.best(spec, records)
+    assert best is not None
+    assert best.number == winner
+
+
+def test_a_trial_spec_is_the_template_with_its_parameters_and_its_own_output() -> None:
+    spec = sweep()
+    trial = trial_spec(spec, {LR: 5e-5, "method.lora.r": 32}, trial_output(spec, 7))
+    assert trial.hyperparameters.learning_rate == 5e-5
+    assert trial.method.lora is not None
+    assert trial.method.lora.r == 32
+    assert trial.method.lora.alpha == 32
+    assert trial.output.uri == "s3://runs/sweep-support-lora/trials/7"
+    assert trial.dataset == spec.template.dataset
