@@ -1,0 +1,283 @@
+"""The pure lifecycle of a FineTuneSweep: from its spec and its trials (owned FineTuneJobs
+``<sweep>-t<N>``) to the status to write, the trials to create and those to stop.
+
+Level-based like the jobs' reconciler: every decision is rebuilt from the children (their
+``kubetune.io/trial`` label and the parameters in ``kubetune.io/parameters``) and the evaluations
+recorded so far, so deciding twice, or after an operator restart, creates no trial twice and
+continues the numbering. A trial to stop gets the annotation ``kubetune.io/prune``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from kubetune.api import API_VERSION, GROUP, FineTuneSweep, Phase
+from kubetune.api.sweep import FineTuneSweepStatus, TrialCounts, TrialState, TrialStatus
+from kubetune.operator.lifecycle import REASON_INVALID_SPEC, rfc3339, set_condition
+from kubetune.operator.render import LABEL_MANAGED_BY, MANAGER, Manifest
+from kubetune.sweep import study
+from kubetune.sweep.space import trial_output, trial_spec
+from kubetune.sweep.study import TrialRecord
+
+LABEL_SWEEP: Final = f"{GROUP}/sweep"
+LABEL_TRIAL: Final = f"{GROUP}/trial"
+ANNOTATION_PARAMETERS: Final = f"{GROUP}/parameters"
+ANNOTATION_PRUNE: Final = f"{GROUP}/prune"
+REASON_PRUNED: Final = "Pruned"
+REASON_TOO_MANY_FAILURES: Final = "TooManyFailedTrials"
+
+
+def trial_name(sweep: str, number: int) -> str:
+    return f"{sweep}-t{number}"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What the sweep reads of one child FineTuneJob."""
+
+    number: int
+    name: str
+    params: Mapping[str, Any]
+    phase: str | None = None
+    reason: str | None = None  # of its Failed condition
+    step: int | None = None
+    objective: float | None = None  # the objective metric of its latest evaluation
+    model_uri: str | None = None
+    prune_requested: bool = False
+
+
+def objective_of(spec_metric: str, progress: Mapping[str, Any]) -> float | None:
+    """The objective metric in a trial's status.progress (eval_loss, or one of its metrics)."""
+    if spec_metric == "eval_loss":
+        value = progress.get("evalLoss")
+    else:
+        value = (progress.get("metrics") or {}).get(spec_metric.removeprefix("eval_"))
+    return float(value) if isinstance(value, int | float) else None
+
+
+def trial_from(body: Mapping[str, Any], metric: str) -> Trial | None:
+    """A child FineTuneJob as a trial; None for one without a trial number (not ours to count)."""
+    meta = body.get("metadata") or {}
+    number = str((meta.get("labels") or {}).get(LABEL_TRIAL, ""))
+    if not number.isdigit():
+        return None
+    annotations = meta.get("annotations") or {}
+    status = body.get("status") or {}
+    progress = status.get("progress") or {}
+    failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
+    return Trial(
+        number=int(number),
+        name=str(meta.get("name", "")),
+        params=json.loads(annotations.get(ANNOTATION_PARAMETERS) or "{}"),
+        phase=status.get("phase"),
+        reason=failed.get("reason") if failed and failed.get("status") == "True" else None,
+        step=progress.get("step"),
+        objective=objective_of(metric, progress),
+        model_uri=(status.get("artifacts") or {}).get("modelUri")
+        or (status.get("artifacts") or {}).get("adapterUri"),
+        prune_requested=ANNOTATION_PRUNE in annotations,
+    )
+
+
+def state_of(trial: Trial) -> TrialState:
+    if trial.phase == Phase.succeeded:
+        return TrialState.complete
+    if trial.phase == Phase.failed:
+        return TrialState.pruned if trial.reason == REASON_PRUNED else TrialState.failed
+    return TrialState.running if trial.phase == Phase.running else TrialState.pending
+
+
+@dataclass
+class SweepObservation:
+    sweep: FineTuneSweep
+    namespace: str
+    now: datetime
+    status: FineTuneSweepStatus
+    trials: Sequence[Trial] = ()
+    # The objective at each evaluated step of each trial, as recorded by earlier decisions (the
+    # trials report only their latest evaluation).
+    evaluations: Mapping[int, Mapping[int, float]] = field(default_factory=dict)
+
+
+@dataclass
+class SweepDecision:
+    status: FineTuneSweepStatus
+    create: list[Manifest] = field(default_factory=list)
+    prune: list[str] = field(default_factory=list)  # trial names to annotate kubetune.io/prune
+    evaluations: dict[int, dict[int, float]] = field(default_factory=dict)
+
+
+def render_trial(sweep: FineTuneSweep, namespace: str, number: int, params: Mapping[str, Any]) -> Manifest:
+    """The FineTuneJob of trial ``number``: the template with its parameters, writing under
+    <output>/trials/<number>/, owned by the sweep."""
+    spec = sweep.spec
+    name = str(sweep.metadata.name)
+    meta: Manifest = {
+        "name": trial_name(name, number),
+        "namespace": namespace,
+        "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_SWEEP: name, LABEL_TRIAL: str(number)},
+        "annotations": {ANNOTATION_PARAMETERS: json.dumps(dict(params), sort_keys=True)},
+    }
+    if sweep.metadata.uid:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": "FineTuneSweep",
+                "name": name,
+                "uid": sweep.metadata.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    job_spec = trial_spec(spec, params, trial_output(spec, number))
+    return {"apiVersion": API_VERSION, "kind": "FineTuneJob", "metadata": meta, "spec": job_spec.to_wire()}
+
+
+def records_of(obs: SweepObservation, evaluations: Mapping[int, Mapping[int, float]]) -> list[TrialRecord]:
+    records = []
+    for trial in obs.trials:
+        state = state_of(trial)
+        value = trial.objective if state == TrialState.complete else None
+        records.append(
+            TrialRecord(trial.number, trial.params, state, dict(evaluations.get(trial.number, {})), value)
+        )
+    return records
+
+
+def decide(obs: SweepObservation) -> SweepDecision:
+    """The next step of a sweep."""
+    spec = obs.sweep.spec
+    status = obs.status.model_copy(update={"observed_generation": obs.sweep.metadata.generation})
+    # Each trial's latest evaluation joins those recorded before.
+    evaluations = {n: dict(v) for n, v in obs.evaluations.items()}
+    for trial in obs.trials:
+        if trial.step is not None and trial.objective is not None and state_of(trial) != TrialState.complete:
+            evaluations.setdefault(trial.number, {})[trial.step] = trial.objective
+    records = records_of(obs, evaluations)
+    decision = SweepDecision(status=status, evaluations=evaluations)
+    if status.phase is not None and status.phase.finished:
+        decision.status = _summarised(obs, status, records)
+        return decision
+
+    prune = set(study.to_prune(spec, records))
+    names = {t.number: t.name for t in obs.trials}
+    decision.prune = [
+        names[n] for n in sorted(prune) if not next(t for t in obs.trials if t.number == n).prune_requested
+    ]
+
+    failed = sum(r.state == TrialState.failed for r in records)
+    active = sum(not r.state.finished for r in records)
+    new_records = list(records)
+    if failed <= spec.max_failed_trials:
+        while active < spec.parallelism and not study.exhausted(spec, new_records):
+            number = study.next_number(new_records)
+            params = study.next_parameters(spec, new_records)
+            decision.create.append(render_trial(obs.sweep, obs.namespace, number, params))
+            new_records.append(TrialRecord(number, params, TrialState.pending))
+            active += 1
+    status = _summarised(obs, status, new_records)
+    if status.start_time is None and new_records:
+        status = status.model_copy(update={"start_time": rfc3339(obs.now)})
+    if failed > spec.max_failed_trials:
+        status = _finish(
+            obs,
+            status,
+            Phase.failed,
+            REASON_TOO_MANY_FAILURES,
+            f"{failed} trials failed, more than maxFailedTrials ({spec.max_failed_trials})",
+        )
+    elif active == 0 and study.exhausted(spec, new_records):
+        best = status.best_trial
+        message = (
+            f"best trial {best.number}: {spec.objective.metric} {best.objective}"
+            if best
+            else "no trial completed"
+        )
+        status = _finish(
+            obs,
+            status,
+            Phase.succeeded if best else Phase.failed,
+            "Succeeded" if best else "NoTrialCompleted",
+            message,
+        )
+    else:
+        status = status.model_copy(
+            update={"phase": Phase.running, "message": f"{status.trials_done} trials finished"}
+        )
+    decision.status = status
+    return decision
+
+
+def invalid(obs: SweepObservation, message: str) -> FineTuneSweepStatus:
+    """The status of a sweep whose spec only Python can find invalid (a value the template's own
+    schema refuses): Failed with reason InvalidSpec, naming the parameter."""
+    return _finish(obs, obs.status, Phase.failed, REASON_INVALID_SPEC, message)
+
+
+def _finish(
+    obs: SweepObservation, status: FineTuneSweepStatus, phase: Phase, reason: str, message: str
+) -> FineTuneSweepStatus:
+    conditions = set_condition(
+        status.conditions,
+        "Complete" if phase == Phase.succeeded else "Failed",
+        True,
+        reason,
+        message,
+        obs.now,
+        obs.sweep.metadata.generation,
+    )
+    return status.model_copy(
+        update={
+            "phase": phase,
+            "message": message,
+            "conditions": conditions,
+            "completion_time": status.completion_time or rfc3339(obs.now),
+        }
+    )
+
+
+def _summarised(
+    obs: SweepObservation, status: FineTuneSweepStatus, records: Sequence[TrialRecord]
+) -> FineTuneSweepStatus:
+    spec = obs.sweep.spec
+    by_number = {t.number: t for t in obs.trials}
+    rows = []
+    for r in sorted(records, key=lambda r: r.number):
+        trial = by_number.get(r.number)
+        latest = (
+            r.value
+            if r.value is not None
+            else (r.intermediate[max(r.intermediate)] if r.intermediate else None)
+        )
+        rows.append(
+            TrialStatus(
+                number=r.number,
+                name=trial_name(str(obs.sweep.metadata.name), r.number),
+                parameters=dict(r.params),
+                state=r.state,
+                objective=latest,
+                step=trial.step if trial else None,
+                model_uri=trial.model_uri if trial and r.state == TrialState.complete else None,
+            )
+        )
+    winner = study.best(spec, records)
+    counts = TrialCounts(
+        created=len(records),
+        running=sum(not r.state.finished for r in records),
+        complete=sum(r.state == TrialState.complete for r in records),
+        pruned=sum(r.state == TrialState.pruned for r in records),
+        failed=sum(r.state == TrialState.failed for r in records),
+    )
+    done = counts.complete + counts.pruned + counts.failed
+    return status.model_copy(
+        update={
+            "trials": rows,
+            "counts": counts,
+            "trials_done": f"{done}/{spec.max_trials}",
+            "best_trial": next((row for row in rows if winner and row.number == winner.number), None),
+        }
+    )
