@@ -35,7 +35,7 @@ from kubetune.operator.lifecycle import (
 )
 from kubetune.operator.policies import suspension
 from kubetune.operator.render import Job, child_names, initially_suspended, render_main_job
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 
 _EXIT_CODE_IN_MESSAGE: Final = re.compile(r"exit code (\d+)")
 

@@ -25,8 +25,8 @@ from kubetune.operator.render import (
     render_gang_support,
     render_main_job,
 )
-from kubetune.plan import RunPlan
 from kubetune.run.artifacts import artifacts_of
+from kubetune.run.plan import RunPlan
 
 
 def run(obs: Observation, status: JobStatusBase, plan: RunPlan) -> Decision:

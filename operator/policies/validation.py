@@ -36,7 +36,7 @@ from kubetune.operator.render import (
     render_plan,
     render_validation_job,
 )
-from kubetune.plan import RunPlan
+from kubetune.run.plan import RunPlan
 
 VALIDATING = "validating model and data"
 VALIDATED = "model and data are readable and well-formed"

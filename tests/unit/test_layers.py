@@ -24,7 +24,6 @@ LAYERS = {
         [
             ROOT / "kubetune" / "api",
             ROOT / "kubetune" / "storage",
-            ROOT / "kubetune" / "plan.py",
             ROOT / "kubetune" / "run",
             ROOT / "kubetune" / "errors.py",
         ],

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from kubetune.errors import TERMINATION_LOG, KubetuneError
+from kubetune.errors import KubetuneError
+from kubetune.trainer.runtime import write_termination_message
 
 from .protocol import DEFAULT_MAX_REQUEST_BYTES
 
@@ -248,14 +249,9 @@ def _cgroup_quota() -> float | None:
 
 
 def _fail(error: KubetuneError) -> int:
-    line = f"{error.reason}: {error}".replace("\n", " ")
-    log.error("%s", line)
-    try:
-        # The override lets tests and local runs (where /dev is not ours to write) read the line.
-        with open(os.environ.get("KUBETUNE_TERMINATION_LOG", TERMINATION_LOG), "w", encoding="utf-8") as f:
-            f.write(line[:4000] + "\n")
-    except OSError:
-        pass  # not in a pod (or no termination log mounted): stderr has the reason
+    line = f"{error.reason}: {error}"
+    log.error("%s", line.replace("\n", " "))
+    write_termination_message(line)
     return error.exit_code
 
 

@@ -18,10 +18,11 @@ from typing import Final
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubetune.errors import InvalidInputError
+from kubetune.run.workloads import ENV_SERVE_API_KEY
 
 from .protocol import error_body
 
-API_KEY_ENV: Final = "KUBETUNE_SERVE_API_KEY"
+API_KEY_ENV: Final = ENV_SERVE_API_KEY
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
