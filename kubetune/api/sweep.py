@@ -162,14 +162,17 @@ class Parameter(KubeModel):
     )
 
     cel_rules = (
+        # Whether values is set is checked by _values_only_for_categorical, not here: its items are
+        # untyped (numbers, strings or booleans), and the API server gives CEL no view of a field
+        # with untyped items, so a rule naming self.values does not compile there.
         CelRule(
-            "self.type == 'categorical' ? has(self.values) && !has(self.min) && !has(self.max) && "
-            "!has(self.step) && !self.log : has(self.min) && has(self.max) && !has(self.values)",
-            "categorical takes values only; float and int take min and max (and step or log), not values",
+            "self.type == 'categorical' ? !has(self.min) && !has(self.max) && !has(self.step) && !self.log"
+            " : has(self.min) && has(self.max)",
+            "categorical takes values only; float and int take min and max (and step or log)",
             lambda p: (
-                p.values is not None and p.min is None and p.max is None and p.step is None and not p.log
+                p.min is None and p.max is None and p.step is None and not p.log
                 if p.type == ParameterType.categorical
-                else p.min is not None and p.max is not None and p.values is None
+                else p.min is not None and p.max is not None
             ),
             field="type",
         ),
@@ -197,6 +200,14 @@ class Parameter(KubeModel):
             field="min",
         ),
     )
+
+    @model_validator(mode="after")
+    def _values_only_for_categorical(self) -> Parameter:
+        if (self.type == ParameterType.categorical) != (self.values is not None):
+            raise PydanticCustomError(
+                "parameter_values", "categorical takes values; float and int take min and max, not values"
+            )
+        return self
 
     def candidates(self) -> list[Any]:
         """The values whose validity decides the parameter's: both ends of a range (an int range

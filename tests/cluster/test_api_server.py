@@ -63,7 +63,7 @@ def dry_run_create(plane: ControlPlane, doc: dict[str, Any], namespace: str) -> 
 def test_the_crds_install_established_and_explained(kubetune_installed: ControlPlane) -> None:
     crds = json.loads(kubetune_installed.kubectl("get", "crd", "-o", "json").stdout)["items"]
     names = {crd["metadata"]["name"] for crd in crds}
-    assert {"finetunejobs.kubetune.io", "compressjobs.kubetune.io"} <= names
+    assert {"finetunejobs.kubetune.io", "compressjobs.kubetune.io", "finetunesweeps.kubetune.io"} <= names
     for crd in crds:
         conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
         assert conditions.get("Established") == "True"
@@ -75,6 +75,7 @@ def test_the_crds_install_established_and_explained(kubetune_installed: ControlP
     ).stdout.split() == [
         "compressjobs.kubetune.io",
         "finetunejobs.kubetune.io",
+        "finetunesweeps.kubetune.io",
     ]
 
 

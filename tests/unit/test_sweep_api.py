@@ -85,6 +85,16 @@ def errors_of(parameters: list[dict[str, Any]], **spec: Any) -> list[str]:
             "spec.parameters[0]",
             "integer field; use type int",
         ),
+        (
+            {"path": "method.lora.r", "type": "categorical"},
+            "spec.parameters[0]",
+            "categorical takes values",
+        ),
+        (
+            {"path": "method.lora.r", "type": "int", "min": 4, "max": 16, "values": [8]},
+            "spec.parameters[0]",
+            "not values",
+        ),
     ],
 )
 def test_an_invalid_parameter_is_rejected_naming_it(parameter: dict[str, Any], path: str, says: str) -> None:
