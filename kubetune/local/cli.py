@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 from pathlib import Path
 
@@ -10,15 +11,17 @@ from rich.console import Console
 
 from kubetune.api.sweep import FineTuneSweep
 from kubetune.api.validation import load_resources
-from kubetune.errors import InvalidInputError
 from kubetune.local import processes
 from kubetune.local.runner import LocalRunner, RunOptions
+from kubetune.local.sweep import SweepRunner
 
 DEFAULT_WORKDIR = Path(".kubetune/runs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="manifest with FineTuneJob and/or CompressJob documents")
+    parser.add_argument(
+        "file", type=Path, help="manifest with FineTuneJob, CompressJob and/or FineTuneSweep documents"
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="plans, logs and scratch space")
     parser.add_argument(
         "--no-serve", action="store_true", help="do not serve the result even if spec.serve is on"
@@ -41,14 +44,6 @@ def run(args: argparse.Namespace) -> int:
     # Raises InvalidInputError listing every problem (file:line, field path, what is allowed);
     # the CLI prints it and exits with code 2, exactly like `kubetune validate`.
     resources = load_resources(args.file)
-    sweeps = [r.metadata.name for r in resources if isinstance(r, FineTuneSweep)]
-    if sweeps:
-        # The operator runs sweeps; local mode runs the two job kinds.
-        raise InvalidInputError(
-            f"FineTuneSweep {', '.join(map(str, sweeps))}: local mode runs FineTuneJobs "
-            "and CompressJobs; apply a FineTuneSweep to a cluster running the operator"
-        )
-    jobs = [r for r in resources if not isinstance(r, FineTuneSweep)]
     runner = LocalRunner(
         RunOptions(
             workdir=args.workdir.resolve(),
@@ -59,12 +54,17 @@ def run(args: argparse.Namespace) -> int:
         ),
         console,
     )
+    # Trials are compared, not used: serving one of them is `kubetune run` of the best trial's job.
+    trial_runner = LocalRunner(dataclasses.replace(runner.options, serve=False), console)
     try:
         with processes.stop_on_termination():
-            for job in jobs:
-                outcome = runner.run(job)
-                if outcome.exit_code != 0:
-                    return outcome.exit_code
+            for resource in resources:
+                if isinstance(resource, FineTuneSweep):
+                    code = SweepRunner(trial_runner, console).run(resource).exit_code
+                else:
+                    code = runner.run(resource).exit_code
+                if code != 0:
+                    return code
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, processes.Terminated) else signal.SIGINT
         console.print(

@@ -19,6 +19,8 @@ class ProgressFile:
         self.path = path
         self._offset = 0
         self.latest: dict[str, Any] = {}
+        self.updates: list[dict[str, Any]] = []
+        """Every complete update the last poll read, in order (a sweep watches each evaluation)."""
 
     def poll(self) -> dict[str, Any] | None:
         """The newest complete update written since the last poll, if any."""
@@ -33,11 +35,13 @@ class ProgressFile:
             return None
         self._offset += end + 1
         newest = None
+        self.updates = []
         for line in chunk[: end + 1].splitlines():
             try:
                 newest = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            self.updates.append(newest)
         if newest is not None:
             self.latest.update({k: v for k, v in newest.items() if v is not None})
         return newest

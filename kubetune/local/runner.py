@@ -12,6 +12,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from kubetune.run.workloads import (
 )
 
 LOCAL_NAMESPACE = "local"
+ProgressHook = Callable[[dict[str, Any]], None]
 EXAMPLE_PROMPT_ANNOTATION = "kubetune.io/example-prompt"
 DEFAULT_PROMPT = "The"
 
@@ -119,7 +121,9 @@ class LocalRunner:
 
     # --- one job --------------------------------------------------------------------------
 
-    def run(self, job: FineTuneJob | CompressJob) -> RunOutcome:
+    def run(self, job: FineTuneJob | CompressJob, on_progress: ProgressHook | None = None) -> RunOutcome:
+        """Run ``job``; ``on_progress`` sees every progress update of its main processes, in order,
+        and may stop them by raising (the processes are stopped, the exception propagates)."""
         name = job.metadata.name or "job"
         kind = type(job).kind_name
         try:
@@ -134,11 +138,13 @@ class LocalRunner:
             self.console.print(f"[red]✗ {kind}/{name}: {exc}", highlight=False)
             return RunOutcome(EXIT_INVALID_INPUT, plan)
         try:
-            return self._run_locked(job, plan, run_dir)
+            return self._run_locked(job, plan, run_dir, on_progress)
         finally:
             processes.unlock_run_dir()
 
-    def _run_locked(self, job: FineTuneJob | CompressJob, plan: RunPlan, run_dir: Path) -> RunOutcome:
+    def _run_locked(
+        self, job: FineTuneJob | CompressJob, plan: RunPlan, run_dir: Path, on_progress: ProgressHook | None
+    ) -> RunOutcome:
         name = job.metadata.name or "job"
         kind = type(job).kind_name
         try:
@@ -210,6 +216,9 @@ class LocalRunner:
             def tick() -> None:
                 if follower.poll() is not None:
                     bar.update(follower.latest)
+                    if on_progress is not None:
+                        for update in follower.updates:
+                            on_progress(update)
 
             result = processes.run_gang(specs, logs, on_tick=tick)
         outcome.timings[label] = time.monotonic() - started

@@ -64,6 +64,11 @@ def trial_spec(spec: FineTuneSweepSpec, params: Mapping[str, Any], output_uri: s
     return FineTuneJobSpec.model_validate(wire)
 
 
+def trial_name(sweep: str, number: int) -> str:
+    """Trial N of sweep S is the FineTuneJob S-tN."""
+    return f"{sweep}-t{number}"
+
+
 def trial_output(spec: FineTuneSweepSpec, number: int) -> str:
     """Trial N writes under <output>/trials/N/."""
     return f"{spec.template.output.uri.rstrip('/')}/trials/{number}"
