@@ -35,6 +35,8 @@ from kubetune.operator.settings import Settings
 
 ANNOTATION_PAUSED: Final = f"{GROUP}/paused-seconds"
 ANNOTATION_CLEANED: Final = f"{GROUP}/children-deleted"
+# Set by a FineTuneSweep on a trial it stops early (policies.pruning).
+ANNOTATION_PRUNE: Final = f"{GROUP}/prune"
 
 # Reasons of a failure (CamelCase, as the API conventions ask); docs/troubleshooting.md explains each.
 REASON_INVALID_INPUT: Final = "InvalidInput"
@@ -470,5 +472,7 @@ def owner_signature(
         meta.get("deletionTimestamp"),
         annotations.get(ANNOTATION_PAUSED),
         annotations.get(ANNOTATION_CLEANED),
+        # A sweep's request to stop the job (policies.pruning).
+        annotations.get(ANNOTATION_PRUNE),
         *(status.get(key) for key in OPERATOR_FIELDS),
     )

@@ -23,7 +23,16 @@ from kubetune.operator.lifecycle import (
     with_condition,
     with_phase,
 )
-from kubetune.operator.policies import acceptance, deadline, gang, serving, ttl, upstream, validation
+from kubetune.operator.policies import (
+    acceptance,
+    deadline,
+    gang,
+    pruning,
+    serving,
+    ttl,
+    upstream,
+    validation,
+)
 
 Policy = Callable[[Observation, JobStatusBase], Decision]
 
@@ -54,6 +63,7 @@ def _active(obs: Observation, status: JobStatusBase) -> Decision:
         obs,
         resolved,
         [
+            pruning.enforce,
             deadline.enforce,
             acceptance.admit,
             lambda o, s: validation.validate(o, s, plan),

@@ -17,22 +17,18 @@ from typing import Any, Final
 
 from kubetune.api import API_VERSION, GROUP, FineTuneSweep, Phase
 from kubetune.api.sweep import FineTuneSweepStatus, TrialCounts, TrialState, TrialStatus
-from kubetune.operator.lifecycle import REASON_INVALID_SPEC, rfc3339, set_condition
+from kubetune.operator.lifecycle import ANNOTATION_PRUNE, REASON_INVALID_SPEC, rfc3339, set_condition
+from kubetune.operator.policies.pruning import REASON_PRUNED
 from kubetune.operator.render import LABEL_MANAGED_BY, MANAGER, Manifest
 from kubetune.sweep import study
-from kubetune.sweep.space import trial_output, trial_spec
+from kubetune.sweep.evaluations import objective_of, observe
+from kubetune.sweep.space import trial_name, trial_output, trial_spec
 from kubetune.sweep.study import TrialRecord
 
 LABEL_SWEEP: Final = f"{GROUP}/sweep"
 LABEL_TRIAL: Final = f"{GROUP}/trial"
 ANNOTATION_PARAMETERS: Final = f"{GROUP}/parameters"
-ANNOTATION_PRUNE: Final = f"{GROUP}/prune"
-REASON_PRUNED: Final = "Pruned"
 REASON_TOO_MANY_FAILURES: Final = "TooManyFailedTrials"
-
-
-def trial_name(sweep: str, number: int) -> str:
-    return f"{sweep}-t{number}"
 
 
 @dataclass(frozen=True)
@@ -48,15 +44,6 @@ class Trial:
     objective: float | None = None  # the objective metric of its latest evaluation
     model_uri: str | None = None
     prune_requested: bool = False
-
-
-def objective_of(spec_metric: str, progress: Mapping[str, Any]) -> float | None:
-    """The objective metric in a trial's status.progress (eval_loss, or one of its metrics)."""
-    if spec_metric == "eval_loss":
-        value = progress.get("evalLoss")
-    else:
-        value = (progress.get("metrics") or {}).get(spec_metric.removeprefix("eval_"))
-    return float(value) if isinstance(value, int | float) else None
 
 
 def trial_from(body: Mapping[str, Any], metric: str) -> Trial | None:
@@ -155,8 +142,10 @@ def decide(obs: SweepObservation) -> SweepDecision:
     # Each trial's latest evaluation joins those recorded before.
     evaluations = {n: dict(v) for n, v in obs.evaluations.items()}
     for trial in obs.trials:
-        if trial.step is not None and trial.objective is not None and state_of(trial) != TrialState.complete:
-            evaluations.setdefault(trial.number, {})[trial.step] = trial.objective
+        if state_of(trial) != TrialState.complete:
+            seen = observe(evaluations.get(trial.number, {}), trial.step, trial.objective)
+            if seen:
+                evaluations[trial.number] = seen
     records = records_of(obs, evaluations)
     decision = SweepDecision(status=status, evaluations=evaluations)
     if status.phase is not None and status.phase.finished:
