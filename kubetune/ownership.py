@@ -133,6 +133,9 @@ def plan_inputs(plan: RunPlan) -> list[tuple[str, str]]:
     found = [("model.uri", plan.model_uri), ("dataset.train.uri", plan.dataset.train.uri)]
     if plan.dataset.eval is not None:
         found.append(("dataset.eval.uri", plan.dataset.eval.uri))
+    dpo = plan.method.dpo_settings if plan.method is not None else None
+    if dpo is not None and dpo.reference_model is not None:
+        found.append(("method.dpo.referenceModel.uri", str(dpo.reference_model.uri)))
     distillation = plan.compression.distillation if plan.compression is not None else None
     student = getattr(distillation, "student", None)
     if student is not None and getattr(student, "uri", None):

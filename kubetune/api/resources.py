@@ -22,6 +22,8 @@ from kubetune.api.base import (
     SourceURI,
 )
 from kubetune.api.spec import (
+    NO_PREFERENCE_DATA,
+    OBJECTIVE_MATCHES_FORMAT,
     Checkpointing,
     DataFormat,
     Dataset,
@@ -93,7 +95,7 @@ _FORMAT_MATCHES_TASK = CelRule(
     "self.task.type == 'sequence-classification' ? self.dataset.format == 'classification' : "
     "self.dataset.format != 'classification'",
     "dataset.format must be classification for sequence-classification, and one of text, instruction, "
-    "chat for causal-lm",
+    "chat, preference for causal-lm",
     lambda s: (
         (s.dataset.format == DataFormat.classification) == (s.task.type == TaskType.sequence_classification)
     ),
@@ -112,7 +114,7 @@ class FineTuneJobSpec(JobSpecBase):
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed ZeRO settings.")
     checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoint policy.")
 
-    cel_rules = (_FORMAT_MATCHES_TASK,)
+    cel_rules = (_FORMAT_MATCHES_TASK, OBJECTIVE_MATCHES_FORMAT)
 
 
 # Fields of the spec that define the training run. Changing them after the run started would
@@ -386,6 +388,7 @@ class CompressJobSpec(JobSpecBase):
             field="quantization",
         ),
         _FORMAT_MATCHES_TASK,
+        NO_PREFERENCE_DATA,
     )
 
 

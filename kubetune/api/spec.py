@@ -85,6 +85,7 @@ class DataFormat(StrEnum):
     instruction = "instruction"
     chat = "chat"
     classification = "classification"
+    preference = "preference"
 
 
 class FileFormat(StrEnum):
@@ -107,7 +108,11 @@ class DataFields(KubeModel):
         "text", min_length=1, max_length=256, description="Text field (text and classification formats)."
     )
     prompt: str = Field(
-        "prompt", min_length=1, max_length=256, description="Prompt field (instruction format)."
+        "prompt",
+        min_length=1,
+        max_length=256,
+        description="Prompt field (instruction and preference formats; for preference it may hold a list "
+        "of {role, content} messages, rendered with the tokenizer's chat template).",
     )
     response: str = Field(
         "response", min_length=1, max_length=256, description="Response field (instruction format)."
@@ -120,6 +125,19 @@ class DataFields(KubeModel):
     )
     label: str = Field(
         "label", min_length=1, max_length=256, description="Label field: class name or id (classification)."
+    )
+    chosen: str = Field(
+        "chosen",
+        min_length=1,
+        max_length=256,
+        description="Preferred answer to the prompt (preference format): text, or a list of assistant "
+        "messages when the prompt is a conversation.",
+    )
+    rejected: str = Field(
+        "rejected",
+        min_length=1,
+        max_length=256,
+        description="Dispreferred answer to the same prompt (preference format), in the form of chosen.",
     )
 
 
@@ -134,7 +152,8 @@ class Dataset(KubeModel):
     format: DataFormat = Field(
         DataFormat.text,
         description="text: plain text; instruction: prompt/response pairs; chat: messages rendered with "
-        "the tokenizer's chat template; classification: text with a label.",
+        "the tokenizer's chat template; classification: text with a label; preference: a prompt with a "
+        "chosen and a rejected answer (method.objective dpo).",
     )
     file_format: FileFormat = Field(
         FileFormat.auto, description="File format; auto picks by extension (.jsonl, .json, .csv, .parquet)."
@@ -170,15 +189,75 @@ class LoraSettings(KubeModel):
     )
 
 
+class Objective(StrEnum):
+    sft = "sft"
+    dpo = "dpo"
+
+
+class DpoLossType(StrEnum):
+    """The pairwise losses of trl's DPOTrainer that need no setting kubetune does not expose
+    (exo_pair needs label smoothing, so it is left out)."""
+
+    sigmoid = "sigmoid"
+    hinge = "hinge"
+    ipo = "ipo"
+    nca_pair = "nca_pair"
+    robust = "robust"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
+    sigmoid_norm = "sigmoid_norm"
+
+
+class ReferenceModel(KubeModel):
+    """A reference model other than the base: a Hugging Face format directory with the base's tokenizer."""
+
+    uri: SourceURI = Field(
+        description="Directory holding the reference model: s3://bucket/prefix, file:///path or hf://org/name."
+    )
+
+
+class DpoSettings(KubeModel):
+    """Direct Preference Optimization (trl's DPOTrainer) on preference pairs."""
+
+    beta: Float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference model: higher keeps the policy closer.",
+    )
+    loss_type: DpoLossType = Field(
+        DpoLossType.sigmoid,
+        description="Pairwise loss: sigmoid is the DPO paper's, ipo the IPO paper's; the others as in trl.",
+    )
+    reference_model: ReferenceModel | None = Field(
+        None,
+        description="The model the policy is compared with. Omitted (implicit): the frozen base model; with "
+        "LoRA that is the base with the adapters switched off, with full fine-tuning a frozen copy of the base.",
+    )
+
+
 class Method(KubeModel):
-    """Which weights are trained."""
+    """Which weights are trained, and on which objective."""
 
     type: MethodType = Field(MethodType.lora, description="full trains every weight; lora trains adapters.")
+    objective: Objective = Field(
+        Objective.sft,
+        description="sft: supervised fine-tuning on the data; dpo: preference tuning on chosen/rejected "
+        "pairs (dataset.format preference, task causal-lm).",
+    )
     lora: LoraSettings | None = Field(None, description="LoRA settings; only with type lora.")
     merge_adapter: Bool | None = Field(
         None,
         description="Also write the adapter merged into the base weights as <output>/model "
         "(only with type lora; defaults to true).",
+    )
+    dpo: DpoSettings | None = Field(
+        None, description="DPO settings; only with objective dpo (defaults apply when omitted)."
     )
 
     cel_rules = (
@@ -188,11 +267,44 @@ class Method(KubeModel):
             lambda m: m.type == MethodType.lora or (m.lora is None and m.merge_adapter is None),
             field="lora",
         ),
+        CelRule(
+            "self.objective == 'dpo' || !has(self.dpo)",
+            "dpo settings are only allowed with objective dpo",
+            lambda m: m.objective == Objective.dpo or m.dpo is None,
+            field="dpo",
+        ),
     )
+
+    @property
+    def dpo_settings(self) -> DpoSettings | None:
+        """The DPO settings of a dpo run (defaults when omitted); None for sft."""
+        if self.objective != Objective.dpo:
+            return None
+        return self.dpo or DpoSettings()
 
     @property
     def merges(self) -> bool:
         return self.type == MethodType.lora and self.merge_adapter is not False
+
+
+# Rules across a FineTuneJob's method, task and dataset (``self`` is the spec). DPO needs
+# task causal-lm too, which follows: preference is not the classification format, which
+# sequence-classification requires (the format-matches-task rule of kubetune.api.resources).
+OBJECTIVE_MATCHES_FORMAT = CelRule(
+    "(self.method.objective == 'dpo') == (self.dataset.format == 'preference')",
+    "method.objective dpo needs dataset.format preference (and task causal-lm), and the preference "
+    "format is only for objective dpo",
+    lambda s: (s.method.objective == Objective.dpo) == (s.dataset.format == DataFormat.preference),
+    field="dataset.format",
+)
+# A CompressJob's data calibrates and evaluates a model; preference pairs do neither.
+NO_PREFERENCE_DATA = CelRule(
+    "self.dataset.format != 'preference'",
+    "dataset.format preference is only for FineTuneJobs with method.objective dpo; compression calibrates "
+    "and evaluates on text, instruction or chat data",
+    lambda s: s.dataset.format != DataFormat.preference,
+    field="dataset.format",
+)
 
 
 class Precision(StrEnum):

@@ -44,6 +44,7 @@ def example(name: str) -> dict[str, Any]:
 LORA = example("finetune-lora-causal-lm.yaml")
 CLASSIFIER = example("finetune-full-classification.yaml")
 COMPRESS = example("compress-from-finetune.yaml")
+DPO = example("dpo-lora.yaml")
 SWEEP = example("sweep-lora.yaml")
 LR = {"path": "hyperparameters.learningRate", "type": "float", "min": 1e-5, "max": 1e-3}
 
@@ -242,6 +243,48 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
         "spec.dataset.format",
     ),
     ("text format for classification", edit(CLASSIFIER, spec__dataset__format="text"), "spec.dataset.format"),
+    ("dpo example", edit(DPO), None),
+    ("dpo with the default settings", edit(DPO, spec__method__dpo=None), None),
+    (
+        "dpo with full fine-tuning and a reference model",
+        edit(
+            DPO,
+            spec__method={
+                "type": "full",
+                "objective": "dpo",
+                "dpo": {"referenceModel": {"uri": "s3://models/ref"}},
+            },
+        ),
+        None,
+    ),
+    ("dpo with ZeRO 3", edit(DPO, spec__deepspeed__zeroStage=3), None),
+    ("dpo on instruction data", edit(DPO, spec__dataset__format="instruction"), "spec.dataset.format"),
+    (
+        "preference data with sft",
+        edit(DPO, spec__method__objective="sft", spec__method__dpo=None),
+        "spec.dataset.format",
+    ),
+    (
+        "preference data, objective defaulted",
+        edit(DPO, spec__method__objective=None, spec__method__dpo=None),
+        "spec.dataset.format",
+    ),
+    ("dpo settings with sft", edit(LORA, spec__method__dpo={"beta": 0.2}), "spec.method.dpo"),
+    (
+        "dpo with sequence-classification",
+        edit(CLASSIFIER, spec__method__objective="dpo"),
+        "spec.dataset.format",
+    ),
+    (
+        "preference data for sequence-classification",
+        edit(DPO, spec__task={"type": "sequence-classification", "numLabels": 2}),
+        "spec.dataset.format",
+    ),
+    (
+        "compressing on preference data",
+        edit(COMPRESS, spec__dataset__format="preference"),
+        "spec.dataset.format",
+    ),
     ("name of 47 characters", edit(LORA, metadata__name="a" * 47), "metadata.name"),
     ("name of 46 characters", edit(LORA, metadata__name="a" * 46), None),
     ("compress name of 44 characters", edit(COMPRESS, metadata__name="c" * 44), "metadata.name"),

@@ -183,6 +183,7 @@ def test_examples_cover_the_documented_scenarios() -> None:
     kinds = {where.split("#")[0]: doc["kind"] for where, doc in EXAMPLE_DOCS}
     assert kinds == {
         "compress-from-finetune.yaml": "CompressJob",
+        "dpo-lora.yaml": "FineTuneJob",
         "finetune-full-classification.yaml": "FineTuneJob",
         "finetune-lora-causal-lm.yaml": "FineTuneJob",
         "quickstart.yaml": "FineTuneJob",
