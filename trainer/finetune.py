@@ -29,6 +29,8 @@ from kubetune.storage import open_store
 from kubetune.trainer.runtime import parse_runtime_args, run_main, scratch_root, storage_config
 
 if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
     from kubetune.run.deepspeed import Accelerator
     from kubetune.trainer.outputs import StartupClock
     from kubetune.trainer.training import Distributed
@@ -89,8 +91,9 @@ def finetune(
     """The recipe: setup -> train -> save -> cleanup."""
     from transformers import PrinterCallback, Trainer
 
-    from kubetune.trainer import checkpoint, outputs, training
+    from kubetune.trainer import checkpoint, outputs, preference, training
     from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
+    from kubetune.trainer.data.formats import effective_max_length
     from kubetune.trainer.progress import ProgressCallback, make_reporter
     from kubetune.trainer.tracking import start_tracking
 
@@ -114,18 +117,43 @@ def finetune(
             shutil.rmtree(base_dir, ignore_errors=True)
             open_store(plan.model_uri, config).download_prefix(plan.model_uri, base_dir)
     startup.mark("downloaded")
+    dpo = preference.dpo_settings(plan) is not None
+    reference_uri = preference.reference_source(plan)
+    reference_dir = base_dir if reference_uri == plan.model_uri else scratch / "reference-model"
+    if reference_uri is not None and reference_dir != base_dir:
+        with clock.phase("download"), training.local_main_first(dist):
+            if dist.is_local_main:
+                shutil.rmtree(reference_dir, ignore_errors=True)
+                open_store(reference_uri, config).download_prefix(reference_uri, reference_dir)
     with clock.phase("load"):
         tokenizer = training.load_tokenizer(base_dir, plan.model_uri)
         data = prepare_datasets(plan, tokenizer, scratch / f"data-{dist.local_rank}")
         trainer_dir = scratch / "trainer"
-        args = training.training_arguments(
-            plan,
-            output_dir=trainer_dir,
-            precision=precision,
-            ds_config=ds_config,
-            has_eval=data.eval is not None,
+        args: TrainingArguments
+        if dpo:
+            args = preference.dpo_arguments(
+                plan,
+                output_dir=trainer_dir,
+                precision=precision,
+                ds_config=ds_config,
+                has_eval=data.eval is not None,
+                max_length=effective_max_length(plan, tokenizer),
+            )
+        else:
+            args = training.training_arguments(
+                plan,
+                output_dir=trainer_dir,
+                precision=precision,
+                ds_config=ds_config,
+                has_eval=data.eval is not None,
+            )
+        # With DPO, trl adds the LoRA adapters itself: it switches them off for the reference.
+        model = training.load_model(
+            plan, base_dir, precision=precision, pad_token_id=pad_token_id(tokenizer), adapters=not dpo
         )
-        model = training.load_model(plan, base_dir, precision=precision, pad_token_id=pad_token_id(tokenizer))
+        reference = (
+            preference.load_reference(reference_dir, reference_uri, precision) if reference_uri else None
+        )
     startup.mark("loaded")
     with clock.phase("resume_download"):
         resume = checkpoint.prepare_resume(out, plan, dist, trainer_dir, owned=previous_run is not None)
@@ -162,18 +190,32 @@ def finetune(
         keep_last=plan.checkpoint.keep_last if plan.checkpoint else 2,
         after_commit=after_commit,
     )
-    compute_metrics, preprocess_logits = training.metric_functions(plan)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=make_collator(tokenizer, plan),
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=preprocess_logits,
-        callbacks=[ProgressCallback(reporter), publisher, startup, *tracking.callbacks()],
-    )
+    callbacks = [ProgressCallback(reporter), publisher, startup, *tracking.callbacks()]
+    trainer: Trainer
+    if dpo:
+        trainer = preference.dpo_trainer(
+            plan,
+            model=model,
+            reference=reference,
+            args=args,
+            train=data.train,
+            evaluation=data.eval,
+            tokenizer=tokenizer,
+            callbacks=callbacks,
+        )
+    else:
+        compute_metrics, preprocess_logits = training.metric_functions(plan)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            data_collator=make_collator(tokenizer, plan),
+            processing_class=tokenizer,
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess_logits,
+            callbacks=callbacks,
+        )
     trainer.remove_callback(PrinterCallback)  # the progress reporter already logs every update
     if plan.task.type == TaskType.sequence_classification:
         # Classifiers average their loss over the batch themselves (BERT's ignores the item count

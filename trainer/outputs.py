@@ -216,7 +216,12 @@ def final_metrics(
     }
     eval_loss = _finite(eval_metrics.get("eval_loss"))
     metrics["eval_loss"] = eval_loss
-    if plan.task.type == TaskType.causal_lm:
+    if plan.method is not None and plan.method.dpo_settings is not None:
+        # A DPO loss is no language-model loss: no perplexity, the held-out reward metrics instead.
+        metrics["objective"] = plan.method.objective.value
+        for key in sorted(k for k in eval_metrics if k.startswith("eval_rewards/")):
+            metrics[key] = _finite(eval_metrics[key])
+    elif plan.task.type == TaskType.causal_lm:
         metrics["perplexity"] = (
             math.exp(eval_loss) if eval_loss is not None and eval_loss < _MAX_LOG_PERPLEXITY else None
         )

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 # Evaluation entries that describe the evaluation run itself rather than model quality.
 _EVAL_BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+# Prefix of the reward metrics trl's DPOTrainer logs every step.
+_REWARDS = "rewards/"
 
 
 def format_duration(seconds: float) -> str:
@@ -506,6 +508,7 @@ class ProgressCallback(TrainerCallback):
             self._loss = _as_float(logs["train_loss"])
         if "learning_rate" in logs:
             self._learning_rate = _as_float(logs["learning_rate"])
+        self._take_training_rewards(logs)
         self._take_eval(logs)
         self._send(args, state)
 
@@ -524,6 +527,14 @@ class ProgressCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._send(args, state)
+
+    def _take_training_rewards(self, logs: Mapping[str, Any]) -> None:
+        """DPO's training metrics (trl's rewards/chosen, rejected, accuracies, margins) as
+        train_rewards/..., beside the held-out ones that evaluation reports as rewards/...."""
+        for key, value in logs.items():
+            number = _as_float(value)
+            if key.startswith(_REWARDS) and number is not None:
+                self._metrics[f"train_{key}"] = number
 
     def _take_eval(self, logs: Mapping[str, Any]) -> None:
         for key, value in logs.items():

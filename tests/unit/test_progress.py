@@ -236,3 +236,31 @@ def test_results_go_to_the_progress_file_as_one_line(tmp_path: Path) -> None:
     assert [json.loads(line) for line in lines] == [
         {"results": {"metricsAfter": {"perplexity": 12.5}, "sizeRatio": 3.2}}
     ]
+
+
+def test_dpo_rewards_are_reported_for_training_and_for_the_held_out_pairs(tmp_path: Path) -> None:
+    recorder = Recorder()
+    callback = ProgressCallback(recorder)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state = TrainerState(max_steps=10, global_step=0)
+    control = TrainerControl()
+    callback.on_train_begin(args, state, control)
+    state.global_step = 5
+    trained = {
+        "rewards/chosen": 0.2,
+        "rewards/rejected": -0.1,
+        "rewards/accuracies": 0.75,
+        "rewards/margins": 0.3,
+    }
+    callback.on_log(args, state, control, logs={"loss": 0.6, **trained, "logps/chosen": -40.0})
+    held_out = {"eval_loss": 0.65, "eval_rewards/accuracies": 0.7, "eval_rewards/margins": 0.25}
+    callback.on_evaluate(args, state, control, metrics=held_out)
+
+    first, last = recorder.updates[0], recorder.updates[-1]
+    assert first.loss == 0.6
+    assert first.metrics == {f"train_{key}": value for key, value in trained.items()}
+    assert last.eval_loss == 0.65
+    assert last.metrics is not None
+    assert last.metrics["rewards/accuracies"] == 0.7
+    assert last.metrics["rewards/margins"] == 0.25
+    assert last.metrics["train_rewards/margins"] == 0.3

@@ -14,6 +14,7 @@ from typing import Any, Final
 from kubetune.api.spec import DataFormat
 from kubetune.run.plan import RunPlan
 
+from .preference import IdenticalPairError, preference_pair
 from .problems import ProblemLog
 from .readers import Record, json_type
 
@@ -32,6 +33,9 @@ class RecordChecker:
         self.problems = problems
         self.missing: Counter[str] = Counter()
         self.seen_fields: Counter[str] = Counter()
+        # The first preference record's source and form (conversation or text): trl reads one form
+        # per dataset, so a record of the other form is a problem of its own.
+        self.preference_form: tuple[str, bool] | None = None
 
     def _missing(self, record: Record, name: str) -> bool:
         """Whether the field is absent or null; if so, count it and log the problem."""
@@ -70,6 +74,8 @@ class RecordChecker:
             return prompt is not None and response is not None
         if self.format == DataFormat.chat:
             return self._messages(record) is not None
+        if self.format == DataFormat.preference:
+            return self._preference(record)
         text = self._string(record, self.fields.text)
         label = self._label(record)
         return text is not None and label is not None
@@ -83,6 +89,32 @@ class RecordChecker:
         except ValueError as e:
             self.problems.add("invalid-value", f"{record.source}: field {name!r}: {e}")
             return None
+
+    def _preference(self, record: Record) -> bool:
+        fields = self.fields
+        missing = [self._missing(record, name) for name in (fields.prompt, fields.chosen, fields.rejected)]
+        if any(missing):
+            return False
+        try:
+            pair = preference_pair(record.data, fields)
+        except IdenticalPairError as e:
+            self.problems.add("identical-pair", f"{record.source}: {e}")
+            return False
+        except ValueError as e:
+            self.problems.add("invalid-value", f"{record.source}: {e}")
+            return False
+        if self.preference_form is None:
+            self.preference_form = (record.source, pair.conversational)
+        elif self.preference_form[1] != pair.conversational:
+            first, conversational = self.preference_form
+            forms = ("text", "a conversation") if conversational else ("a conversation", "text")
+            self.problems.add(
+                "mixed-forms",
+                f"{record.source}: field {fields.prompt!r} is {forms[0]}, but in {first} it is {forms[1]}; "
+                "every record of a preference dataset must use the same form",
+            )
+            return False
+        return True
 
     def _label(self, record: Record) -> int | None:
         name = self.fields.label

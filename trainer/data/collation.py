@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.api.spec import TaskType
+from kubetune.api.spec import DataFormat, TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.run.plan import RunPlan
 
@@ -84,10 +84,14 @@ def label_counts(examples: Sequence[Example], names: Sequence[str] | None) -> di
     return {(names[i] if names and i < len(names) else str(i)): n for i, n in sorted(counts.items())}
 
 
-def _to_dataset(examples: list[Example]) -> datasets.Dataset:
+def _to_dataset(examples: list[Example], plan: RunPlan) -> datasets.Dataset:
     import datasets
 
-    columns = ("input_ids", "attention_mask", "labels")
+    # Preference pairs stay text (or messages): trl's DPOTrainer tokenizes them itself.
+    if plan.dataset.format == DataFormat.preference:
+        columns: tuple[str, ...] = ("prompt", "chosen", "rejected")
+    else:
+        columns = ("input_ids", "attention_mask", "labels")
     return datasets.Dataset.from_dict({c: [e[c] for e in examples] for c in columns})
 
 
@@ -133,8 +137,8 @@ def prepare_datasets(plan: RunPlan, tokenizer: PreTrainedTokenizerBase, scratch_
         eval_files=report.eval_files,
     )
     return PreparedData(
-        train=_to_dataset(train.examples),
-        eval=_to_dataset(evaluation.examples) if evaluation else None,
+        train=_to_dataset(train.examples, plan),
+        eval=_to_dataset(evaluation.examples, plan) if evaluation else None,
         label_names=names,
         stats=stats,
     )

@@ -13,6 +13,10 @@
   for any other template each assistant turn is located by rendering the conversation up to it.
 - ``classification``: ``text`` and ``label``; a label is a name from ``task.labels`` or a class id
   in ``[0, numLabels)`` (CSV ids may be digit strings).
+- ``preference``: ``prompt``, ``chosen`` and ``rejected`` (:mod:`.preference`), handed to trl's
+  DPOTrainer untokenized: it tokenizes, truncates to ``maxSeqLength`` and trains on the answers.
+  Here the pairs are only measured, and a prompt that fills ``maxSeqLength`` on its own is a
+  problem: trl would drop the pair, which has nothing left to learn from.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from kubetune.api.spec import DataFormat, TaskType
+from kubetune.api.spec import OBJECTIVE_MATCHES_FORMAT, DataFormat, Method, TaskType
 from kubetune.errors import InvalidInputError
 from kubetune.run.plan import RunPlan
 
 from .checks import chat_messages, label_id
+from .preference import pair_lengths, preference_pair
 from .problems import ProblemLog
 from .readers import Record
 
@@ -245,6 +250,36 @@ def _tokenize_classification(
     return out
 
 
+def _measure_preference(
+    records: Sequence[Record], plan: RunPlan, tokenizer: PreTrainedTokenizerBase, problems: ProblemLog | None
+) -> Tokenized:
+    """The pairs as trl's rows (``prompt``, ``chosen``, ``rejected``) with their token counts."""
+    max_length = effective_max_length(plan, tokenizer)
+    out = Tokenized([], [], max_length)
+    for record in records:
+        pair = preference_pair(record.data, plan.dataset.fields)
+        try:
+            lengths = pair_lengths(pair, tokenizer)
+        except Exception as e:  # the chat template is user data too
+            reason = f"the chat template failed: {e}"
+            if problems is None:
+                raise InvalidInputError(f"{record.source}: {reason}") from None
+            problems.add("chat-template", f"{record.source}: {reason}")
+            continue
+        if lengths.prompt >= max_length:
+            reason = (
+                f"{record.source}: the prompt is {lengths.prompt} tokens, which fills maxSeqLength {max_length} "
+                "and leaves no token of chosen or rejected to train on; shorten the prompt or raise maxSeqLength"
+            )
+            if problems is None:
+                raise InvalidInputError(reason)
+            problems.add("too-long", reason)  # a problem of its own: not also a dropped-records warning
+            continue
+        out.lengths.append(lengths.total)
+        out.examples.append(pair.row())
+    return out
+
+
 def check_task_format(plan: RunPlan) -> None:
     """Raise :class:`InvalidInputError` when the data format cannot train the task."""
     classification = plan.task.type == TaskType.sequence_classification
@@ -252,8 +287,12 @@ def check_task_format(plan: RunPlan) -> None:
         raise InvalidInputError(
             f"dataset.format {plan.dataset.format} does not fit task {plan.task.type}: "
             "sequence-classification takes the classification format, causal-lm takes text, "
-            "instruction or chat"
+            "instruction, chat or (objective dpo) preference"
         )
+    # The API's rule, applied to the plan (a plan can be written by hand): a plan has the spec's
+    # method and dataset.
+    if not OBJECTIVE_MATCHES_FORMAT.check(plan.model_copy(update={"method": plan.method or Method()})):
+        raise InvalidInputError(OBJECTIVE_MATCHES_FORMAT.message)
 
 
 def tokenize_split(
@@ -264,14 +303,16 @@ def tokenize_split(
 ) -> Tokenized:
     """Tokenize checked records (see :func:`tokenize_records`), with length statistics.
 
-    With ``problems``, records the chat template cannot render are recorded there and left out
-    instead of raising.
+    With ``problems``, records the chat template cannot render (and preference pairs whose prompt
+    fills ``maxSeqLength``) are recorded there and left out instead of raising.
     """
     check_task_format(plan)
     if plan.dataset.format == DataFormat.classification:
         return _tokenize_classification(records, plan, tokenizer)
     if plan.dataset.format == DataFormat.chat:
         return _tokenize_chat_records(records, plan, tokenizer, problems)
+    if plan.dataset.format == DataFormat.preference:
+        return _measure_preference(records, plan, tokenizer, problems)
     if plan.dataset.format == DataFormat.instruction:
         return _tokenize_instruction(records, plan, tokenizer)
     return _tokenize_text(records, plan, tokenizer)
