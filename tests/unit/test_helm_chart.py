@@ -19,6 +19,7 @@ import yaml
 from kubetune import __version__
 from kubetune.api.crd import render_crds
 from kubetune.operator.settings import ENVIRONMENT, Settings
+from tests.built_binaries import built_binary
 
 pytestmark = pytest.mark.unit
 
@@ -28,24 +29,6 @@ MANIFESTS = ROOT / "manifests"
 # The namespace manifests/kustomization.yaml installs into.
 NAMESPACE = "kubetune-system"
 Key = tuple[str, str, str | None, str]
-
-
-def built_binary(name: str, script: str) -> Path:
-    """A binary `make testbin` builds; the tests skip (naming the command) where it was not run."""
-    printed = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "tests" / "testbin" / script),
-            "--print-path" if name == "helm" else "--print-dir",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    path = Path(printed) if name == "helm" else Path(printed) / name
-    if not path.exists():
-        pytest.skip(f"{path} is missing: run `make testbin` (tests/testbin/{script})")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from kubetune.operator.render import render_serving
 from kubetune.operator.settings import Settings
 from kubetune.trainer.serve.auth import OPEN_PATHS
 from kubetune.trainer.serve.metrics import ServeMetrics
+from tests.built_binaries import built_binary
 
 pytestmark = pytest.mark.unit
 
@@ -97,16 +98,7 @@ def test_a_misspelt_monitor_field_is_refused() -> None:
 def test_chart_monitors_with_every_monitoring_value_are_valid() -> None:
     """The chart's variants (watched namespaces, extra labels) are valid too; that its defaults
     equal the files above is tests/unit/test_helm_chart.py's."""
-    helm = Path(
-        subprocess.run(
-            ["bash", str(ROOT / "tests" / "testbin" / "helm.sh"), "--print-path"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    )
-    if not helm.exists():
-        pytest.skip(f"{helm} is missing: run `make testbin` (tests/testbin/helm.sh)")
+    helm = built_binary("helm", "helm.sh")
     values = ["--set", "monitoring.enabled=true", "--set-json", 'monitoring.labels={"release":"prometheus"}']
     values += ["--set-json", 'watchNamespaces=["team-a","team-b"]']
     rendered = subprocess.run(
