@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -22,29 +22,11 @@ from kubetune.operator.lifecycle import (
 from kubetune.operator.policies.failure import pick_termination
 from kubetune.operator.reconcile import child_failure, decide
 from kubetune.operator.settings import Settings
+from tests.policies import NOW, condition, finetunejob, observe, wire
 
 pytestmark = pytest.mark.unit
 
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 T = lifecycle.rfc3339
-
-
-def ftj(**spec: Any) -> FineTuneJob:
-    base: dict[str, Any] = {
-        "model": {"uri": "s3://models/base"},
-        "dataset": {"train": {"uri": "s3://data/train.jsonl"}},
-        "hyperparameters": {"maxSteps": 10},
-        "resources": {"workers": 2},
-        "output": {"uri": "s3://runs/ft"},
-    }
-    return FineTuneJob.model_validate(
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "ft", "namespace": "ml", "uid": "u1", "generation": 1},
-            "spec": base | spec,
-        }
-    )
 
 
 def cj(**model: Any) -> CompressJob:
@@ -61,31 +43,6 @@ def cj(**model: Any) -> CompressJob:
             },
         }
     )
-
-
-def observe(
-    job: FineTuneJob | CompressJob, status: dict[str, Any] | JobStatusBase | None = None, **kw: Any
-) -> Observation:
-    if not isinstance(status, JobStatusBase):
-        status = lifecycle.observed_status(job.kind, status or {})
-    return Observation(
-        job=job,
-        namespace="ml",
-        settings=Settings(),
-        now=kw.pop("now", NOW),
-        generation=1,
-        status=status,
-        **kw,
-    )
-
-
-def wire(decision: lifecycle.Decision) -> dict[str, Any]:
-    """The status a decision writes, as the API server receives it."""
-    return lifecycle.operator_wire(decision.status)
-
-
-def condition(decision: lifecycle.Decision, type_: str) -> dict[str, Any] | None:
-    return next((c for c in wire(decision).get("conditions", []) if c["type"] == type_), None)
 
 
 VALIDATED = [
@@ -116,7 +73,7 @@ def created(decision: lifecycle.Decision) -> list[str]:
 
 
 def test_a_new_job_gets_its_plan_identity_and_validation_only() -> None:
-    d = decide(observe(ftj()))
+    d = decide(observe(finetunejob()))
     assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
     assert wire(d) == {
         "observedGeneration": 1,
@@ -133,14 +90,14 @@ IDENTITY = {"storage": {"serviceAccountName": "team-s3"}}
 
 
 def test_a_job_waits_for_the_service_account_it_names() -> None:
-    d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.missing))
+    d = decide(observe(finetunejob(**IDENTITY), runner_account=lifecycle.RunnerAccount.missing))
     assert d.create == []
     assert wire(d)["phase"] == "Waiting"
     assert "ServiceAccount team-s3 (spec.storage.serviceAccountName)" in wire(d)["message"]
 
 
 def test_a_service_account_without_the_runner_label_fails_the_job() -> None:
-    d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.not_allowed))
+    d = decide(observe(finetunejob(**IDENTITY), runner_account=lifecycle.RunnerAccount.not_allowed))
     assert d.create == []
     assert wire(d)["phase"] == "Failed"
     failed = condition(d, "Failed")
@@ -150,16 +107,16 @@ def test_a_service_account_without_the_runner_label_fails_the_job() -> None:
 
 
 def test_a_labelled_service_account_is_used_and_never_created_or_deleted() -> None:
-    d = decide(observe(ftj(**IDENTITY), runner_account=lifecycle.RunnerAccount.allowed))
+    d = decide(observe(finetunejob(**IDENTITY), runner_account=lifecycle.RunnerAccount.allowed))
     assert created(d) == ["ConfigMap/ft-plan", "Job/ft-validate"]
     done = {"phase": "Succeeded", "completionTime": T(NOW - timedelta(seconds=10)), "restarts": 0}
-    ttl = decide(observe(ftj(ttlSecondsAfterFinished=5, **IDENTITY), done))
+    ttl = decide(observe(finetunejob(ttlSecondsAfterFinished=5, **IDENTITY), done))
     assert "ServiceAccount" not in {ref.kind for ref in ttl.delete}
 
 
 def test_deciding_again_on_the_written_status_changes_nothing() -> None:
-    first = decide(observe(ftj()))
-    second = decide(observe(ftj(), first.status, jobs=[job("ft-validate", "validate")]))
+    first = decide(observe(finetunejob()))
+    second = decide(observe(finetunejob(), first.status, jobs=[job("ft-validate", "validate")]))
     assert lifecycle.status_patch(first.status, second.status) == {}
     assert second.events == []
     assert second.delete == []
@@ -167,19 +124,19 @@ def test_deciding_again_on_the_written_status_changes_nothing() -> None:
 
 
 def test_a_queued_job_is_pending_until_kueue_admits_it() -> None:
-    d = decide(observe(ftj(queueName="gpus")))
+    d = decide(observe(finetunejob(queueName="gpus")))
     assert d.create[-1]["spec"]["suspend"] is True
     assert wire(d)["phase"] == "Pending"
     assert "startTime" not in wire(d)
     assert "LocalQueue gpus" in wire(d)["message"]
-    admitted = decide(observe(ftj(queueName="gpus"), d.status, jobs=[job("ft-validate", "validate")]))
+    admitted = decide(observe(finetunejob(queueName="gpus"), d.status, jobs=[job("ft-validate", "validate")]))
     assert wire(admitted)["phase"] == "Validating"
     assert admitted.patch == []
 
 
 def test_validation_passed_starts_the_gang() -> None:
     status = {"phase": "Validating", "startTime": T(NOW), "restarts": 0}
-    d = decide(observe(ftj(), status, jobs=[job("ft-validate", "validate", complete=True)]))
+    d = decide(observe(finetunejob(), status, jobs=[job("ft-validate", "validate", complete=True)]))
     # The rendezvous Service and the right to report status come with the gang, before its Job.
     assert created(d)[-4:] == [
         "Service/ft-workers",
@@ -224,7 +181,7 @@ def test_non_retriable_failures_fail_at_once(
 ) -> None:
     failed = job("ft-train-r0", failed=True, failed_reason=job_reason, failed_message=job_message)
     terms = {"ft-train-r0": term} if term else {}
-    d = decide(observe(ftj(), dict(RUNNING), jobs=[failed], terminations=terms))
+    d = decide(observe(finetunejob(), dict(RUNNING), jobs=[failed], terminations=terms))
     assert wire(d)["phase"] == "Failed"
     assert d.create[-1]["kind"] != "Job"
     cond = condition(d, "Failed")
@@ -239,7 +196,7 @@ def test_retriable_failure_replaces_the_gang_before_deleting_it() -> None:
     failed = job("ft-train-r0", failed=True, failed_reason="BackoffLimitExceeded")
     d = decide(
         observe(
-            ftj(),
+            finetunejob(),
             dict(RUNNING),
             jobs=[failed],
             terminations={"ft-train-r0": Termination("p", "trainer", 137, "OOMKilled", "")},
@@ -250,7 +207,7 @@ def test_retriable_failure_replaces_the_gang_before_deleting_it() -> None:
     assert wire(d)["restarts"] == 1
     assert wire(d)["phase"] == "Running"
     assert [e.reason for e in d.events] == ["Restarting"]
-    again = decide(observe(ftj(), d.status, jobs=[failed, job("ft-train-r1", attempt=1)]))
+    again = decide(observe(finetunejob(), d.status, jobs=[failed, job("ft-train-r1", attempt=1)]))
     assert again.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")], "stale attempts go"
     assert wire(again)["restarts"] == 1
     assert "Job/ft-train-r2" not in created(again)
@@ -260,7 +217,7 @@ def test_restarts_are_bounded_by_max_restarts() -> None:
     failed = job(
         "ft-train-r1", attempt=1, failed=True, failed_reason="BackoffLimitExceeded", failed_message="boom"
     )
-    d = decide(observe(ftj(maxRestarts=1), dict(RUNNING, restarts=1), jobs=[failed]))
+    d = decide(observe(finetunejob(maxRestarts=1), dict(RUNNING, restarts=1), jobs=[failed]))
     cond = condition(d, "Failed")
     assert cond is not None
     assert cond["reason"] == "RestartsExhausted"
@@ -271,7 +228,7 @@ def test_validation_failure_fails_with_the_runtime_message() -> None:
     status = {"phase": "Validating", "startTime": T(NOW), "restarts": 0}
     failed = job("ft-validate", "validate", failed=True, failed_reason="PodFailurePolicy")
     term = Termination("v", "validate", 2, "Error", "dataset.train: line 3 is not JSON")
-    d = decide(observe(ftj(), status, jobs=[failed], terminations={"ft-validate": term}))
+    d = decide(observe(finetunejob(), status, jobs=[failed], terminations={"ft-validate": term}))
     assert wire(d)["phase"] == "Failed"
     validated = condition(d, "Validated")
     assert validated is not None
@@ -282,13 +239,13 @@ def test_validation_failure_fails_with_the_runtime_message() -> None:
 
 def test_deadline_counts_only_unsuspended_time() -> None:
     running = job("ft-train-r0", active=2)
-    late = decide(observe(ftj(activeDeadlineSeconds=60), dict(RUNNING), jobs=[running]))
+    late = decide(observe(finetunejob(activeDeadlineSeconds=60), dict(RUNNING), jobs=[running]))
     assert wire(late)["phase"] == "Failed"
     assert late.delete == [ChildRef("batch/v1", "Job", "ft-train-r0")]
     assert condition(late, "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
     paused = decide(
         observe(
-            ftj(activeDeadlineSeconds=60),
+            finetunejob(activeDeadlineSeconds=60),
             dict(RUNNING),
             jobs=[running],
             annotations={lifecycle.ANNOTATION_PAUSED: "50"},
@@ -299,11 +256,13 @@ def test_deadline_counts_only_unsuspended_time() -> None:
 
 def test_suspend_and_resume_toggle_the_job_and_pause_the_clock() -> None:
     running = job("ft-train-r0", active=2)
-    suspended = decide(observe(ftj(suspend=True), dict(RUNNING), jobs=[running]))
+    suspended = decide(observe(finetunejob(suspend=True), dict(RUNNING), jobs=[running]))
     assert [p.body for p in suspended.patch] == [{"spec": {"suspend": True}}]
     assert wire(suspended)["phase"] == "Suspended"
     later = NOW + timedelta(seconds=30)
-    resumed = decide(observe(ftj(), suspended.status, jobs=[job("ft-train-r0", suspended=True)], now=later))
+    resumed = decide(
+        observe(finetunejob(), suspended.status, jobs=[job("ft-train-r0", suspended=True)], now=later)
+    )
     assert [p.body for p in resumed.patch] == [{"spec": {"suspend": False}}]
     assert wire(resumed)["phase"] == "Running"
     assert resumed.annotations == {lifecycle.ANNOTATION_PAUSED: "30"}
@@ -311,7 +270,9 @@ def test_suspend_and_resume_toggle_the_job_and_pause_the_clock() -> None:
 
 
 def test_success_records_artifacts_and_serves() -> None:
-    d = decide(observe(ftj(serve={"enabled": True}), dict(RUNNING), jobs=[job("ft-train-r0", complete=True)]))
+    d = decide(
+        observe(finetunejob(serve={"enabled": True}), dict(RUNNING), jobs=[job("ft-train-r0", complete=True)])
+    )
     assert wire(d)["phase"] == "Succeeded"
     assert wire(d)["artifacts"] == {
         "modelUri": "s3://runs/ft/model",
@@ -327,11 +288,11 @@ def test_success_records_artifacts_and_serves() -> None:
 def test_serve_changes_patch_the_deployment_and_disabling_removes_it() -> None:
     done = {"phase": "Succeeded", "completionTime": T(NOW), "restarts": 0}
     stale = lifecycle.DeploymentState("ft-serve", replicas=1, ready_replicas=1, spec_hash="old")
-    d = decide(observe(ftj(serve={"enabled": True, "replicas": 3}), done, deployment=stale))
+    d = decide(observe(finetunejob(serve={"enabled": True, "replicas": 3}), done, deployment=stale))
     assert len(d.patch) == 1
     assert d.patch[0].json_patch
     assert {"op": "replace", "path": "/spec/replicas", "value": 3} in d.patch[0].body
-    off = decide(observe(ftj(), d.status, deployment=stale))
+    off = decide(observe(finetunejob(), d.status, deployment=stale))
     assert off.delete == [
         ChildRef("apps/v1", "Deployment", "ft-serve"),
         ChildRef("v1", "Service", "ft-serve"),
@@ -341,9 +302,9 @@ def test_serve_changes_patch_the_deployment_and_disabling_removes_it() -> None:
 
 def test_ttl_deletes_the_workload_children_once() -> None:
     done = {"phase": "Failed", "completionTime": T(NOW - timedelta(seconds=10)), "restarts": 0}
-    early = decide(observe(ftj(ttlSecondsAfterFinished=60), done))
+    early = decide(observe(finetunejob(ttlSecondsAfterFinished=60), done))
     assert early.delete == []
-    d = decide(observe(ftj(ttlSecondsAfterFinished=5), done, jobs=[job("ft-train-r0", failed=True)]))
+    d = decide(observe(finetunejob(ttlSecondsAfterFinished=5), done, jobs=[job("ft-train-r0", failed=True)]))
     assert [f"{r.kind}/{r.name}" for r in d.delete] == [
         "Job/ft-train-r0",
         "Job/ft-validate",
@@ -354,7 +315,7 @@ def test_ttl_deletes_the_workload_children_once() -> None:
         "ServiceAccount/ft-runner",
     ]
     assert d.annotations == {lifecycle.ANNOTATION_CLEANED: "true"}
-    again = decide(observe(ftj(ttlSecondsAfterFinished=5), done, annotations=d.annotations))
+    again = decide(observe(finetunejob(ttlSecondsAfterFinished=5), done, annotations=d.annotations))
     assert again.delete == []
 
 
@@ -368,14 +329,17 @@ def test_ttl_deletes_the_workload_children_once() -> None:
         ),
         pytest.param(
             Upstream(
-                "ft", found=True, phase="Succeeded", job=ftj(method={"type": "lora", "mergeAdapter": False})
+                "ft",
+                found=True,
+                phase="Succeeded",
+                job=finetunejob(method={"type": "lora", "mergeAdapter": False}),
             ),
             "Failed",
             "InvalidInput",
             id="adapter-only",
         ),
         pytest.param(
-            Upstream("ft", found=True, phase="Succeeded", job=ftj()),
+            Upstream("ft", found=True, phase="Succeeded", job=finetunejob()),
             "Validating",
             None,
             id="ready",
@@ -394,7 +358,7 @@ def test_compressjob_follows_its_finetunejob(upstream: Upstream, phase: str, rea
 
 
 def test_upstream_reads_the_finetunejob_body() -> None:
-    upstream = ftj(method={"type": "lora", "mergeAdapter": False}, output={"uri": "s3://runs/ft/"})
+    upstream = finetunejob(method={"type": "lora", "mergeAdapter": False}, output={"uri": "s3://runs/ft/"})
     body = {**upstream.to_wire(), "status": {"phase": "Succeeded"}}
     up = lifecycle.upstream_from("ft", body)
     assert up == Upstream("ft", found=True, phase="Succeeded", job=upstream)
@@ -478,7 +442,7 @@ def test_a_log_tail_termination_message_becomes_its_last_line() -> None:
 
 
 def edited(generation: int, **spec: Any) -> FineTuneJob:
-    job = ftj(**spec)
+    job = finetunejob(**spec)
     job.metadata.generation = generation
     return job
 
@@ -629,7 +593,7 @@ def test_the_generation_a_job_was_rendered_from_is_observed() -> None:
 def test_children_the_api_server_would_refuse_fail_the_job_before_any_exists(
     resources: dict[str, Any], expected: str
 ) -> None:
-    d = decide(observe(ftj(resources={"workers": 2, **resources})))
+    d = decide(observe(finetunejob(resources={"workers": 2, **resources})))
     assert d.create == []
     failed = condition(d, "Failed")
     assert failed is not None
@@ -650,12 +614,12 @@ def test_valid_placement_and_resources_pass() -> None:
             {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 30},
         ],
     }
-    d = decide(observe(ftj(resources=resources)))
+    d = decide(observe(finetunejob(resources=resources)))
     assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
 
 
 def test_a_rejected_child_fails_the_job_or_after_success_only_its_serving() -> None:
-    obs = observe(ftj())
+    obs = observe(finetunejob())
     rejected = "the API server rejected Job ft-validate: spec.template.spec.x: Invalid value: 1"
     d = child_failure(obs, decide(obs), lifecycle.REASON_INVALID_CHILD, rejected)
     assert d.create == []
@@ -666,7 +630,7 @@ def test_a_rejected_child_fails_the_job_or_after_success_only_its_serving() -> N
     assert failed["reason"] == "InvalidChild"
     assert ("Warning", "InvalidChild") in [(e.type, e.reason) for e in d.events]
     done = {"phase": "Succeeded", "completionTime": T(NOW), "restarts": 0}
-    served = observe(ftj(serve={"enabled": True}), done)
+    served = observe(finetunejob(serve={"enabled": True}), done)
     d = child_failure(served, decide(served), lifecycle.REASON_INVALID_CHILD, rejected)
     assert wire(d)["phase"] == "Succeeded"
     serving = condition(d, "ServingReady")
@@ -680,14 +644,14 @@ SECRET = {"storage": {"secretRef": {"name": "team-keys"}}}
 
 
 def test_a_job_waits_for_the_secret_it_names() -> None:
-    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.SecretAccess.missing))
+    d = decide(observe(finetunejob(**SECRET), storage_secret=lifecycle.SecretAccess.missing))
     assert d.create == []
     assert wire(d)["phase"] == "Waiting"
     assert wire(d)["message"] == "waiting for Secret team-keys (spec.storage.secretRef) to exist"
 
 
 def test_a_secret_without_the_storage_credentials_label_fails_the_job() -> None:
-    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.SecretAccess.not_allowed))
+    d = decide(observe(finetunejob(**SECRET), storage_secret=lifecycle.SecretAccess.not_allowed))
     assert d.create == []
     failed = condition(d, "Failed")
     assert failed is not None
@@ -699,7 +663,7 @@ def test_a_secret_without_the_storage_credentials_label_fails_the_job() -> None:
 
 
 def test_a_labelled_secret_is_used() -> None:
-    d = decide(observe(ftj(**SECRET), storage_secret=lifecycle.SecretAccess.allowed))
+    d = decide(observe(finetunejob(**SECRET), storage_secret=lifecycle.SecretAccess.allowed))
     assert created(d) == ["ConfigMap/ft-plan", "ServiceAccount/ft-runner", "Job/ft-validate"]
 
 
@@ -724,7 +688,7 @@ def test_image_prefixes_match_at_a_boundary(image: str, allowed: bool) -> None:
 
 
 def test_an_image_outside_the_allowed_prefixes_fails_the_job() -> None:
-    job = ftj(resources={"workers": 2, "image": "docker.io/someone/miner:1"})
+    job = finetunejob(resources={"workers": 2, "image": "docker.io/someone/miner:1"})
     obs = observe(job)
     obs.settings = ALLOWED
     d = decide(obs)
@@ -736,7 +700,7 @@ def test_an_image_outside_the_allowed_prefixes_fails_the_job() -> None:
         "spec.resources.image docker.io/someone/miner:1 is not allowed: the operator runs only images "
         "starting with registry.example.com/ml/, ghcr.io/acme (KUBETUNE_ALLOWED_IMAGE_PREFIXES)"
     )
-    ok = observe(ftj(resources={"workers": 2, "image": "registry.example.com/ml/trainer:2"}))
+    ok = observe(finetunejob(resources={"workers": 2, "image": "registry.example.com/ml/trainer:2"}))
     ok.settings = ALLOWED
     validate = next(m for m in decide(ok).create if m["metadata"]["name"] == "ft-validate")
     assert (
@@ -746,7 +710,7 @@ def test_an_image_outside_the_allowed_prefixes_fails_the_job() -> None:
 
 def test_a_serving_image_edited_after_success_is_refused_without_touching_serving() -> None:
     done = {"phase": "Succeeded", "completionTime": T(NOW), "restarts": 0}
-    obs = observe(ftj(serve={"enabled": True, "image": "docker.io/someone/server:1"}), done)
+    obs = observe(finetunejob(serve={"enabled": True, "image": "docker.io/someone/server:1"}), done)
     obs.settings = ALLOWED
     d = decide(obs)
     assert d.create == []
