@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples"
+
+
+def example(name: str) -> dict[str, Any]:
+    """An example manifest of manifests/examples, as a document."""
+    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    return doc
 
 
 def edited(base: dict[str, Any], **changes: Any) -> dict[str, Any]:

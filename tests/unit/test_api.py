@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubetune.api import API_VERSION, CompressJob, FineTuneJob
 from kubetune.api.resources import MAX_NAME_LENGTH
@@ -25,16 +24,9 @@ from kubetune.api.validation import (
 )
 from kubetune.cli import main
 from kubetune.errors import InvalidInputError
-from tests.documents import edited
+from tests.documents import edited, example
 
 pytestmark = pytest.mark.unit
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
-
-
-def example(name: str) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
-    return doc
 
 
 LORA = example("finetune-lora-causal-lm.yaml")

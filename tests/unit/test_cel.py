@@ -12,33 +12,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import celpy
 import jsonschema
 import pytest
-import yaml
 from celpy import celtypes
 
 from kubetune.api import KINDS, CompressJob, FineTuneJob
 from kubetune.api.crd import generate_crds
 from kubetune.api.validation import validate_document
-from tests.documents import apply_defaults, edited
+from tests.documents import apply_defaults, edited, example
 
 pytestmark = pytest.mark.unit
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
 SCHEMAS = {
     crd["spec"]["names"]["kind"]: crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for crd in generate_crds().values()
 }
 CEL = celpy.Environment()
-
-
-def example(name: str) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
-    return doc
 
 
 LORA = example("finetune-lora-causal-lm.yaml")

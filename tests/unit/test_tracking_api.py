@@ -4,25 +4,16 @@ view of it never holds the Secret."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubetune.api import CompressJob, FineTuneJob
 from kubetune.api.spec import MlflowTarget
 from kubetune.api.validation import parse_resource, validate_document
-from tests.documents import edited
+from tests.documents import edited, example
 
 pytestmark = pytest.mark.unit
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
-
-
-def example(name: str) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
-    return doc
 
 
 LORA = example("finetune-lora-causal-lm.yaml")
