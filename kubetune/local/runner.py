@@ -6,6 +6,7 @@ the pods: only the process launcher differs (local processes instead of an Index
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 
 from kubetune.api import CompressJob, FineTuneJob
@@ -345,6 +347,11 @@ def resume_changes(plan: RunPlan) -> list[str]:
         return []
     if (job.get("namespace"), job.get("name")) != (plan.job.namespace, plan.job.name):
         return []  # another job's: the runtime refuses the output (OutputConflict)
+    # Read through today's plan model: a field a newer kubetune added (with its default) is not
+    # a change the user made, so an upgrade does not refuse to resume an earlier run.
+    # A plan today's model cannot read is compared as it was written.
+    with contextlib.suppress(ValidationError):
+        previous = json.loads(RunPlan.model_validate(previous).to_json())
     current = json.loads(plan.to_json())
     old = {k: v for k, v in _leaves(previous).items() if k.split(".")[0] not in _NOT_TRAINING_SPEC}
     new = {k: v for k, v in _leaves(current).items() if k.split(".")[0] not in _NOT_TRAINING_SPEC}

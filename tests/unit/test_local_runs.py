@@ -93,5 +93,19 @@ def test_resuming_with_a_changed_training_spec_is_refused_naming_the_fields(tmp_
     assert f"to start over, delete {(tmp_path / 'out').as_uri()}" in out
 
 
+def test_fields_a_newer_kubetune_added_with_their_defaults_are_no_change(tmp_path: Path) -> None:
+    job = make_job(tmp_path / "out")
+    record_run(job)
+    record_file = tmp_path / "out" / "run.json"
+    record = json.loads(record_file.read_text())
+    # What an earlier kubetune wrote: before method.objective and the preference fields existed.
+    del record["plan"]["method"]["objective"]
+    for name in ("chosen", "rejected"):
+        del record["plan"]["dataset"]["fields"][name]
+    record_file.write_text(json.dumps(record))
+
+    assert resume_changes(plan_finetune(job, namespace=LOCAL_NAMESPACE)) == []
+
+
 def test_a_fresh_output_has_nothing_to_compare(tmp_path: Path) -> None:
     assert resume_changes(plan_finetune(make_job(tmp_path / "out"), namespace=LOCAL_NAMESPACE)) == []
