@@ -36,6 +36,11 @@ COMMANDS = {
 }
 
 
+# The runtimes whose output is kept under <output>/logs/attempt-<N>/ (kubetune.run.logs); the
+# launcher's own lines are in its workers' logs, and a server's are not an attempt's.
+KEPT_LOGS = (RUNTIME_VALIDATE, RUNTIME_FINETUNE, RUNTIME_COMPRESS)
+
+
 def usage() -> str:
     lines = ["usage: python -m kubetune.trainer <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -57,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
     silence_known_library_noise()
     module = importlib.import_module(COMMANDS[command][0])
-    result: int = module.main(rest)
+    if command not in KEPT_LOGS:
+        result: int = module.main(rest)
+        return result
+    from kubetune.trainer.process_logs import kept_logs
+
+    with kept_logs(command):
+        result = module.main(rest)
     return result
 
 

@@ -63,6 +63,8 @@ ENV_PROGRESS: Final = "KUBETUNE_PROGRESS"
 ENV_SCRATCH_DIR: Final = "KUBETUNE_SCRATCH_DIR"
 # Overrides where the one-line failure reason goes (TERMINATION_LOG in pods).
 ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"
+# Which attempt of the job a process belongs to (0 first): its logs go to <output>/logs/attempt-<N>/.
+ENV_ATTEMPT: Final = "KUBETUNE_ATTEMPT"
 ENV_SERVE_API_KEY: Final = "KUBETUNE_SERVE_API_KEY"
 # DeepSpeed's own: "cpu" keeps it from probing for GPUs a process does not have.
 ENV_DS_ACCELERATOR: Final = "DS_ACCELERATOR"
