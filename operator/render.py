@@ -29,6 +29,7 @@ from kubetune.run import workloads
 from kubetune.run.artifacts import ADAPTER_DIR, MODEL_DIR, ServedModel
 from kubetune.run.plan import RunPlan, dumps_plan, plan_compress, plan_finetune, storage_plan
 from kubetune.run.workloads import (
+    ENV_ATTEMPT,
     ENV_DS_ACCELERATOR,
     ENV_SCRATCH_DIR,
     ENV_SERVE_API_KEY,
@@ -532,7 +533,12 @@ def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python"],
         "args": workload.argv(plan_path=PLAN_PATH, rendezvous=rendezvous if workload.distributed else None),
-        "env": _job_env(job, plan, workload) + _tracking_env(job),
+        # The attempt names the folder its processes' logs are kept in (kubetune.run.logs).
+        "env": [
+            *_job_env(job, plan, workload),
+            {"name": ENV_ATTEMPT, "value": str(attempt)},
+            *_tracking_env(job),
+        ],
         "ports": _container_ports(workload),
         "volumeMounts": [_PLAN_MOUNT, *_scratch_mounts(), _SHM_MOUNT],
         "securityContext": CONTAINER_SECURITY_CONTEXT,

@@ -27,9 +27,11 @@ from kubetune.errors import KubetuneError
 from kubetune.local import launcher, processes
 from kubetune.local.display import ProgressFile, TrainingProgress, flatten, summary_table
 from kubetune.run.artifacts import RUN_RECORD_FILE, AdapterOnlyUpstream
+from kubetune.run.logs import attempt_logs_uri, attempts_in
 from kubetune.run.plan import RunPlan, plan_compress, plan_finetune
 from kubetune.run.upstream import UpstreamNotFound, compress_model_uri
 from kubetune.run.workloads import (
+    ENV_ATTEMPT,
     EXIT_INVALID_INPUT,
     EXIT_OK,
     EXIT_STORAGE,
@@ -176,11 +178,15 @@ class LocalRunner:
         progress_path = run_dir / "progress.jsonl"
         progress_path.unlink(missing_ok=True)
         env = launcher.runtime_env(accelerator=self.accelerator, scratch=run_dir)
+        # Each local run of a job is one attempt, as each gang of a cluster's job is.
+        attempt = next_attempt(plan)
+        env[ENV_ATTEMPT] = str(attempt)
         work = self.workloads_for(job, plan)
         logs = run_dir / "logs"
         outcome = RunOutcome(EXIT_OK, plan)
         self.console.rule(f"{kind} {name}")
         self.console.print(f"plan: {plan_path}   logs: {logs}   output: {plan.output_uri}")
+        self.console.print(f"kept logs: {attempt_logs_uri(plan.output_uri, attempt)}", highlight=False)
 
         started = time.monotonic()
         with self.console.status("validating model and data..."):
@@ -324,6 +330,21 @@ class LocalRunner:
 
 # Plan fields that are not part of the training spec: who runs it and how storage is reached.
 _NOT_TRAINING_SPEC = ("plan_version", "job", "storage", "output_uri")
+
+
+def next_attempt(plan: RunPlan) -> int:
+    """The attempt a new local run of ``plan``'s job is: one after the newest whose logs its
+    output keeps, 0 for the first."""
+    from kubetune.storage import StorageConfig, open_store
+
+    logs_uri = plan.artifacts.logs_uri
+    config = StorageConfig(endpoint=plan.storage.endpoint, region=plan.storage.region)
+    try:
+        keys = [info.key for info in open_store(logs_uri, config).list(logs_uri)]
+    except KubetuneError:
+        keys = []  # an output that cannot be listed yet has no attempts; the run itself will say why
+    found = attempts_in(keys)
+    return found[-1] + 1 if found else 0
 
 
 def resume_changes(plan: RunPlan) -> list[str]:
