@@ -82,6 +82,7 @@ OPERATOR_FIELDS: Final = (
     "artifacts",
     "serving",
     "sourceModelUri",
+    "logs",
 )
 
 STATUS_TYPES: Final[dict[str, type[JobStatusBase]]] = {

@@ -105,6 +105,19 @@ class TrackingStatus(KubeModel):
     message: str | None = Field(None, description="Why tracking is degraded.")
 
 
+class ProcessLogsStatus(KubeModel):
+    """Where the processes' own logs are kept after the pods are gone (``kubetune logs`` reads them)."""
+
+    attempt: int | None = Field(None, ge=0, description="The newest attempt (0 first; validation is in 0).")
+    uri: str | None = Field(
+        None,
+        description=(
+            "<output>/logs/attempt-<N> of that attempt: validate.log, rank-<R>.log per process of a gang, "
+            "compress.log; each file keeps the newest 8 MiB, written when its process ends."
+        ),
+    )
+
+
 class JobStatusBase(KubeModel):
     """Status fields shared by both kinds."""
 
@@ -128,6 +141,7 @@ class JobStatusBase(KubeModel):
     tracking: TrackingStatus | None = Field(
         None, description="Experiment tracking (MLflow run, degradation)."
     )
+    logs: ProcessLogsStatus | None = Field(None, description="Where each attempt's process logs are kept.")
 
 
 class FineTuneJobStatus(JobStatusBase):

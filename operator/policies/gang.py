@@ -8,7 +8,7 @@ attempt is :mod:`.failure`'s to judge; a complete one makes the job Succeeded wi
 from __future__ import annotations
 
 from kubetune.api import ConditionType, Phase
-from kubetune.api.status import JobStatusBase
+from kubetune.api.status import JobStatusBase, ProcessLogsStatus
 from kubetune.operator.lifecycle import (
     ChildRef,
     Decision,
@@ -26,6 +26,7 @@ from kubetune.operator.render import (
     render_main_job,
 )
 from kubetune.run.artifacts import artifacts_of
+from kubetune.run.logs import attempt_logs_uri
 from kubetune.run.plan import RunPlan
 
 
@@ -38,7 +39,8 @@ def run(obs: Observation, status: JobStatusBase, plan: RunPlan) -> Decision:
         for j in obs.jobs
         if j.component == names.main_component and j.attempt < attempt
     ]
-    status = status.model_copy(update={"restarts": attempt, "active_job": name})
+    kept = ProcessLogsStatus(attempt=attempt, uri=attempt_logs_uri(plan.output_uri, attempt))
+    status = status.model_copy(update={"restarts": attempt, "active_job": name, "logs": kept})
     current = next((j for j in obs.jobs if j.name == name), None)
     if current is not None and current.complete:
         return Decision(status=succeeded(obs, status), delete=stale)

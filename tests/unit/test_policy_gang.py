@@ -121,3 +121,15 @@ def test_success_records_the_artifacts(job: Job, artifacts: dict[str, str]) -> N
     assert wire(decision)["completionTime"] == ago(0)
     assert (condition(decision, "Complete") or {}).get("status") == "True"
     assert (condition(decision, "Running") or {}).get("status") == "False"
+
+
+def test_status_says_where_the_current_attempts_process_logs_are_kept() -> None:
+    job = finetunejob()
+    decision = run(
+        job,
+        {**VALIDATED, "restarts": 1},
+        [child("ft-train-r0", failed=True), child("ft-train-r1", attempt=1, ready=2)],
+    )
+
+    output = job.spec.output.uri.rstrip("/")
+    assert wire(decision)["logs"] == {"attempt": 1, "uri": f"{output}/logs/attempt-1"}
