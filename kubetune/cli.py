@@ -56,6 +56,10 @@ COMMANDS: dict[str, Command] = {
     "quickstart-data": Command(
         "write the quickstart's tiny base model and dataset to a local store", "kubetune.local.quickstart"
     ),
+    "logs": Command(
+        "the process logs of a job's attempt: from its pods while they exist, then from its output",
+        "kubetune.logs_command",
+    ),
     "validate": Command(
         "validate kubetune manifests offline, as the API server would", "kubetune.cli:Validate"
     ),

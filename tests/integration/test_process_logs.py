@@ -137,3 +137,30 @@ def test_tee_output_restores_the_original_descriptors(tmp_path: Path) -> None:
     with tee_output(tmp_path / "x.log"):
         pass
     assert (os.fstat(1).st_ino, os.fstat(2).st_ino) == before
+
+
+def kubetune_logs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "logs", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_kubetune_logs_reads_each_attempts_kept_logs_from_an_output_directory_or_uri(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run_validate(tmp_path, job(output, tmp_path / "inputs" / "first-missing"), attempt=0)
+    run_validate(tmp_path, job(output, tmp_path / "inputs" / "second-missing"), attempt=1)
+
+    newest = kubetune_logs(str(output))
+    first = kubetune_logs(output.as_uri(), "--attempt", "0")
+    no_such_rank = kubetune_logs(str(output), "--rank", "3")
+    no_such_attempt = kubetune_logs(str(output), "--attempt", "7")
+
+    assert newest.returncode == 0, newest.stderr
+    assert "second-missing" in newest.stdout
+    assert "first-missing" not in newest.stdout
+    assert first.returncode == 0, first.stderr
+    assert "first-missing" in first.stdout
+    assert no_such_rank.returncode == 2
+    assert "--rank 3: attempt 1 keeps validate.log" in no_such_rank.stderr
+    assert no_such_attempt.returncode == 2
+    assert "keeps attempts 0, 1" in no_such_attempt.stderr
