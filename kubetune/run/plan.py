@@ -35,6 +35,7 @@ from kubetune.api.spec import (
 from kubetune.errors import InvalidInputError, describe_validation_error
 from kubetune.run.artifacts import RunArtifacts, compress_artifacts, finetune_artifacts, join_uri
 from kubetune.run.deepspeed import config_from_spec
+from kubetune.run.usage import cpu_cores
 
 # Problems of an invalid plan named in the one-line reason (the termination message is short).
 _PROBLEMS_SHOWN = 10
@@ -68,6 +69,8 @@ class WorldPlan(PlanModel):
     workers: int = Field(1, ge=1)
     processes_per_worker: int = Field(1, ge=1)
     gpus_per_worker: int = Field(0, ge=0)
+    # The CPU cores each worker requests (None: no request), for the requested core-hours.
+    cpus_per_worker: float | None = Field(None, ge=0)
 
     @property
     def size(self) -> int:
@@ -162,6 +165,7 @@ def _world(job: FineTuneJob | CompressJob) -> WorldPlan:
         workers=resources.workers,
         processes_per_worker=resources.processes,
         gpus_per_worker=resources.gpus_per_worker,
+        cpus_per_worker=cpu_cores((resources.requests or {}).get("cpu")),
     )
 
 

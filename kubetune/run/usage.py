@@ -34,6 +34,18 @@ PEAK_FLOPS: Final[tuple[tuple[str, float], ...]] = (
 MFU_UNKNOWN_DEVICE: Final = "no peak FLOP/s known for this device: model FLOPs utilisation omitted"
 
 
+def cpu_cores(quantity: str | int | float | None) -> float | None:
+    """CPU cores of a Kubernetes quantity (``4``, ``"500m"``, ``"1.5"``); ``None`` for no request
+    or a form no one uses for CPU (``"2k"``): the core-hours are then omitted, not guessed."""
+    if quantity is None:
+        return None
+    text = str(quantity)
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
 def peak_flops(device_name: str | None) -> float | None:
     """The device's peak FLOP/s from :data:`PEAK_FLOPS`, or ``None`` when it is not listed."""
     if not device_name:

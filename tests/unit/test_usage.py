@@ -7,6 +7,7 @@ import pytest
 
 from kubetune.run.usage import (
     MFU_UNKNOWN_DEVICE,
+    cpu_cores,
     model_flops_utilisation,
     peak_flops,
     resource_hours,
@@ -107,3 +108,10 @@ def test_a_cpu_run_has_no_gpu_hours_and_no_mfu() -> None:
     )
     assert block["gpu_hours_requested"] == 0
     assert "mfu" not in block
+
+
+@pytest.mark.parametrize(
+    ("quantity", "cores"), [(4, 4.0), ("500m", 0.5), ("1.5", 1.5), ("2k", None), (None, None)]
+)
+def test_cpu_requests_are_read_as_cores(quantity: str | int | None, cores: float | None) -> None:
+    assert cpu_cores(quantity) == cores
