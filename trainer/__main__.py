@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return result
     from kubetune.trainer.process_logs import kept_logs
 
-    with kept_logs(command):
+    with kept_logs(command, rest):
         result = module.main(rest)
     return result
 

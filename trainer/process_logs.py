@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -175,14 +175,24 @@ def upload(plan_path: Path, name: str, data: bytes) -> str | None:
     return uri
 
 
+def plan_argument(argv: Sequence[str]) -> str | None:
+    """The ``--plan`` a runtime was given (``--plan P`` or ``--plan=P``), else ``KUBETUNE_PLAN``."""
+    for i, arg in enumerate(argv):
+        if arg == "--plan" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--plan="):
+            return arg.removeprefix("--plan=")
+    return os.environ.get(ENV_PLAN)
+
+
 @contextmanager
-def kept_logs(command: str) -> Iterator[None]:
+def kept_logs(command: str, argv: Sequence[str]) -> Iterator[None]:
     """Around a runtime command: tee its output, upload it when the command ends (also on failure).
 
-    Only where a plan says where the output is (``KUBETUNE_PLAN``, set for every plan-reading
-    workload); without one, the command runs untouched.
+    Only where a plan says where the output is; without one (``--help``, a bad command line) the
+    command runs untouched and keeps nothing.
     """
-    plan = os.environ.get(ENV_PLAN)
+    plan = plan_argument(argv)
     if not plan or not Path(plan).is_file():
         yield
         return
