@@ -91,7 +91,7 @@ def finetune(
     """The recipe: setup -> train -> save -> cleanup."""
     from transformers import PrinterCallback, Trainer
 
-    from kubetune.trainer import checkpoint, outputs, preference, training
+    from kubetune.trainer import checkpoint, outputs, preference, training, usage
     from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
     from kubetune.trainer.data.formats import effective_max_length
     from kubetune.trainer.progress import ProgressCallback, make_reporter
@@ -147,6 +147,8 @@ def finetune(
                 ds_config=ds_config,
                 has_eval=data.eval is not None,
             )
+            # Tokens per second and MFU in metrics.json (one scalar gathered per step).
+            args.include_num_input_tokens_seen = "non_padding"
         # With DPO, trl adds the LoRA adapters itself: it switches them off for the reference.
         model = training.load_model(
             plan, base_dir, precision=precision, pad_token_id=pad_token_id(tokenizer), adapters=not dpo
@@ -246,6 +248,15 @@ def finetune(
                 )
                 state = trainer.state
                 metrics = outputs.final_metrics(plan, state.log_history, eval_metrics, state.global_step)
+                metrics["usage"] = usage.measure(
+                    plan,
+                    trainer,
+                    phases_s={**clock.seconds, "checkpoint_upload": round(publisher.stats.seconds, 3)},
+                    train_seconds=float(result.metrics.get("train_runtime", 0.0)),
+                    process_started=startup.process_started,
+                    accelerator=accelerator,
+                )
+                reporter.report_usage(usage.status_usage(metrics["usage"]))
                 outputs.write_json(out, plan.artifacts.metrics_uri, metrics)
                 outputs.upload_logs(out, plan, logs_dir)
             record.update(

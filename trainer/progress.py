@@ -138,6 +138,9 @@ class ProgressReporter(Protocol):
     def report_tracking(self, tracking: Mapping[str, Any]) -> None:
         """The MLflow run, or why tracking is off (``status.tracking``, wire form)."""
 
+    def report_usage(self, usage: Mapping[str, Any]) -> None:
+        """What the run used (``status.usage``, wire form), once at its end."""
+
     def close(self) -> None:
         """Deliver anything still pending and release resources."""
 
@@ -156,6 +159,9 @@ class _ReporterBase(ABC):
         pass
 
     def report_tracking(self, tracking: Mapping[str, Any]) -> None:  # noqa: B027
+        pass
+
+    def report_usage(self, usage: Mapping[str, Any]) -> None:  # noqa: B027
         pass
 
     def close(self) -> None:  # noqa: B027
@@ -194,6 +200,10 @@ class LogReporter(_ReporterBase):
     def report_checkpoint(self, step: int, uri: str) -> None:
         with contextlib.suppress(Exception):
             self._log.info("checkpoint committed: step %d at %s", step, uri)
+
+    def report_usage(self, usage: Mapping[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            self._log.info("usage: %s", json.dumps(dict(usage), sort_keys=True))
 
 
 def describe(update: ProgressUpdate) -> str:
@@ -239,6 +249,9 @@ class FileReporter(_ReporterBase):
     def report_tracking(self, tracking: Mapping[str, Any]) -> None:
         self._append({"tracking": dict(tracking)})
 
+    def report_usage(self, usage: Mapping[str, Any]) -> None:
+        self._append({"usage": dict(usage)})
+
     def _append(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True) + "\n"
         with self._lock:
@@ -273,6 +286,10 @@ class MultiReporter(_ReporterBase):
     def report_tracking(self, tracking: Mapping[str, Any]) -> None:
         for reporter in self.reporters:
             reporter.report_tracking(tracking)
+
+    def report_usage(self, usage: Mapping[str, Any]) -> None:
+        for reporter in self.reporters:
+            reporter.report_usage(usage)
 
     def close(self) -> None:
         for reporter in self.reporters:
@@ -352,6 +369,10 @@ class KubernetesStatusReporter(_ReporterBase):
     def report_tracking(self, tracking: Mapping[str, Any]) -> None:
         """Patched at once: it changes at the start and the end of a run, or when tracking fails."""
         self._patch({"tracking": dict(tracking)})
+
+    def report_usage(self, usage: Mapping[str, Any]) -> None:
+        """Patched at once: it happens once, at the end of a run."""
+        self._patch({"usage": dict(usage)})
 
     def _patch(self, status: Mapping[str, Any]) -> bool:
         try:

@@ -118,6 +118,28 @@ class ProcessLogsStatus(KubeModel):
     )
 
 
+class UsageStatus(KubeModel):
+    """What the run used and how well, written by rank 0 at its end (also in metrics.json's usage)."""
+
+    wall_seconds: dict[str, float] | None = Field(
+        None, description="Seconds per phase of the run (download, load, train, evaluate, save, upload, ...)."
+    )
+    wall_seconds_total: float | None = Field(
+        None, ge=0, description="Seconds from the process's start to the end."
+    )
+    gpu_hours_requested: float | None = Field(None, ge=0, description="GPUs requested x pods x wall time.")
+    cpu_core_hours_requested: float | None = Field(
+        None, ge=0, description="CPU cores requested x pods x wall time (absent without a cpu request)."
+    )
+    tokens_per_second: float | None = Field(
+        None, ge=0, description="Training input tokens per second, all ranks."
+    )
+    model_flops_utilization: float | None = Field(
+        None, ge=0, description="6 x parameters x tokens/s over the GPUs' peak FLOP/s (known devices only)."
+    )
+    note: str | None = Field(None, description="Why a figure is absent.")
+
+
 class JobStatusBase(KubeModel):
     """Status fields shared by both kinds."""
 
@@ -142,6 +164,7 @@ class JobStatusBase(KubeModel):
         None, description="Experiment tracking (MLflow run, degradation)."
     )
     logs: ProcessLogsStatus | None = Field(None, description="Where each attempt's process logs are kept.")
+    usage: UsageStatus | None = Field(None, description="Resource use and efficiency of the run.")
 
 
 class FineTuneJobStatus(JobStatusBase):

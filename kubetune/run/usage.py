@@ -32,6 +32,7 @@ PEAK_FLOPS: Final[tuple[tuple[str, float], ...]] = (
     ("T4", 65e12),
 )
 MFU_UNKNOWN_DEVICE: Final = "no peak FLOP/s known for this device: model FLOPs utilisation omitted"
+MFU_NO_RATE: Final = "no tokens per second measured: model FLOPs utilisation omitted"
 
 
 def cpu_cores(quantity: str | int | float | None) -> float | None:
@@ -77,17 +78,19 @@ def model_flops_utilisation(
 def usage_block(
     *,
     phases_s: dict[str, float],
+    wall_seconds: float,
     pods: int,
     gpus_per_pod: int,
     cpus_per_pod: float | None,
-    tokens: float,
+    tokens: float | None,
     train_seconds: float,
     parameters: int,
     device_name: str | None,
 ) -> dict[str, Any]:
-    """``metrics.json``'s ``usage``: wall time per phase, requested GPU- and CPU core-hours over
-    the whole run, tokens per second of training and, on GPUs with a known peak, MFU."""
-    wall = sum(phases_s.values())
+    """``metrics.json``'s ``usage``: wall time per phase and of the whole process
+    (``wall_seconds``), the GPU- and CPU core-hours the pods requested for it, tokens per second
+    of training and, on GPUs with a known peak, MFU."""
+    wall = wall_seconds
     block: dict[str, Any] = {
         "wall_seconds": {name: round(seconds, 3) for name, seconds in phases_s.items()},
         "wall_seconds_total": round(wall, 3),
@@ -96,8 +99,8 @@ def usage_block(
         "cpu_core_hours_requested": (
             round(resource_hours(cpus_per_pod, pods, wall), 6) if cpus_per_pod is not None else None
         ),
-        "train_tokens": int(tokens),
-        "tokens_per_second": tokens_per_second(tokens, train_seconds),
+        "train_tokens": int(tokens) if tokens is not None else None,
+        "tokens_per_second": tokens_per_second(tokens, train_seconds) if tokens is not None else None,
         "parameters": parameters,
     }
     rate = block["tokens_per_second"]
@@ -106,7 +109,7 @@ def usage_block(
         peak = peak_flops(device_name)
         if peak is None or rate is None:
             block["mfu"] = None
-            block["mfu_note"] = MFU_UNKNOWN_DEVICE if peak is None else "no training time measured"
+            block["mfu_note"] = MFU_UNKNOWN_DEVICE if peak is None else MFU_NO_RATE
         else:
             block["peak_flops_per_device"] = peak
             block["mfu"] = model_flops_utilisation(parameters, rate, pods * gpus_per_pod, peak)

@@ -49,6 +49,7 @@ def test_zero2_on_two_nodes_trains_and_writes_every_output_to_s3(tmp_path: Path,
         checkpoint={"everySteps": 6, "keepLast": 2},
         workers=2,
         processes=1,
+        requests={"cpu": "1500m"},
     )
 
     run_finetune(plan, tmp_path, nproc=1, nnodes=2, env=s3_bucket.env())
@@ -91,6 +92,25 @@ def test_zero2_on_two_nodes_trains_and_writes_every_output_to_s3(tmp_path: Path,
     assert metrics["global_step"] == 16
     assert metrics["train_loss"] == pytest.approx(losses[16])
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    # What it used: wall time per phase, requested hours of two CPU pods, tokens per second.
+    usage = metrics["usage"]
+    assert {"download", "load", "train", "save"} <= set(usage["wall_seconds"])
+    assert usage["wall_seconds_total"] >= usage["wall_seconds"]["train"] > 0
+    assert usage["pods"] == 2
+    assert usage["gpu_hours_requested"] == 0
+    assert usage["cpu_core_hours_requested"] == pytest.approx(
+        2 * 1.5 * usage["wall_seconds_total"] / 3600, rel=1e-3
+    )
+    assert usage["train_tokens"] > 0
+    assert usage["tokens_per_second"] > 0
+    assert usage["parameters"] == sum(p.numel() for p in untrained.parameters())
+    assert "mfu" not in usage  # a CPU run
+
+    # Each process's own output, kept under the attempt's folder.
+    kept = {info.key for info in store.list(f"{output}/logs/attempt-0")}
+    assert kept == {"rank-0.log", "rank-1.log"}
+    rank0 = store.read_bytes(f"{output}/logs/attempt-0/rank-0.log").decode()
+    assert "finished at step 16" in rank0
 
     assert any(info.key.startswith("events.out.tfevents.") for info in store.list(f"{output}/logs"))
 

@@ -94,6 +94,7 @@ def write_plan(
     checkpoint: Mapping[str, Any] | None = None,
     workers: int = 1,
     processes: int = 2,
+    requests: Mapping[str, Any] | None = None,
 ) -> Path:
     """A FineTuneJob as a user would write it, rendered into a run plan exactly as the operator does."""
     metadata: dict[str, Any] = {"name": name, "namespace": "default"}
@@ -112,7 +113,11 @@ def write_plan(
             **(hyperparameters or {}),
         },
         "deepspeed": dict(deepspeed or {"zeroStage": 2}),
-        "resources": {"workers": workers, "processesPerWorker": processes},
+        "resources": {
+            "workers": workers,
+            "processesPerWorker": processes,
+            **({"requests": dict(requests)} if requests else {}),
+        },
         "checkpoint": dict(checkpoint or {"everySteps": 8, "keepLast": 2}),
         "output": {"uri": output_uri},
     }

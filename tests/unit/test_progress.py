@@ -187,6 +187,9 @@ class Recorder:
     def report_tracking(self, tracking: Mapping[str, object]) -> None:
         self.results.append({"tracking": dict(tracking)})
 
+    def report_usage(self, usage: Mapping[str, object]) -> None:
+        self.results.append({"usage": dict(usage)})
+
     def close(self) -> None:
         pass
 

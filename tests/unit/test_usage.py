@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune.run.usage import (
+    MFU_NO_RATE,
     MFU_UNKNOWN_DEVICE,
     cpu_cores,
     model_flops_utilisation,
@@ -62,7 +63,8 @@ def test_tokens_per_second_needs_time() -> None:
 
 def test_a_gpu_run_on_a_known_device_reports_mfu() -> None:
     block = usage_block(
-        phases_s={"validation": 60, "training": 3000, "saving": 540},
+        phases_s={"download": 60, "train": 3000, "save": 500},
+        wall_seconds=3600,
         pods=2,
         gpus_per_pod=4,
         cpus_per_pod=16,
@@ -72,6 +74,7 @@ def test_a_gpu_run_on_a_known_device_reports_mfu() -> None:
         device_name="NVIDIA H100 80GB HBM3",
     )
 
+    assert block["wall_seconds"] == {"download": 60, "train": 3000, "save": 500}
     assert block["wall_seconds_total"] == 3600
     assert block["gpu_hours_requested"] == pytest.approx(8.0)
     assert block["cpu_core_hours_requested"] == pytest.approx(32.0)
@@ -81,7 +84,8 @@ def test_a_gpu_run_on_a_known_device_reports_mfu() -> None:
 
 def test_an_unknown_device_gets_no_mfu_and_says_why() -> None:
     block = usage_block(
-        phases_s={"training": 10},
+        phases_s={"train": 10},
+        wall_seconds=12,
         pods=1,
         gpus_per_pod=1,
         cpus_per_pod=None,
@@ -97,7 +101,8 @@ def test_an_unknown_device_gets_no_mfu_and_says_why() -> None:
 
 def test_a_cpu_run_has_no_gpu_hours_and_no_mfu() -> None:
     block = usage_block(
-        phases_s={"training": 10},
+        phases_s={"train": 10},
+        wall_seconds=12,
         pods=2,
         gpus_per_pod=0,
         cpus_per_pod=2,
@@ -115,3 +120,20 @@ def test_a_cpu_run_has_no_gpu_hours_and_no_mfu() -> None:
 )
 def test_cpu_requests_are_read_as_cores(quantity: str | int | None, cores: float | None) -> None:
     assert cpu_cores(quantity) == cores
+
+
+def test_a_run_whose_tokens_were_not_counted_has_no_rate_and_no_mfu() -> None:
+    block = usage_block(
+        phases_s={"train": 10},
+        wall_seconds=12,
+        pods=1,
+        gpus_per_pod=1,
+        cpus_per_pod=None,
+        tokens=None,
+        train_seconds=10,
+        parameters=10,
+        device_name="NVIDIA H200",
+    )
+    assert block["tokens_per_second"] is None
+    assert block["mfu"] is None
+    assert block["mfu_note"] == MFU_NO_RATE
