@@ -26,6 +26,19 @@ def gang_exit_code(worker_exit_codes: Iterable[int]) -> int:
     return next((c for c in codes if c > 0), 1)
 
 
+def keep_killed_workers_logs(argv: list[str]) -> None:
+    """A worker killed outright (the OOM killer's SIGKILL) could not keep its own log: keep what
+    its copy holds (:mod:`kubetune.trainer.process_logs`)."""
+    from pathlib import Path
+
+    from kubetune.trainer.process_logs import keep_leftovers, plan_argument
+
+    plan = plan_argument(argv)
+    if plan is not None and Path(plan).is_file():
+        for uri in keep_leftovers(Path(plan)):
+            print(f"kubetune launch: kept a killed worker's log at {uri}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -36,5 +49,6 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as e:
         code = gang_exit_code(failure.exitcode for failure in e.failures.values())
         print(f"kubetune launch: workers failed ({e.name}); exiting with {code}", file=sys.stderr)
+        keep_killed_workers_logs(argv)
         return code
     return 0

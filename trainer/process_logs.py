@@ -33,19 +33,24 @@ _CHUNK: Final = 65536
 # How long the end of a run waits for the copy to drain (a subprocess that inherited stdout may
 # keep the pipe open past it).
 _DRAIN_SECONDS: Final = 5.0
+_PID_SEPARATOR: Final = "-"
+_KILLED_NOTE: Final = (
+    "\n[kubetune] the process ended without keeping its log (killed); kept by its launcher\n"
+)
 
 
 class BoundedFile:
     """An append-only file of at most ``limit`` newest bytes, kept as two halves."""
 
-    def __init__(self, path: Path, limit: int = logs.MAX_LOG_BYTES) -> None:
+    def __init__(self, path: Path, limit: int = logs.MAX_LOG_BYTES, *, existing: bool = False) -> None:
+        """A new, empty copy at ``path``; with ``existing``, the copy a process that is gone left there."""
         self.path = path
         self.older = path.with_name(path.name + ".1")
         self.half = max(1, limit // 2)
         self.limit = limit
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("wb")
-        self._size = 0
+        self._file = path.open("ab" if existing else "wb")
+        self._size = path.stat().st_size if existing else 0
         self._dropped = 0
         self._lock = threading.Lock()
 
@@ -138,6 +143,44 @@ def tee_output(path: Path, limit: int = logs.MAX_LOG_BYTES) -> Iterator[BoundedF
         sink.close()
 
 
+def capture_dir() -> Path:
+    """Where a process's copy lives while it runs: node-local scratch, shared by the processes of
+    one pod, so the launcher finds the copies of workers that were killed."""
+    from kubetune.trainer.runtime import scratch_root
+
+    return scratch_root() / "process-logs"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def keep_leftovers(plan_path: Path) -> list[str]:
+    """Upload the copies of processes that died without uploading their own (a SIGKILL: the
+    kernel's OOM killer, a node's eviction) and remove them; the launcher calls this when its
+    workers failed. Returns the URIs written."""
+    folder = capture_dir()
+    if not folder.is_dir():
+        return []
+    written = []
+    for path in sorted(folder.iterdir()):
+        pid, sep, name = path.name.partition(_PID_SEPARATOR)
+        if not sep or not pid.isdigit() or name.endswith(".1") or _alive(int(pid)):
+            continue
+        sink = BoundedFile(path, existing=True)
+        uri = upload(plan_path, name, sink.contents() + _KILLED_NOTE.encode())
+        sink.remove()
+        if uri is not None:
+            written.append(uri)
+    return written
+
+
 def attempt_from_env() -> int:
     raw = os.environ.get(ENV_ATTEMPT, "0")
     try:
@@ -196,10 +239,8 @@ def kept_logs(command: str, argv: Sequence[str]) -> Iterator[None]:
     if not plan or not Path(plan).is_file():
         yield
         return
-    from kubetune.trainer.runtime import scratch_root
-
     name = logs.process_log_name(command, rank_from_env())
-    path = scratch_root() / "process-logs" / f"{os.getpid()}-{name}"
+    path = capture_dir() / f"{os.getpid()}{_PID_SEPARATOR}{name}"
     sink: BoundedFile | None = None
     try:
         with tee_output(path) as sink:

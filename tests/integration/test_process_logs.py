@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,66 @@ def test_kubetune_logs_reads_each_attempts_kept_logs_from_an_output_directory_or
     assert "--rank 3: attempt 1 keeps validate.log" in no_such_rank.stderr
     assert no_such_attempt.returncode == 2
     assert "keeps attempts 0, 1" in no_such_attempt.stderr
+
+
+def test_a_worker_killed_outright_still_has_its_log_kept_by_its_launcher(tmp_path: Path) -> None:
+    from tests.integration.test_finetune_support import free_port, tiny_causal_lm, trainer_env, write_plan
+
+    base, data = tiny_causal_lm(tmp_path)
+    output = tmp_path / "out"
+    plan = write_plan(
+        tmp_path / "plan.json",
+        model_uri=base.as_uri(),
+        train_uri=data.as_uri(),
+        output_uri=output.as_uri(),
+        hyperparameters={"maxSteps": 100000},
+        processes=1,
+    )
+    scratch = tmp_path / "scratch"
+    env = trainer_env(tmp_path, {ENV_SCRATCH_DIR: str(scratch), ENV_ATTEMPT: "3"})
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kubetune.trainer",
+            "launch",
+            "--nnodes=1",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "kubetune.trainer",
+            "finetune",
+            "--plan",
+            str(plan),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # The worker's copy appears as <pid>-rank-0.log; kill it as the OOM killer would, once
+        # it has trained a step.
+        copy = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and launcher.poll() is None:
+            copies = list((scratch / "process-logs").glob("*-rank-0.log"))
+            if copies and b"step " in copies[0].read_bytes():
+                copy = copies[0]
+                break
+            time.sleep(0.2)
+        assert copy is not None, launcher.communicate(timeout=30)[0]
+        os.kill(int(copy.name.split("-", 1)[0]), signal.SIGKILL)
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+    assert launcher.returncode not in (0, 2, 3), out
+    kept = (output / "logs" / "attempt-3" / "rank-0.log").read_text()
+    assert "step " in kept
+    assert "killed" in kept.splitlines()[-1]
+    assert "kept a killed worker's log" in out
+    assert not any((scratch / "process-logs").iterdir())
