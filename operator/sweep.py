@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from kubetune.api import API_VERSION, GROUP, FineTuneSweep, Phase
-from kubetune.api.sweep import FineTuneSweepStatus, TrialCounts, TrialState, TrialStatus
+from kubetune.api.sweep import Evaluation, FineTuneSweepStatus, TrialCounts, TrialState, TrialStatus
 from kubetune.operator.lifecycle import ANNOTATION_PRUNE, REASON_INVALID_SPEC, rfc3339, set_condition
 from kubetune.operator.policies.pruning import REASON_PRUNED
 from kubetune.operator.render import LABEL_MANAGED_BY, MANAGER, Manifest
@@ -76,6 +76,54 @@ def state_of(trial: Trial) -> TrialState:
     if trial.phase == Phase.failed:
         return TrialState.pruned if trial.reason == REASON_PRUNED else TrialState.failed
     return TrialState.running if trial.phase == Phase.running else TrialState.pending
+
+
+def evaluations_of(status: FineTuneSweepStatus) -> dict[int, dict[int, float]]:
+    """The evaluation history the sweep's status recorded, by trial number."""
+    return {
+        row.number: {e.step: e.objective for e in row.evaluations}
+        for row in status.trials or []
+        if row.evaluations
+    }
+
+
+_PHASE_OF_STATE: Final = {
+    TrialState.complete: (Phase.succeeded, None),
+    TrialState.pruned: (Phase.failed, REASON_PRUNED),
+    TrialState.failed: (Phase.failed, None),
+}
+
+
+def remembered_trials(
+    children: Sequence[Trial], status: FineTuneSweepStatus
+) -> tuple[list[Trial], list[int]]:
+    """The trials to decide from: the child FineTuneJobs, plus the rows of the status whose job is
+    gone (a finished trial deleted, say by its TTL, still counts: its number is taken and its
+    result known). Also the numbers of unfinished rows with no job: those are created again (a
+    trial just created whose watch event has not come yet answers 409, which is success)."""
+    seen = {t.number for t in children}
+    trials, missing = list(children), []
+    for row in status.trials or []:
+        if row.number in seen:
+            continue
+        if row.state in _PHASE_OF_STATE:
+            phase, reason = _PHASE_OF_STATE[row.state]
+            trials.append(
+                Trial(
+                    number=row.number,
+                    name=row.name,
+                    params=dict(row.parameters),
+                    phase=phase,
+                    reason=reason,
+                    step=row.step,
+                    objective=row.objective,
+                    model_uri=row.model_uri,
+                )
+            )
+        else:
+            trials.append(Trial(number=row.number, name=row.name, params=dict(row.parameters)))
+            missing.append(row.number)
+    return sorted(trials, key=lambda t: t.number), missing
 
 
 @dataclass
@@ -149,7 +197,7 @@ def decide(obs: SweepObservation) -> SweepDecision:
     records = records_of(obs, evaluations)
     decision = SweepDecision(status=status, evaluations=evaluations)
     if status.phase is not None and status.phase.finished:
-        decision.status = _summarised(obs, status, records)
+        decision.status = _summarised(obs, status, records, evaluations)
         return decision
 
     prune = set(study.to_prune(spec, records))
@@ -168,7 +216,7 @@ def decide(obs: SweepObservation) -> SweepDecision:
             decision.create.append(render_trial(obs.sweep, obs.namespace, number, params))
             new_records.append(TrialRecord(number, params, TrialState.pending))
             active += 1
-    status = _summarised(obs, status, new_records)
+    status = _summarised(obs, status, new_records, evaluations)
     if status.start_time is None and new_records:
         status = status.model_copy(update={"start_time": rfc3339(obs.now)})
     if failed > spec.max_failed_trials:
@@ -230,7 +278,10 @@ def _finish(
 
 
 def _summarised(
-    obs: SweepObservation, status: FineTuneSweepStatus, records: Sequence[TrialRecord]
+    obs: SweepObservation,
+    status: FineTuneSweepStatus,
+    records: Sequence[TrialRecord],
+    evaluations: Mapping[int, Mapping[int, float]],
 ) -> FineTuneSweepStatus:
     spec = obs.sweep.spec
     by_number = {t.number: t for t in obs.trials}
@@ -251,6 +302,11 @@ def _summarised(
                 objective=latest,
                 step=trial.step if trial else None,
                 model_uri=trial.model_uri if trial and r.state == TrialState.complete else None,
+                evaluations=[
+                    Evaluation(step=step, objective=value)
+                    for step, value in sorted(evaluations.get(r.number, {}).items())
+                ]
+                or None,
             )
         )
     winner = study.best(spec, records)

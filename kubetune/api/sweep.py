@@ -378,6 +378,13 @@ class TrialState(StrEnum):
         return self in (TrialState.complete, TrialState.pruned, TrialState.failed)
 
 
+class Evaluation(KubeModel):
+    """One evaluation of a trial: the objective at a step."""
+
+    step: int = Field(ge=0, description="Optimizer step of the evaluation.")
+    objective: float = Field(description="The objective metric's value.")
+
+
 class TrialStatus(KubeModel):
     """One row of the trials table."""
 
@@ -390,6 +397,12 @@ class TrialStatus(KubeModel):
     objective: float | None = Field(None, description="Latest (final, once Complete) objective value.")
     step: int | None = Field(None, ge=0, description="Optimizer steps done.")
     model_uri: str | None = Field(None, description="The trial's model (once Complete).")
+    evaluations: list[Evaluation] | None = Field(
+        None,
+        max_length=64,
+        description="The objective at each evaluated step, oldest first (the pruners' history; a "
+        "trial reports only its latest evaluation).",
+    )
 
 
 class TrialCounts(KubeModel):
