@@ -116,3 +116,26 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif not isinstance(value, list):
             flat[name] = value
     return flat
+
+
+def usage_rows(usage: dict[str, Any]) -> dict[str, str]:
+    """metrics.json's ``usage`` block as readable rows: wall time per phase, requested hours,
+    throughput and, on GPUs, MFU (or why it is absent)."""
+    rows = {
+        f"time.{phase}": f"{seconds:.1f}s" for phase, seconds in (usage.get("wall_seconds") or {}).items()
+    }
+    if usage.get("wall_seconds_total") is not None:
+        rows["time (process)"] = f"{usage['wall_seconds_total']:.1f}s"
+    for key, label in (
+        ("gpu_hours_requested", "GPU-hours requested"),
+        ("cpu_core_hours_requested", "CPU core-hours requested"),
+    ):
+        if usage.get(key) is not None:
+            rows[label] = f"{usage[key]:.4f}"
+    if usage.get("tokens_per_second") is not None:
+        rows["tokens/s"] = f"{usage['tokens_per_second']:.1f}"
+    if usage.get("mfu") is not None:
+        rows["MFU"] = f"{100 * usage['mfu']:.1f}%"
+    elif usage.get("mfu_note"):
+        rows["MFU"] = str(usage["mfu_note"])
+    return rows

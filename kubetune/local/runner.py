@@ -25,7 +25,7 @@ from kubetune.api import CompressJob, FineTuneJob
 from kubetune.api.spec import TaskType
 from kubetune.errors import KubetuneError
 from kubetune.local import launcher, processes
-from kubetune.local.display import ProgressFile, TrainingProgress, flatten, summary_table
+from kubetune.local.display import ProgressFile, TrainingProgress, flatten, summary_table, usage_rows
 from kubetune.run.artifacts import RUN_RECORD_FILE, AdapterOnlyUpstream
 from kubetune.run.logs import attempt_logs_uri, attempts_in
 from kubetune.run.plan import RunPlan, plan_compress, plan_finetune
@@ -274,10 +274,13 @@ class LocalRunner:
         except Exception as exc:  # the summary is a courtesy; the run itself succeeded
             self.console.print(f"[yellow]could not read {results_uri}: {exc}")
             results = {}
+        usage = results.pop("usage", None)
         rows: dict[str, Any] = {k: v for k, v in flatten(results).items() if isinstance(v, int | float | str)}
         rows.update({f"time.{k}": f"{v:.1f}s" for k, v in outcome.timings.items()})
         rows["artifacts"] = plan.output_uri
         self.console.print(summary_table("results", rows))
+        if isinstance(usage, dict):
+            self.console.print(summary_table("resource use", usage_rows(usage)))
 
     # --- serving --------------------------------------------------------------------------
 
