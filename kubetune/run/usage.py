@@ -37,14 +37,17 @@ MFU_NO_RATE: Final = "no tokens per second measured: model FLOPs utilisation omi
 
 def cpu_cores(quantity: str | int | float | None) -> float | None:
     """CPU cores of a Kubernetes quantity (``4``, ``"500m"``, ``"1.5"``); ``None`` for no request
-    or a form no one uses for CPU (``"2k"``): the core-hours are then omitted, not guessed."""
+    or a form no one uses for CPU (``"2k"``) or a negative one: the core-hours are then omitted,
+    not guessed."""
     if quantity is None:
         return None
     text = str(quantity)
     try:
-        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+        cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
     except ValueError:
         return None
+    # A negative request is refused where children are rendered, with the field's name.
+    return cores if cores >= 0 else None
 
 
 def peak_flops(device_name: str | None) -> float | None:

@@ -116,7 +116,7 @@ def test_a_cpu_run_has_no_gpu_hours_and_no_mfu() -> None:
 
 
 @pytest.mark.parametrize(
-    ("quantity", "cores"), [(4, 4.0), ("500m", 0.5), ("1.5", 1.5), ("2k", None), (None, None)]
+    ("quantity", "cores"), [(4, 4.0), ("500m", 0.5), ("1.5", 1.5), ("2k", None), (-1, None), (None, None)]
 )
 def test_cpu_requests_are_read_as_cores(quantity: str | int | None, cores: float | None) -> None:
     assert cpu_cores(quantity) == cores
