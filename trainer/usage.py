@@ -60,6 +60,26 @@ def measure(
     )
 
 
+def measure_compression(
+    plan: RunPlan, *, phases_s: dict[str, float], parameters: int, accelerator: str
+) -> dict[str, Any]:
+    """The usage block of a compression (no training tokens: no rate, no MFU), from the process's
+    start until now."""
+    import psutil
+
+    return usage_block(
+        phases_s=phases_s,
+        wall_seconds=time.time() - psutil.Process().create_time(),
+        pods=plan.world.workers,
+        gpus_per_pod=plan.world.gpus_per_worker,
+        cpus_per_pod=plan.world.cpus_per_worker,
+        tokens=None,
+        train_seconds=0.0,
+        parameters=parameters,
+        device_name=device_name(accelerator),
+    )
+
+
 def status_usage(block: dict[str, Any]) -> dict[str, Any]:
     """``status.usage`` (wire form) from the usage block."""
     from kubetune.api.status import UsageStatus

@@ -129,6 +129,15 @@ def test_rtn_w8a16_over_s3_costs_at_most_2_percent_perplexity(
     # int8 values plus one bf16 scale per 128 weights, against bf16 weights.
     assert report["linear_weight_ratio"] == pytest.approx(16 / (8 + 16 / 128), rel=0.01)
     assert report["compressed"]["parameters"] == report["original"]["parameters"]
+    # What it used: time per phase and of the process, no GPU-hours on a CPU, no token rate.
+    usage = report["usage"]
+    assert {"download", "compress", "evaluate_original", "evaluate_compressed"} <= set(usage["wall_seconds"])
+    assert usage["wall_seconds_total"] >= sum(usage["wall_seconds"].values()) > 0
+    assert usage["gpu_hours_requested"] == 0
+    assert usage["tokens_per_second"] is None
+    assert usage["parameters"] == report["original"]["parameters"]
+    # And its one process kept its log.
+    assert "compress.log" in {p.name for p in (out / "logs" / "attempt-0").iterdir()}
 
     config = json.loads((out / "model" / "config.json").read_text())
     weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]

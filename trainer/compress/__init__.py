@@ -104,7 +104,7 @@ def run(plan_path: Path, scratch_dir: Path | None) -> int:
 
 def compress(plan: RunPlan, scratch: Path, dist: Distributed | None, accelerator: Accelerator) -> None:
     """The recipe: setup -> distill -> prune/quantize -> evaluate -> save."""
-    from kubetune.trainer import outputs, training
+    from kubetune.trainer import outputs, training, usage
     from kubetune.trainer.compress import examples
 
     compression = plan.compression
@@ -219,6 +219,12 @@ def compress(plan: RunPlan, scratch: Path, dist: Distributed | None, accelerator
         },
         timings=clock.seconds,
     )
+    report["usage"] = usage.measure_compression(
+        plan,
+        phases_s=clock.seconds,
+        parameters=int(report["original"]["parameters"]),
+        accelerator=accelerator,
+    )
     outputs.write_json(store, plan.output(REPORT_FILE), report)
     from kubetune.trainer.progress import make_reporter
     from kubetune.trainer.tracking import start_tracking
@@ -228,6 +234,7 @@ def compress(plan: RunPlan, scratch: Path, dist: Distributed | None, accelerator
     reporter = make_reporter(plan, 0)
     try:
         reporter.report_results(results_summary(report))
+        reporter.report_usage(usage.status_usage(report["usage"]))
         # Only rank 0 is left here; the MLflow run holds the report, its figures and the version.
         tracking = start_tracking(plan, plan.tracking, rank=0, sink=reporter, resolved={"device": device})
         tracking.succeeded(report=report, results=results_summary(report))
