@@ -22,6 +22,8 @@ from kubetune.api.base import (
     SourceURI,
 )
 from kubetune.api.spec import (
+    EARLY_STOPPING_METRIC_REPORTED,
+    EARLY_STOPPING_NEEDS_EVALUATION,
     NO_PREFERENCE_DATA,
     OBJECTIVE_MATCHES_FORMAT,
     Checkpointing,
@@ -114,7 +116,12 @@ class FineTuneJobSpec(JobSpecBase):
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed ZeRO settings.")
     checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoint policy.")
 
-    cel_rules = (_FORMAT_MATCHES_TASK, OBJECTIVE_MATCHES_FORMAT)
+    cel_rules = (
+        _FORMAT_MATCHES_TASK,
+        OBJECTIVE_MATCHES_FORMAT,
+        EARLY_STOPPING_NEEDS_EVALUATION,
+        EARLY_STOPPING_METRIC_REPORTED,
+    )
 
 
 # Fields of the spec that define the training run. Changing them after the run started would
@@ -389,6 +396,12 @@ class CompressJobSpec(JobSpecBase):
         ),
         _FORMAT_MATCHES_TASK,
         NO_PREFERENCE_DATA,
+        CelRule(
+            "!has(self.distillation) || !has(self.distillation.hyperparameters.earlyStopping)",
+            "distillation trains for its set epochs or maxSteps: earlyStopping is for FineTuneJobs",
+            lambda s: s.distillation is None or s.distillation.hyperparameters.early_stopping is None,
+            field="distillation.hyperparameters.earlyStopping",
+        ),
     )
 
 

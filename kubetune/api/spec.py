@@ -297,6 +297,40 @@ OBJECTIVE_MATCHES_FORMAT = CelRule(
     lambda s: (s.method.objective == Objective.dpo) == (s.dataset.format == DataFormat.preference),
     field="dataset.format",
 )
+# The evaluation metrics each kind of run reports (the Trainer prefixes them with eval_).
+CAUSAL_LM_EVAL_METRICS = ("eval_loss",)
+CLASSIFICATION_EVAL_METRICS = ("eval_loss", "eval_accuracy", "eval_f1_macro")
+# Early stopping compares evaluations, so a FineTuneJob without evaluation data cannot stop early.
+EARLY_STOPPING_NEEDS_EVALUATION = CelRule(
+    "!has(self.hyperparameters.earlyStopping) || has(self.dataset.eval) || has(self.dataset.evalFraction)",
+    "hyperparameters.earlyStopping needs evaluation: set dataset.eval or dataset.evalFraction",
+    lambda s: (
+        s.hyperparameters.early_stopping is None
+        or s.dataset.eval is not None
+        or s.dataset.eval_fraction is not None
+    ),
+    field="hyperparameters.earlyStopping",
+)
+# The metric must be one the run reports (DPO runs report trl's many eval_rewards/* figures).
+EARLY_STOPPING_METRIC_REPORTED = CelRule(
+    "!has(self.hyperparameters.earlyStopping) || self.method.objective == 'dpo' || "
+    "self.hyperparameters.earlyStopping.metric in (self.task.type == 'sequence-classification' ? "
+    f"{list(CLASSIFICATION_EVAL_METRICS)} : {list(CAUSAL_LM_EVAL_METRICS)})",
+    f"hyperparameters.earlyStopping.metric must be an evaluation metric the run reports: "
+    f"{', '.join(CAUSAL_LM_EVAL_METRICS)} for causal-lm, {', '.join(CLASSIFICATION_EVAL_METRICS)} for "
+    "sequence-classification, eval_loss or eval_rewards/* for objective dpo",
+    lambda s: (
+        s.hyperparameters.early_stopping is None
+        or s.method.objective == Objective.dpo
+        or s.hyperparameters.early_stopping.metric
+        in (
+            CLASSIFICATION_EVAL_METRICS
+            if s.task.type == TaskType.sequence_classification
+            else CAUSAL_LM_EVAL_METRICS
+        )
+    ),
+    field="hyperparameters.earlyStopping.metric",
+)
 # A CompressJob's data calibrates and evaluates a model; preference pairs do neither.
 NO_PREFERENCE_DATA = CelRule(
     "self.dataset.format != 'preference'",
@@ -319,6 +353,29 @@ class LRScheduler(StrEnum):
     cosine = "cosine"
     constant = "constant"
     constant_with_warmup = "constant_with_warmup"
+
+
+class EarlyStopping(KubeModel):
+    """Stop when the evaluation metric stops improving, and keep the best evaluation's weights."""
+
+    metric: str = Field(
+        "eval_loss",
+        min_length=1,
+        max_length=128,
+        pattern=r"^eval_[A-Za-z0-9_./-]+$",
+        description="Evaluation metric to watch: eval_loss (every run); eval_accuracy or eval_f1_macro "
+        "(sequence-classification); eval_rewards/* (DPO). Names ending in loss improve downwards, "
+        "all others upwards.",
+    )
+    patience: Int = Field(
+        3, ge=1, le=10_000, description="Evaluations in a row without improvement before training stops."
+    )
+    threshold: Float = Field(
+        0.0,
+        ge=0,
+        le=1_000_000,
+        description="Smallest change of the metric that counts as an improvement (absolute).",
+    )
 
 
 class Hyperparameters(KubeModel):
@@ -348,6 +405,12 @@ class Hyperparameters(KubeModel):
     )
     logging_every_steps: Int = Field(
         10, ge=1, le=100_000, description="Log and report progress every N steps."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None,
+        description="Stop when evaluation stops improving; <output>/model (and adapter) then hold the "
+        "best evaluation's weights. Needs evaluation data (dataset.eval or dataset.evalFraction), and "
+        "checkpoints are then saved at every evaluation (checkpoint.everySteps is not used).",
     )
 
     cel_rules = (

@@ -192,6 +192,18 @@ INVALID: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
         ("zeroStage 3",),
     ),
     (
+        "early stopping without evaluation",
+        edited(LORA, spec__dataset__evalFraction=None, spec__hyperparameters__earlyStopping={}),
+        "spec.hyperparameters.earlyStopping",
+        ("needs evaluation", "dataset.evalFraction"),
+    ),
+    (
+        "early stopping on a metric nobody reports",
+        edited(LORA, spec__hyperparameters__earlyStopping={"metric": "loss"}),
+        "spec.hyperparameters.earlyStopping.metric",
+        ("wrong form", "^eval_"),
+    ),
+    (
         "eval and evalFraction",
         edited(LORA, spec__dataset__eval={"uri": "s3://data/eval.jsonl"}),
         "spec.dataset.evalFraction",

@@ -277,6 +277,38 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
         edit(COMPRESS, spec__dataset__format="preference"),
         "spec.dataset.format",
     ),
+    ("early stopping with evalFraction", edit(LORA, spec__hyperparameters__earlyStopping={}), None),
+    (
+        "early stopping without evaluation",
+        edit(LORA, spec__dataset__evalFraction=None, spec__hyperparameters__earlyStopping={}),
+        "spec.hyperparameters.earlyStopping",
+    ),
+    (
+        "early stopping on macro-F1 of a classifier",
+        edit(CLASSIFIER, spec__hyperparameters__earlyStopping={"metric": "eval_f1_macro", "patience": 2}),
+        None,
+    ),
+    (
+        "early stopping on accuracy of a causal LM",
+        edit(LORA, spec__hyperparameters__earlyStopping={"metric": "eval_accuracy"}),
+        "spec.hyperparameters.earlyStopping.metric",
+    ),
+    (
+        "early stopping on a DPO reward metric",
+        edit(DPO, spec__hyperparameters__earlyStopping={"metric": "eval_rewards/accuracies"}),
+        None,
+    ),
+    (
+        "early stopping in distillation",
+        edit(
+            COMPRESS,
+            spec__distillation={
+                "student": {"layerStride": 2},
+                "hyperparameters": {"maxSteps": 100, "earlyStopping": {}},
+            },
+        ),
+        "spec.distillation.hyperparameters.earlyStopping",
+    ),
     ("name of 47 characters", edit(LORA, metadata__name="a" * 47), "metadata.name"),
     ("name of 46 characters", edit(LORA, metadata__name="a" * 46), None),
     ("compress name of 44 characters", edit(COMPRESS, metadata__name="c" * 44), "metadata.name"),
