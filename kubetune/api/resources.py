@@ -34,6 +34,7 @@ from kubetune.api.spec import (
     JobSpecBase,
     Method,
     ModelSource,
+    Objective,
     Task,
     TaskType,
 )
@@ -105,6 +106,32 @@ _FORMAT_MATCHES_TASK = CelRule(
 )
 
 
+# NEFTune is a supervised fine-tuning recipe for generation; the adversarial loss perturbs what a
+# classifier scores. Both rules name the field, so the API server says which option is misplaced.
+_NEFTUNE_FOR_SFT = CelRule(
+    "!has(self.hyperparameters.robustness) || !has(self.hyperparameters.robustness.neftuneAlpha) || "
+    "(self.task.type == 'causal-lm' && self.method.objective == 'sft')",
+    "hyperparameters.robustness.neftuneAlpha is only for task causal-lm with method.objective sft",
+    lambda s: (
+        s.hyperparameters.robustness is None
+        or s.hyperparameters.robustness.neftune_alpha is None
+        or (s.task.type == TaskType.causal_lm and s.method.objective == Objective.sft)
+    ),
+    field="hyperparameters.robustness.neftuneAlpha",
+)
+_ADVERSARIAL_FOR_CLASSIFICATION = CelRule(
+    "!has(self.hyperparameters.robustness) || !has(self.hyperparameters.robustness.adversarial) || "
+    "self.task.type == 'sequence-classification'",
+    "hyperparameters.robustness.adversarial is only for task sequence-classification",
+    lambda s: (
+        s.hyperparameters.robustness is None
+        or s.hyperparameters.robustness.adversarial is None
+        or s.task.type == TaskType.sequence_classification
+    ),
+    field="hyperparameters.robustness.adversarial",
+)
+
+
 class FineTuneJobSpec(JobSpecBase):
     """What to fine-tune, on which data, how, and where the results go."""
 
@@ -119,6 +146,8 @@ class FineTuneJobSpec(JobSpecBase):
     cel_rules = (
         _FORMAT_MATCHES_TASK,
         OBJECTIVE_MATCHES_FORMAT,
+        _NEFTUNE_FOR_SFT,
+        _ADVERSARIAL_FOR_CLASSIFICATION,
         EARLY_STOPPING_NEEDS_EVALUATION,
         EARLY_STOPPING_METRIC_REPORTED,
     )
@@ -396,6 +425,18 @@ class CompressJobSpec(JobSpecBase):
         ),
         _FORMAT_MATCHES_TASK,
         NO_PREFERENCE_DATA,
+        CelRule(
+            "!has(self.dataset.packing) || !self.dataset.packing",
+            "dataset.packing is only for FineTuneJobs: calibration and evaluation take one record per sequence",
+            lambda s: not s.dataset.packing,
+            field="dataset.packing",
+        ),
+        CelRule(
+            "!has(self.distillation) || !has(self.distillation.hyperparameters.robustness)",
+            "distillation takes no robustness options: they are for FineTuneJobs",
+            lambda s: s.distillation is None or s.distillation.hyperparameters.robustness is None,
+            field="distillation.hyperparameters.robustness",
+        ),
         CelRule(
             "!has(self.distillation) || !has(self.distillation.hyperparameters.earlyStopping)",
             "distillation trains for its set epochs or maxSteps: earlyStopping is for FineTuneJobs",

@@ -95,6 +95,10 @@ class FileFormat(StrEnum):
     parquet = "parquet"
 
 
+# Formats whose records are token sequences with a loss mask, which packing can lay end to end.
+PACKABLE_FORMATS = (DataFormat.text, DataFormat.instruction, DataFormat.chat)
+
+
 class DataLocation(KubeModel):
     """A data file, or a prefix whose files are all read."""
 
@@ -159,8 +163,22 @@ class Dataset(KubeModel):
         FileFormat.auto, description="File format; auto picks by extension (.jsonl, .json, .csv, .parquet)."
     )
     fields: DataFields = Field(default_factory=DataFields, description="Record field names.")
+    packing: Bool | None = Field(
+        None,
+        description="Pack training records into maxSeqLength windows (EOS between records, positions "
+        "restarting per record, each record's loss mask kept) instead of padding each to its batch's "
+        "longest; text, instruction and chat formats only. Records never attend to each other (see "
+        "docs/data.md). Default false.",
+    )
 
     cel_rules = (
+        CelRule(
+            "!has(self.packing) || !self.packing || self.format in ['text', 'instruction', 'chat']",
+            "packing is only for the text, instruction and chat formats (classification records are "
+            "scored one per sequence; trl tokenizes preference pairs itself)",
+            lambda d: not d.packing or d.format in PACKABLE_FORMATS,
+            field="packing",
+        ),
         CelRule(
             "!(has(self.eval) && has(self.evalFraction))",
             "set either eval or evalFraction, not both",
@@ -287,6 +305,33 @@ class Method(KubeModel):
         return self.type == MethodType.lora and self.merge_adapter is not False
 
 
+class AdversarialTraining(KubeModel):
+    """Fast-gradient adversarial training of a classifier: each step also trains on the batch with
+    its input embeddings moved epsilon (L2, per example) along the clean loss's gradient."""
+
+    epsilon: Float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="L2 norm of each example's perturbation of its input embeddings (all its tokens "
+        "together); the adversarial loss is added to the clean loss.",
+    )
+
+
+class Robustness(KubeModel):
+    """Perturbations of the input embeddings during training (never at evaluation)."""
+
+    neftune_alpha: Annotated[Float, Field(gt=0, le=1000)] | None = Field(
+        None,
+        description="NEFTune: uniform noise of scale alpha/sqrt(tokens x hidden size) on the input "
+        "embeddings of every training step (transformers' neftune_noise_alpha; the paper uses 5). "
+        "task causal-lm with objective sft only.",
+    )
+    adversarial: AdversarialTraining | None = Field(
+        None, description="Adversarial training on the embeddings; task sequence-classification only."
+    )
+
+
 # Rules across a FineTuneJob's method, task and dataset (``self`` is the spec). DPO needs
 # task causal-lm too, which follows: preference is not the classification format, which
 # sequence-classification requires (the format-matches-task rule of kubetune.api.resources).
@@ -399,6 +444,9 @@ class Hyperparameters(KubeModel):
         Precision.auto, description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPU."
     )
     gradient_checkpointing: Bool = Field(False, description="Recompute activations to save memory.")
+    robustness: Robustness | None = Field(
+        None, description="Noise or adversarial perturbation of the input embeddings during training."
+    )
     max_grad_norm: Float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm (0 disables).")
     eval_every_steps: Annotated[int, Field(ge=1, le=10_000_000), WHOLE_FLOAT, STRICT] | None = Field(
         None, description="Evaluate every N steps (default: at the end of each epoch and of training)."
