@@ -476,10 +476,15 @@ async def _reconcile_locked(
             upstream_name, indices.owner(("FineTuneJob", namespace, upstream_name))
         )
     terminations = {}
-    for failed in failure.jobs_to_diagnose(job, status, jobs):
-        term = await _diagnose(rt, namespace, failed)
+    pods: dict[str, list[lifecycle.PodState]] = {}
+    failed_jobs = {j.name for j in jobs if j.failed}
+    for observed in failure.jobs_to_diagnose(job, status, jobs):
+        found = await _job_pods(rt, namespace, observed)
+        pods[observed] = [lifecycle.pod_state(pod) for pod in found]
+        term = failure.pick_termination(found) if observed in failed_jobs else None
         if term is not None:
-            terminations[failed] = term
+            terminations[observed] = term
+    progress = (owner.get("status") or {}).get("progress") or {}
     runner_account = storage_secret = tracking_secret = None
     if not lifecycle.finished(status):
         runner_account = await _runner_account(rt, job, namespace, uid)
@@ -502,6 +507,8 @@ async def _reconcile_locked(
         jobs=jobs,
         deployment=deployments[0] if deployments else None,
         terminations=terminations,
+        pods=pods,
+        progress_at=lifecycle.parse_time(progress.get("updatedAt")),
         upstream=upstream,
         runner_account=runner_account,
         storage_secret=storage_secret,
@@ -692,12 +699,12 @@ async def _patch_child(rt: Runtime, namespace: str, patch: lifecycle.ChildPatch)
             raise
 
 
-async def _diagnose(rt: Runtime, namespace: str, job_name: str) -> lifecycle.Termination | None:
-    """The failed container of a failed Job's pods (exit code and termination message)."""
+async def _job_pods(rt: Runtime, namespace: str, job_name: str) -> list[dict[str, Any]]:
+    """The pods of a workload Job (their exit codes and termination messages, why they wait)."""
     pods = await rt.client.list_objects(
         "v1", "Pod", namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}"
     )
-    mine = [
+    return [
         pod
         for pod in pods
         if job_name

@@ -52,6 +52,14 @@ REASON_ACCOUNT_NOT_ALLOWED: Final = "ServiceAccountNotAllowed"
 REASON_SECRET_NOT_ALLOWED: Final = "SecretNotAllowed"
 REASON_IMAGE_NOT_ALLOWED: Final = "ImageNotAllowed"
 REASON_INVALID_CHILD: Final = "InvalidChild"
+# Why pods could not run, or an attempt ended (policies.diagnosis; docs/operations.md).
+REASON_OOM_KILLED: Final = "OOMKilled"
+REASON_UNSCHEDULABLE: Final = "Unschedulable"
+REASON_IMAGE_PULL: Final = "ImagePullFailed"
+REASON_CONTAINER_CONFIG: Final = "ContainerConfigError"
+REASON_DISRUPTED: Final = "Disrupted"
+REASON_STALLED: Final = "Stalled"
+REASON_ATTEMPT_FAILED: Final = "AttemptFailed"
 
 
 class StateReason(StrEnum):
@@ -83,6 +91,7 @@ OPERATOR_FIELDS: Final = (
     "serving",
     "sourceModelUri",
     "logs",
+    "disruptions",
 )
 
 STATUS_TYPES: Final[dict[str, type[JobStatusBase]]] = {
@@ -185,6 +194,8 @@ class JobState:
     failed_message: str | None = None
     generation: int | None = None  # the job generation it was rendered from, if recorded
     spec_hash: str | None = None  # fingerprint of what was rendered, if recorded (validation)
+    started_at: str | None = None  # status.startTime: when the Job (last) started running
+    parallelism: int = 1  # pods it runs at once (the gang's workers)
 
 
 def job_state(body: Mapping[str, Any]) -> JobState:
@@ -216,6 +227,89 @@ def job_state(body: Mapping[str, Any]) -> JobState:
         failed_message=message,
         generation=int(generation) if generation.isdigit() else None,
         spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH),
+        started_at=status.get("startTime"),
+        parallelism=int((body.get("spec") or {}).get("parallelism") or 1),
+    )
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A container that has not started: the kubelet's reason (ErrImagePull, ImagePullBackOff,
+    CreateContainerConfigError...) and message, with the image it runs."""
+
+    container: str
+    reason: str
+    message: str
+    image: str
+
+
+@dataclass(frozen=True)
+class PodState:
+    """What the failure diagnosis needs of one pod of a workload Job (policies.diagnosis)."""
+
+    name: str
+    index: int | None  # the completion index of an Indexed Job's pod: the worker's node rank
+    phase: str
+    # The scheduler's message while PodScheduled is False with reason Unschedulable.
+    unschedulable: str | None = None
+    waiting: tuple[Waiting, ...] = ()
+    # "Reason: message" of a DisruptionTarget condition (preemption, eviction, node drain) or of
+    # a pod the kubelet evicted (status.reason Evicted).
+    disruption: str | None = None
+    started: bool = False  # a container of it has run (is running, or ran and ended)
+    memory_limits: Mapping[str, str] = field(default_factory=dict)  # container -> limits.memory
+
+
+def pod_state(pod: Mapping[str, Any]) -> PodState:
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    scheduled = conditions.get("PodScheduled") or {}
+    unschedulable = None
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable = scheduled.get("message") or "no node fits the pod"
+    disruption = None
+    target = conditions.get("DisruptionTarget") or {}
+    if target.get("status") == "True":
+        disruption = f"{target.get('reason') or 'DisruptionTarget'}: {target.get('message') or ''}".strip(
+            ": "
+        )
+    elif status.get("reason") == "Evicted":
+        disruption = f"Evicted: {status.get('message') or ''}".strip(": ")
+    images = {c.get("name"): c.get("image", "") for c in spec.get("containers") or []}
+    waiting: list[Waiting] = []
+    started = False
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        state = cs.get("state") or {}
+        if "running" in state or "terminated" in state or (cs.get("lastState") or {}).get("terminated"):
+            started = True
+        if "waiting" in state:
+            wait = state["waiting"] or {}
+            name = cs.get("name", "")
+            waiting.append(
+                Waiting(
+                    container=name,
+                    reason=wait.get("reason") or "",
+                    message=wait.get("message") or "",
+                    image=cs.get("image") or images.get(name, ""),
+                )
+            )
+    limits = {
+        c.get("name", ""): str(((c.get("resources") or {}).get("limits") or {}).get("memory"))
+        for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+        if ((c.get("resources") or {}).get("limits") or {}).get("memory") is not None
+    }
+    index = str((meta.get("labels") or {}).get("batch.kubernetes.io/job-completion-index", ""))
+    return PodState(
+        name=meta.get("name", ""),
+        index=int(index) if index.isdigit() else None,
+        phase=status.get("phase") or "Pending",
+        unschedulable=unschedulable,
+        waiting=tuple(waiting),
+        disruption=disruption,
+        started=started,
+        memory_limits=limits,
     )
 
 
@@ -353,6 +447,10 @@ class Observation:
     jobs: Sequence[JobState] = ()
     deployment: DeploymentState | None = None
     terminations: Mapping[str, Termination] = field(default_factory=dict)
+    # The pods of the workload Jobs the diagnosis looks at (policies.diagnosis), by Job name.
+    pods: Mapping[str, Sequence[PodState]] = field(default_factory=dict)
+    # When rank 0 last reported progress (status.progress.updatedAt, a runtime-owned field).
+    progress_at: datetime | None = None
     upstream: Upstream | None = None
     runner_account: RunnerAccount | None = None
     storage_secret: SecretAccess | None = None

@@ -142,6 +142,13 @@ class FineTuneJobSpec(JobSpecBase):
     hyperparameters: Hyperparameters = Field(description="Optimisation settings.")
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed ZeRO settings.")
     checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoint policy.")
+    progress_deadline_seconds: Annotated[int, Field(ge=1, le=2**31 - 1), WHOLE_FLOAT, STRICT] | None = Field(
+        None,
+        description=(
+            "End the attempt as retriable with reason Stalled when rank 0 reports no progress for this"
+            " long (counted from the attempt's start; allow for loading the model)."
+        ),
+    )
 
     cel_rules = (
         _FORMAT_MATCHES_TASK,

@@ -33,6 +33,11 @@ class ConditionType(StrEnum):
     failed = "Failed"  # terminal failure
     suspended = "Suspended"
     serving_ready = "ServingReady"
+    # False while a pod of the current workload cannot be placed (reason Unschedulable).
+    scheduled = "PodsScheduled"
+    # The last attempt ended and the gang was replaced; the reason says why, the message whether
+    # the restart counts against maxRestarts.
+    restarted = "Restarted"
 
 
 class Condition(KubeModel):
@@ -155,6 +160,11 @@ class JobStatusBase(KubeModel):
     start_time: str | None = Field(None, description="When the workload first started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
     restarts: int | None = Field(None, ge=0, description="Gang restarts after retriable failures.")
+    disruptions: int | None = Field(
+        None,
+        ge=0,
+        description="Of the restarts, those after an eviction or preemption (not counted against maxRestarts).",
+    )
     active_job: str | None = Field(None, description="Name of the current batch/v1 Job.")
     progress: Progress | None = Field(None, description="Training progress.")
     checkpoints: CheckpointStatus | None = Field(None, description="Newest committed checkpoint.")

@@ -18,7 +18,7 @@ from kubetune.operator.lifecycle import (
     with_condition,
     with_phase,
 )
-from kubetune.operator.policies import failure, suspension
+from kubetune.operator.policies import diagnosis, failure, suspension
 from kubetune.operator.render import (
     child_names,
     initially_suspended,
@@ -55,8 +55,12 @@ def run(obs: Observation, status: JobStatusBase, plan: RunPlan) -> Decision:
         return decision.then(created).then(step)
     if current.failed:
         return decision.then(failure.gang_failed(obs, status, current, plan))
+    watched = failure.watch_gang(obs, status, current, plan)
+    if watched is not None:
+        return decision.then(watched)
     message = f"{obs.noun}: {current.ready}/{plan.world.workers} workers ready"
-    return decision.then(suspension.step(obs, status, Phase.running, message, job=current))
+    step = decision.then(suspension.step(obs, status, Phase.running, message, job=current))
+    return step.then(diagnosis.report_waiting(obs, step.status, current))
 
 
 def succeeded(obs: Observation, status: JobStatusBase) -> JobStatusBase:

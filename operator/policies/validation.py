@@ -27,7 +27,7 @@ from kubetune.operator.lifecycle import (
     spec_hash_of,
     with_condition,
 )
-from kubetune.operator.policies import failure, suspension
+from kubetune.operator.policies import diagnosis, failure, suspension
 from kubetune.operator.render import (
     RenderError,
     child_names,
@@ -103,8 +103,15 @@ def _validation_job(obs: Observation, status: JobStatusBase, plan: RunPlan, foll
     if validation.failed:
         return failure.validation_failed(obs, status, validation)
     if not validation.complete:
+        finding = diagnosis.blocked(obs.pods.get(validation.name, ()))
+        if finding is not None and finding.fatal:
+            status = with_condition(
+                obs, status, ConditionType.validated, False, finding.reason, finding.message
+            )
+            return failure.fail_workload(obs, status, validation, finding)
         status = status.model_copy(update={"active_job": validation.name})
-        return _settled(suspension.step(obs, status, Phase.validating, VALIDATING, job=validation))
+        step = suspension.step(obs, status, Phase.validating, VALIDATING, job=validation)
+        return _settled(step.then(diagnosis.report_waiting(obs, step.status, validation)))
     status = with_condition(obs, status, ConditionType.validated, True, StateReason.validated, VALIDATED)
     return Decision(status=status, events=[Event("Normal", "Validated", VALIDATED)])
 

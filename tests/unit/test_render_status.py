@@ -199,7 +199,7 @@ def test_retriable_failure_replaces_the_gang_before_deleting_it() -> None:
             finetunejob(),
             dict(RUNNING),
             jobs=[failed],
-            terminations={"ft-train-r0": Termination("p", "trainer", 137, "OOMKilled", "")},
+            terminations={"ft-train-r0": Termination("p", "trainer", 137, "Error", "")},
         )
     )
     assert created(d)[-1] == "Job/ft-train-r1"
