@@ -240,6 +240,7 @@ class AlgorithmType(StrEnum):
     tpe = "tpe"
     random = "random"
     grid = "grid"
+    cmaes = "cmaes"
 
 
 class Algorithm(KubeModel):
@@ -248,7 +249,9 @@ class Algorithm(KubeModel):
     type: AlgorithmType = Field(
         AlgorithmType.tpe,
         description="tpe: tree-structured Parzen estimator; random; grid: every combination once "
-        "(float parameters need step).",
+        "(float parameters need step); cmaes: CMA-ES over the float and int parameters (categorical "
+        "ones are drawn at random, as CMA-ES has no notion of them; it needs at least one number, "
+        "and learns per generation of 4+3ln(n) trials for n numbers, so give it several).",
     )
     seed: Int = Field(
         0, ge=0, le=2**31 - 1, description="Seed: the same seed and results give the same trials."
@@ -318,6 +321,15 @@ class FineTuneSweepSpec(KubeModel):
             lambda s: (
                 s.algorithm.type != AlgorithmType.grid
                 or all(p.type != ParameterType.float or p.step is not None for p in s.parameters)
+            ),
+            field="parameters",
+        ),
+        CelRule(
+            "self.algorithm.type != 'cmaes' || self.parameters.exists(p, p.type != 'categorical')",
+            "cmaes searches float and int parameters; with only categorical ones use tpe, random or grid",
+            lambda s: (
+                s.algorithm.type != AlgorithmType.cmaes
+                or any(p.type != ParameterType.categorical for p in s.parameters)
             ),
             field="parameters",
         ),

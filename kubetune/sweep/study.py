@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner, SuccessiveHalvingPruner
-from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
+from optuna.samplers import BaseSampler, CmaEsSampler, GridSampler, RandomSampler, TPESampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
@@ -65,6 +66,19 @@ def sampler_for(spec: FineTuneSweepSpec, number: int) -> BaseSampler:
     if algorithm.type == AlgorithmType.grid:
         # Grid point N is trial N of one permutation of the grid, fixed by the sweep's own seed.
         return GridSampler(grid(spec), seed=algorithm.seed)
+    if algorithm.type == AlgorithmType.cmaes:
+        # CMA-ES keeps its state (mean, covariance, generation) in the system attributes of the
+        # trials it samples; the rebuild asks every recorded trial again in number order, so the
+        # state is recomputed from the records, and the seed per trial number fixes each draw.
+        # It searches the float and int parameters; categorical ones are drawn by its seeded
+        # independent sampler, RandomSampler, as are all of them until the first trial completes.
+        # That is the documented behaviour of algorithm.type cmaes, so Optuna's warning about it,
+        # which every rebuild would repeat, is turned off.
+        return CmaEsSampler(
+            seed=seed,
+            independent_sampler=RandomSampler(seed=seed),
+            warn_independent_sampling=False,
+        )
     return TPESampler(seed=seed)
 
 
@@ -87,6 +101,32 @@ def _direction(spec: FineTuneSweepSpec) -> StudyDirection:
     return StudyDirection.MINIMIZE
 
 
+def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> None:
+    if isinstance(distribution, FloatDistribution):
+        trial.suggest_float(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
+    elif isinstance(distribution, IntDistribution):
+        trial.suggest_int(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
+    else:
+        assert isinstance(distribution, CategoricalDistribution), distribution
+        trial.suggest_categorical(name, distribution.choices)
+
+
+def _ask(study: optuna.Study, space: Mapping[str, BaseDistribution]) -> optuna.Trial:
+    """``study.ask(space)``, except that the sampler's relative sampling runs for an enqueued
+    (replayed) trial too. Optuna skips it when every parameter is fixed, but CMA-ES records its
+    generation and state on each trial it samples that way; without it a rebuilt study would hold
+    no generation and CMA-ES would draw every trial from its initial distribution."""
+    trial = study.ask()
+    _ = trial.relative_params
+    for name, distribution in space.items():
+        _suggest(trial, name, distribution)
+    return trial
+
+
 def rebuild(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> optuna.Study:
     """A fresh study holding ``records`` as trials 0..N-1 (a missing number, a trial someone
     deleted, is a failed trial without parameters, so numbers stay aligned)."""
@@ -105,7 +145,7 @@ def rebuild(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> optuna.S
             continue
         study.sampler = sampler_for(spec, number)
         study.enqueue_trial(dict(record.params))
-        trial = study.ask(space)
+        trial = _ask(study, space)
         for step, value in sorted(record.intermediate.items()):
             trial.report(value, step)
             if record.state.finished:
@@ -139,7 +179,7 @@ def next_parameters(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> 
     number = next_number(records)
     study = rebuild(spec, records)
     study.sampler = sampler_for(spec, number)
-    trial = study.ask(distributions(spec))
+    trial = _ask(study, distributions(spec))
     assert trial.number == number, (trial.number, number)
     return dict(trial.params)
 

@@ -174,6 +174,16 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
         edit(SWEEP, spec__algorithm={"type": "grid"}, spec__parameters=[{**LR, "step": 1e-4}]),
         None,
     ),
+    ("sweep: cmaes over numbers and a categorical", edit(SWEEP, spec__algorithm={"type": "cmaes"}), None),
+    (
+        "sweep: cmaes over categorical parameters only",
+        edit(
+            SWEEP,
+            spec__algorithm={"type": "cmaes"},
+            spec__parameters=[{"path": "method.lora.r", "type": "categorical", "values": [8, 16]}],
+        ),
+        "spec.parameters",
+    ),
     ("numLabels with causal-lm", edit(LORA, spec__task__numLabels=3), "spec.task.numLabels"),
     (
         "classification without numLabels",

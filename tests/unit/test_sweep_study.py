@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ def test_numbering_continues_from_the_children_and_skips_none() -> None:
     assert [t.state.name for t in rebuilt.trials] == ["COMPLETE", "FAIL", "RUNNING"]
 
 
-@pytest.mark.parametrize("algorithm", ["tpe", "random"])
+@pytest.mark.parametrize("algorithm", ["tpe", "random", "cmaes"])
 def test_the_same_seed_and_history_give_the_same_trials_however_decisions_were_batched(
     algorithm: str,
 ) -> None:
@@ -73,6 +75,21 @@ def test_another_seed_gives_other_trials() -> None:
     assert run_sequentially(sweep(algorithm={"seed": 1}), 3, 1) != run_sequentially(
         sweep(algorithm={"seed": 2}), 3, 1
     )
+
+
+def test_cmaes_learns_generation_by_generation_from_the_rebuilt_trials() -> None:
+    """Each decision rebuilds the study from the records alone, as after a restart; CMA-ES still
+    advances: its fourth generation (6 trials each for the two numbers) lies closer to the best
+    learning rate and warmup than its first. The categorical rank is drawn at random."""
+    spec = sweep(algorithm={"type": "cmaes", "seed": 0}, maxTrials=100)
+    records: list[TrialRecord] = []
+    for number in range(24):
+        p = study.next_parameters(spec, records)
+        distance = abs(math.log10(p[LR] / 3e-4)) + abs(p["hyperparameters.warmupSteps"] - 50) / 100
+        records.append(TrialRecord(number, p, TrialState.complete, {}, distance))
+    first, fourth = (statistics.median(r.value or 0.0 for r in records[g : g + 6]) for g in (0, 18))
+    assert fourth < first / 2
+    assert {r.params["method.lora.r"] for r in records} == {8, 16, 32}
 
 
 def test_grid_takes_every_point_once_then_is_exhausted() -> None:
