@@ -10,7 +10,7 @@ continues the numbering. A trial to stop gets the annotation ``kubetune.io/prune
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -92,38 +92,42 @@ _PHASE_OF_STATE: Final = {
     TrialState.pruned: (Phase.failed, REASON_PRUNED),
     TrialState.failed: (Phase.failed, None),
 }
+REASON_TRIAL_DELETED: Final = "TrialDeleted"
 
 
 def remembered_trials(
-    children: Sequence[Trial], status: FineTuneSweepStatus
-) -> tuple[list[Trial], list[int]]:
+    children: Sequence[Trial], status: FineTuneSweepStatus, in_flight: Collection[int] = ()
+) -> list[Trial]:
     """The trials to decide from: the child FineTuneJobs, plus the rows of the status whose job is
-    gone (a finished trial deleted, say by its TTL, still counts: its number is taken and its
-    result known). Also the numbers of unfinished rows with no job: those are created again (a
-    trial just created whose watch event has not come yet answers 409, which is success)."""
+    gone. A finished trial deleted (say by the sweep's TTL) still counts: its number is taken and
+    its result known. An unfinished one is either ``in_flight`` (just created, its watch event
+    not here yet: pending) or was deleted while it ran, which ends it Failed; it is never created
+    again, so a sweep being deleted (its trials going first) creates nothing."""
     seen = {t.number for t in children}
-    trials, missing = list(children), []
+    trials = list(children)
     for row in status.trials or []:
         if row.number in seen:
             continue
+        params = dict(row.parameters)
         if row.state in _PHASE_OF_STATE:
             phase, reason = _PHASE_OF_STATE[row.state]
-            trials.append(
-                Trial(
-                    number=row.number,
-                    name=row.name,
-                    params=dict(row.parameters),
-                    phase=phase,
-                    reason=reason,
-                    step=row.step,
-                    objective=row.objective,
-                    model_uri=row.model_uri,
-                )
-            )
+        elif row.number in in_flight:
+            phase, reason = None, None
         else:
-            trials.append(Trial(number=row.number, name=row.name, params=dict(row.parameters)))
-            missing.append(row.number)
-    return sorted(trials, key=lambda t: t.number), missing
+            phase, reason = Phase.failed, REASON_TRIAL_DELETED
+        trials.append(
+            Trial(
+                number=row.number,
+                name=row.name,
+                params=params,
+                phase=phase,
+                reason=reason,
+                step=row.step,
+                objective=row.objective,
+                model_uri=row.model_uri,
+            )
+        )
+    return sorted(trials, key=lambda t: t.number)
 
 
 @dataclass
@@ -187,13 +191,13 @@ def decide(obs: SweepObservation) -> SweepDecision:
     """The next step of a sweep."""
     spec = obs.sweep.spec
     status = obs.status.model_copy(update={"observed_generation": obs.sweep.metadata.generation})
-    # Each trial's latest evaluation joins those recorded before.
+    # Each trial's latest evaluation joins those recorded before, a finished trial's too: a trial
+    # may report its last evaluation and end before any decision sees it running.
     evaluations = {n: dict(v) for n, v in obs.evaluations.items()}
     for trial in obs.trials:
-        if state_of(trial) != TrialState.complete:
-            seen = observe(evaluations.get(trial.number, {}), trial.step, trial.objective)
-            if seen:
-                evaluations[trial.number] = seen
+        seen = observe(evaluations.get(trial.number, {}), trial.step, trial.objective)
+        if seen:
+            evaluations[trial.number] = seen
     records = records_of(obs, evaluations)
     decision = SweepDecision(status=status, evaluations=evaluations)
     if status.phase is not None and status.phase.finished:
@@ -249,30 +253,44 @@ def decide(obs: SweepObservation) -> SweepDecision:
     return decision
 
 
-def invalid(obs: SweepObservation, message: str) -> FineTuneSweepStatus:
+def invalid(
+    status: FineTuneSweepStatus, message: str, now: datetime, generation: int | None
+) -> FineTuneSweepStatus:
     """The status of a sweep whose spec only Python can find invalid (a value the template's own
     schema refuses): Failed with reason InvalidSpec, naming the parameter."""
-    return _finish(obs, obs.status, Phase.failed, REASON_INVALID_SPEC, message)
+    return finished_status(status, Phase.failed, REASON_INVALID_SPEC, message, now, generation)
 
 
 def _finish(
     obs: SweepObservation, status: FineTuneSweepStatus, phase: Phase, reason: str, message: str
 ) -> FineTuneSweepStatus:
+    return finished_status(status, phase, reason, message, obs.now, obs.sweep.metadata.generation)
+
+
+def finished_status(
+    status: FineTuneSweepStatus,
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> FineTuneSweepStatus:
+    """``status`` of a sweep that ended now: its phase, message, Complete or Failed condition."""
     conditions = set_condition(
         status.conditions,
         "Complete" if phase == Phase.succeeded else "Failed",
         True,
         reason,
         message,
-        obs.now,
-        obs.sweep.metadata.generation,
+        now,
+        generation,
     )
     return status.model_copy(
         update={
             "phase": phase,
             "message": message,
             "conditions": conditions,
-            "completion_time": status.completion_time or rfc3339(obs.now),
+            "completion_time": status.completion_time or rfc3339(now),
         }
     )
 

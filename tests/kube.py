@@ -51,6 +51,7 @@ RESOURCES: tuple[tuple[str, str, bool, frozenset[str]], ...] = (
     ("v1/events", "Event", True, frozenset()),
     ("kubetune.io/v1alpha1/finetunejobs", "FineTuneJob", True, frozenset({"status"})),
     ("kubetune.io/v1alpha1/compressjobs", "CompressJob", True, frozenset({"status"})),
+    ("kubetune.io/v1alpha1/finetunesweeps", "FineTuneSweep", True, frozenset({"status"})),
     ("batch/v1/jobs", "Job", True, frozenset({"status"})),
     ("apps/v1/deployments", "Deployment", True, frozenset({"status", "scale"})),
     ("v1/pods", "Pod", True, frozenset({"status", "log"})),
@@ -61,7 +62,7 @@ RESOURCES: tuple[tuple[str, str, bool, frozenset[str]], ...] = (
     ("rbac.authorization.k8s.io/v1/roles", "Role", True, frozenset()),
     ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True, frozenset()),
 )
-SHORT_NAMES = {"FineTuneJob": {"ftj"}, "CompressJob": {"cj"}}
+SHORT_NAMES = {"FineTuneJob": {"ftj"}, "CompressJob": {"cj"}, "FineTuneSweep": {"fts"}}
 
 
 def _parse_path(path: str) -> Any:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.integration.test_sweep_operator import SCENARIOS as SWEEP_SCENARIOS
 from tests.kube import (  # noqa: F401  (fixtures)
     TEST_SETTINGS,
     KubeEmulator,
@@ -813,6 +814,7 @@ def delegated_triples() -> set[tuple[str, str, str]]:
     for plural in ("finetunejobs", "compressjobs"):
         out |= {("get", "kubetune.io", f"{plural}/status"), ("patch", "kubetune.io", f"{plural}/status")}
         out.add(("update", "kubetune.io", f"{plural}/finalizers"))
+    out.add(("update", "kubetune.io", "finetunesweeps/finalizers"))  # a sweep's trials
     return out
 
 
@@ -822,6 +824,9 @@ async def test_clusterrole_allows_exactly_what_the_operator_uses(
     running = Operator()
     await running.start()
     try:
+        # The sweeps' first: rejected_child, the last of the jobs', slows the emulator down.
+        for index, scenario in enumerate(SWEEP_SCENARIOS.values()):
+            await scenario(kube, f"rbac-sweep-{index}")
         for index, scenario in enumerate(SCENARIOS.values()):
             await scenario(kube, f"rbac-{index}")
         await scenario_restart_no_duplicates(kube, "rbac-restart", running)

@@ -116,3 +116,21 @@ def test_more_failures_than_allowed_fail_the_sweep_and_stop_creating() -> None:
     assert decision.status.phase == Phase.failed
     assert decision.status.conditions is not None
     assert decision.status.conditions[0].reason == "TooManyFailedTrials"
+
+
+def test_a_trial_whose_job_is_gone_is_remembered_from_the_status_and_never_created_again() -> None:
+    s = sweep(parallelism=2)
+    made = observe(s, []).create
+    bodies = [child(made[0], "Succeeded", step=600, evalLoss=1.0), child(made[1], "Running", step=100)]
+    status = observe(s, bodies).status
+    # Both jobs gone (deleted by hand, or by the garbage collector of a sweep being deleted).
+    remembered = decide_sweep.remembered_trials([], status)
+    assert [(t.number, t.phase, t.reason) for t in remembered] == [
+        (0, Phase.succeeded, None),
+        (1, Phase.failed, decide_sweep.REASON_TRIAL_DELETED),
+        (2, Phase.failed, decide_sweep.REASON_TRIAL_DELETED),
+    ]
+    assert remembered[0].objective == 1.0
+    # Trial 2 was just created by this process, its watch event not seen yet: pending, not failed.
+    pending = decide_sweep.remembered_trials([], status, in_flight={2})[2]
+    assert (pending.phase, pending.reason) == (None, None)

@@ -1,0 +1,192 @@
+# ruff: noqa: F811  (pytest fixtures are imported by name and then named as parameters)
+"""The real operator running FineTuneSweeps against the Kubernetes emulator.
+
+The tests play the Job controller (tests.kube.complete_job, fail_job) and the trials' runtime
+(status.progress with the evaluation loss, as the trainer reports it). Each scenario is a plain
+coroutine of a namespace, so the RBAC test of tests/integration/test_operator.py replays them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.kube import (  # noqa: F401  (fixtures)
+    KubeEmulator,
+    Operator,
+    complete_job,
+    create,
+    delete,
+    eventually,
+    fail_job,
+    finetunejob,
+    kube,
+    kubeconfig,
+    operator,
+    patch,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+FTJ = "kubetune.io/v1alpha1/finetunejobs"
+FTS = "kubetune.io/v1alpha1/finetunesweeps"
+JOBS = "batch/v1/jobs"
+NS = "default"
+
+
+def sweep(name: str, ns: str = NS, **spec: Any) -> dict[str, Any]:
+    template = finetunejob(name)["spec"]
+    base: dict[str, Any] = {
+        "template": template,
+        "parameters": [
+            {"path": "hyperparameters.learningRate", "type": "float", "min": 1e-5, "max": 1e-3, "log": True}
+        ],
+        "algorithm": {"type": "random", "seed": 7},
+        "maxTrials": 3,
+        "parallelism": 2,
+    }
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {**base, **spec},
+    }
+
+
+def sweep_status(kube: KubeEmulator, name: str, ns: str = NS) -> dict[str, Any]:
+    return dict((kube.get(FTS, ns, name) or {}).get("status") or {})
+
+
+def trials(kube: KubeEmulator, sweep_name: str, ns: str = NS) -> list[str]:
+    return sorted(n for n in kube.names(FTJ, ns) if n.startswith(f"{sweep_name}-t"))
+
+
+async def report(kube: KubeEmulator, trial: str, step: int, eval_loss: float, ns: str = NS) -> None:
+    """What the trial's runtime writes: its latest evaluation in status.progress."""
+    progress = {"step": step, "totalSteps": 20, "loss": eval_loss, "evalLoss": eval_loss}
+    await patch(kube, FTJ, ns, trial, {"status": {"progress": progress}}, "status")
+
+
+async def training(kube: KubeEmulator, trial: str, ns: str = NS) -> None:
+    """A trial's validation passes and its gang Job exists."""
+    await eventually(lambda: kube.get(JOBS, ns, f"{trial}-validate"), what=f"{trial}-validate")
+    await complete_job(kube, ns, f"{trial}-validate")
+    await eventually(lambda: kube.get(JOBS, ns, f"{trial}-train-r0"), what=f"{trial}-train-r0")
+
+
+async def finish(kube: KubeEmulator, trial: str, eval_loss: float, ns: str = NS) -> None:
+    """A trial validates, trains to its last step reporting ``eval_loss``, and succeeds."""
+    await training(kube, trial, ns)
+    await report(kube, trial, 20, eval_loss, ns)
+    await complete_job(kube, ns, f"{trial}-train-r0")
+    await eventually(
+        lambda: (kube.get(FTJ, ns, trial) or {}).get("status", {}).get("phase") == "Succeeded",
+        what=f"{trial} Succeeded",
+    )
+
+
+async def scenario_best_of_parallel_trials(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("lr", ns))
+    await eventually(lambda: trials(kube, "lr", ns) == ["lr-t0", "lr-t1"], what="two trials")
+    t0 = kube.get(FTJ, ns, "lr-t0") or {}
+    owner = t0["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneSweep", "lr", True)
+    assert t0["metadata"]["labels"]["kubetune.io/trial"] == "0"
+    assert t0["spec"]["output"]["uri"] == "s3://runs/lr/trials/0"
+    t1 = kube.get(FTJ, ns, "lr-t1") or {}
+    assert t0["spec"]["hyperparameters"]["learningRate"] != t1["spec"]["hyperparameters"]["learningRate"]
+
+    await finish(kube, "lr-t0", 1.5, ns)
+    await eventually(lambda: trials(kube, "lr", ns) == ["lr-t0", "lr-t1", "lr-t2"], what="third trial")
+    await finish(kube, "lr-t1", 0.9, ns)
+    await finish(kube, "lr-t2", 1.2, ns)
+    await eventually(lambda: sweep_status(kube, "lr", ns).get("phase") == "Succeeded", what="Succeeded")
+    st = sweep_status(kube, "lr", ns)
+    assert st["trialsDone"] == "3/3"
+    assert st["counts"] == {"created": 3, "running": 0, "complete": 3, "pruned": 0, "failed": 0}
+    assert st["bestTrial"]["number"] == 1
+    assert st["bestTrial"]["objective"] == 0.9
+    assert st["bestTrial"]["modelUri"].startswith("s3://runs/lr/trials/1")
+    assert [row["evaluations"] for row in st["trials"]] == [
+        [{"step": 20, "objective": v}] for v in (1.5, 0.9, 1.2)
+    ]
+    assert trials(kube, "lr", ns) == ["lr-t0", "lr-t1", "lr-t2"]  # maxTrials: no fourth
+
+    await delete(kube, FTS, ns, "lr")
+    await eventually(lambda: trials(kube, "lr", ns) == [], what="trials deleted with their sweep")
+
+
+async def scenario_median_pruning(kube: KubeEmulator, ns: str) -> None:
+    spec = {"maxTrials": 3, "parallelism": 1, "earlyStopping": {"type": "median", "startupTrials": 2}}
+    await create(kube, FTS, sweep("prune", ns, **spec))
+
+    def evaluated(number: int) -> bool:
+        rows = sweep_status(kube, "prune", ns).get("trials") or []
+        return any(row["number"] == number and row.get("evaluations") for row in rows)
+
+    for number, loss in ((0, 1.0), (1, 1.2)):
+        trial = f"prune-t{number}"
+        await training(kube, trial, ns)
+        await report(kube, trial, 10, loss, ns)
+        await eventually(lambda n=number: evaluated(n), what=f"{trial} evaluated at step 10")  # type: ignore[misc]
+        await report(kube, trial, 20, loss - 0.5, ns)
+        await complete_job(kube, ns, f"{trial}-train-r0")
+    await training(kube, "prune-t2", ns)
+    await report(kube, "prune-t2", 10, 5.0, ns)  # far worse than both at step 10
+
+    def pruned() -> bool:
+        conds = (kube.get(FTJ, ns, "prune-t2") or {}).get("status", {}).get("conditions") or []
+        return any(c["type"] == "Failed" and c.get("reason") == "Pruned" for c in conds)
+
+    await eventually(pruned, what="prune-t2 Failed/Pruned")
+    assert "kubetune.io/prune" in (kube.get(FTJ, ns, "prune-t2") or {})["metadata"]["annotations"]
+    await eventually(lambda: kube.get(JOBS, ns, "prune-t2-train-r0") is None, what="its gang stopped")
+    await eventually(lambda: sweep_status(kube, "prune", ns).get("phase") == "Succeeded", what="sweep ends")
+    st = sweep_status(kube, "prune", ns)
+    assert (st["counts"]["pruned"], st["counts"]["complete"]) == (1, 2)
+    assert st["trials"][2]["state"] == "Pruned"
+    assert st["bestTrial"]["number"] == 0
+
+
+async def scenario_too_many_failed_trials(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("bad", ns, maxTrials=5, parallelism=1, maxFailedTrials=0))
+    await eventually(lambda: kube.get(JOBS, ns, "bad-t0-validate"), what="bad-t0-validate")
+    await fail_job(kube, ns, "bad-t0-validate", exit_code=2, message="InvalidInput: no such dataset")
+    await eventually(lambda: sweep_status(kube, "bad", ns).get("phase") == "Failed", what="sweep Failed")
+    failed = next(c for c in sweep_status(kube, "bad", ns)["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TooManyFailedTrials"
+    assert trials(kube, "bad", ns) == ["bad-t0"]
+
+
+Scenario = Callable[[KubeEmulator, str], Awaitable[None]]
+SCENARIOS: dict[str, Scenario] = {
+    "best_of_parallel_trials": scenario_best_of_parallel_trials,
+    "median_pruning": scenario_median_pruning,
+    "too_many_failed_trials": scenario_too_many_failed_trials,
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_sweep_scenario(name: str, kube: KubeEmulator, operator: Operator) -> None:
+    await SCENARIOS[name](kube, NS)
+
+
+async def test_restart_mid_sweep_continues_numbering_without_duplicates(
+    kube: KubeEmulator, operator: Operator
+) -> None:
+    await create(kube, FTS, sweep("rs", maxTrials=3, parallelism=1))
+    await eventually(lambda: trials(kube, "rs") == ["rs-t0"], what="rs-t0")
+    params = (kube.get(FTJ, NS, "rs-t0") or {})["metadata"]["annotations"]["kubetune.io/parameters"]
+    await operator.restart()
+    await finish(kube, "rs-t0", 1.0)
+    await eventually(lambda: trials(kube, "rs") == ["rs-t0", "rs-t1"], what="rs-t1 after the restart")
+    await operator.restart()
+    await finish(kube, "rs-t1", 0.8)
+    await finish(kube, "rs-t2", 0.7)
+    await eventually(lambda: sweep_status(kube, "rs").get("phase") == "Succeeded", what="sweep Succeeded")
+    assert (kube.get(FTJ, NS, "rs-t0") or {})["metadata"]["annotations"]["kubetune.io/parameters"] == params
+    creations = [e for e in kube.journal if e[1] == "create" and e[2] == "finetunejobs"]
+    assert sorted(e[4] for e in creations) == ["rs-t0", "rs-t1", "rs-t2"]
+    assert sweep_status(kube, "rs")["bestTrial"]["number"] == 2, sweep_status(kube, "rs")
