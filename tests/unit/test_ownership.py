@@ -53,6 +53,7 @@ def make_plan(
     model: str = "file:///models/base",
     train: str = "file:///data/train.jsonl",
     lora: bool = False,
+    spec_extra: dict[str, Any] | None = None,
 ) -> RunPlan:
     from kubetune.api.resources import FineTuneJob
 
@@ -64,6 +65,7 @@ def make_plan(
     }
     if lora:
         spec["method"] = {"type": "lora"}
+    spec.update(spec_extra or {})
     job = FineTuneJob.model_validate(
         {
             "apiVersion": "kubetune.io/v1alpha1",
@@ -224,6 +226,21 @@ def test_a_foreign_step_is_not_deleted_as_torn(tmp_path: Path) -> None:
 def test_an_output_inside_the_jobs_own_inputs_is_refused(tmp_path: Path, output: str, field: str) -> None:
     plan = make_plan(output, train="file:///data", model="file:///models/base")
     with pytest.raises(OutputConflictError, match=rf"{field} .*would read its own outputs"):
+        guard_output(STORE, plan)
+
+
+def test_an_output_inside_the_dpo_reference_model_is_refused() -> None:
+    reference = {"type": "full", "objective": "dpo", "dpo": {"referenceModel": {"uri": "file:///models/sft"}}}
+    plan = make_plan(
+        "file:///models/sft/aligned",
+        spec_extra={
+            "method": reference,
+            "dataset": {"train": {"uri": "file:///data/pairs.jsonl"}, "format": "preference"},
+        },
+    )
+    with pytest.raises(
+        OutputConflictError, match=r"lies inside method\.dpo\.referenceModel\.uri file:///models/sft"
+    ):
         guard_output(STORE, plan)
 
 
