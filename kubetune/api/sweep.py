@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from kubetune.api.base import Bool, CelRule, Float, Int, KubeModel
 from kubetune.api.resources import MAX_NAME_LENGTH, FineTuneJobSpec, KubetuneResource, name_rules
+from kubetune.api.spec import Serve, Tracking
 from kubetune.api.status import Condition, Phase
 
 # Trials are FineTuneJobs named <sweep>-t<N> (N <= 9999), whose own children must stay DNS labels.
@@ -291,6 +292,13 @@ class EarlyStopping(KubeModel):
     )
 
 
+class Promote(Serve):
+    """Serving of the best trial's model once the sweep succeeds, with a FineTuneJob's serving
+    options (the template's own serve is ignored: trials are compared, not served)."""
+
+    enabled: Bool = Field(False, description="Serve the best trial's model when the sweep succeeds.")
+
+
 class FineTuneSweepSpec(KubeModel):
     """A hyperparameter search over a FineTuneJob template."""
 
@@ -312,6 +320,13 @@ class FineTuneSweepSpec(KubeModel):
     )
     early_stopping: EarlyStopping = Field(
         default_factory=EarlyStopping, description="Stopping poor trials early."
+    )
+    promote: Promote = Field(default_factory=Promote, description="Serving of the best trial's model.")
+    tracking: Tracking | None = Field(
+        None,
+        description="Experiment tracking of the sweep: a parent MLflow run (search space, best trial) "
+        "with one child run per trial; every trial logs to it (instead of the template's tracking, "
+        "which trials inherit when this is unset). The experiment defaults to <namespace>/<sweep>.",
     )
 
     cel_rules = (

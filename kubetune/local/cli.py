@@ -54,13 +54,13 @@ def run(args: argparse.Namespace) -> int:
         ),
         console,
     )
-    # Trials are compared, not used: serving one of them is `kubetune run` of the best trial's job.
+    # Trials are compared, not served: a sweep's promote serves the best one (through `runner`).
     trial_runner = LocalRunner(dataclasses.replace(runner.options, serve=False), console)
     try:
         with processes.stop_on_termination():
             for resource in resources:
                 if isinstance(resource, FineTuneSweep):
-                    code = SweepRunner(trial_runner, console).run(resource).exit_code
+                    code = SweepRunner(trial_runner, console, server=runner).run(resource).exit_code
                 else:
                     code = runner.run(resource).exit_code
                 if code != 0:

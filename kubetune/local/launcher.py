@@ -102,15 +102,17 @@ def main_processes(
     scratch: Path,
     master_port: int,
     env: dict[str, str],
+    cores: int | None = None,
 ) -> list[ProcessSpec]:
     """One torchrun per node of a gang, like one pod per node of the Indexed Job; a workload that
-    runs in one process (quantization, pruning) is that process."""
+    runs in one process (quantization, pruning) is that process. ``cores``: the cores this gang
+    may use (default: the machine's; a sweep's parallel trials share them)."""
     process_env = workload_env(workload, env, plan_path=plan_path, progress_file=progress_file)
     gang = workload.gang
     if gang is None:
         argv = workload.argv(plan_path=str(plan_path), scratch_dir=str(scratch / "worker-0"))
         return [ProcessSpec(name="worker-0", argv=[sys.executable, *argv], env=process_env)]
-    threads = cpu_threads_per_process(gang.nodes * gang.processes_per_node)
+    threads = cpu_threads_per_process(gang.nodes * gang.processes_per_node, cores)
     specs = []
     for rank in range(gang.nodes):
         rendezvous = Rendezvous(node_rank=str(rank), master_addr=LOCAL_HOST, master_port=master_port)

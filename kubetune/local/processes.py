@@ -44,7 +44,13 @@ class RunDirLocked(RuntimeError):
 
 
 # The run directory's lock, held for the whole run; the watchdogs inherit it (see the module doc).
-_held_lock: int | None = None
+# One per thread: a sweep runs its parallel trials in threads, each holding its own run's lock.
+_held = threading.local()
+
+
+def _held_lock() -> int | None:
+    fd: int | None = getattr(_held, "fd", None)
+    return fd
 
 
 def _die_with_parent() -> None:
@@ -59,9 +65,9 @@ def _die_with_parent() -> None:
 
 
 def lock_run_dir(run_dir: Path) -> int:
-    """Take the run directory's exclusive lock (``flock`` on ``<run_dir>/lock``) for the rest of this
-    process's life, or raise :class:`RunDirLocked` naming the holder. Returns the descriptor."""
-    global _held_lock
+    """Take the run directory's exclusive lock (``flock`` on ``<run_dir>/lock``) for this thread
+    until :func:`unlock_run_dir`, or raise :class:`RunDirLocked` naming the holder. Returns the
+    descriptor."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -79,17 +85,17 @@ def lock_run_dir(run_dir: Path) -> int:
         ) from exc
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    if _held_lock is not None:
+    if _held_lock() is not None:
         unlock_run_dir()
-    _held_lock = fd
+    _held.fd = fd
     return fd
 
 
 def unlock_run_dir() -> None:
-    global _held_lock
-    if _held_lock is not None:
-        os.close(_held_lock)
-        _held_lock = None
+    fd = _held_lock()
+    if fd is not None:
+        os.close(fd)
+        _held.fd = None
 
 
 @dataclass
@@ -139,7 +145,8 @@ def start(spec: ProcessSpec, log_dir: Path) -> RunningProcess:
 
 def _watch(pgid: int, log_path: Path) -> subprocess.Popen[bytes]:
     """Start the watchdog of process group ``pgid`` (see :mod:`kubetune.local.watchdog`)."""
-    keep = (_held_lock,) if _held_lock is not None else ()
+    fd = _held_lock()
+    keep = (fd,) if fd is not None else ()
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "kubetune.local.watchdog", str(pgid)],

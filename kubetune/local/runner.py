@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +57,7 @@ class RunOptions:
     port: int | None = None
     accelerator: str = "auto"
     verbose: bool = False
+    cores: int | None = None  # the cores its processes share (default: the machine's)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class JobWorkloads:
     validate: Workload
     main: Workload
     serve: Workload | None
+
+
+class RunStopped(Exception):
+    """The run was asked to stop (``stop`` set): its processes were stopped, its checkpoints kept."""
 
 
 @dataclass
@@ -125,9 +131,15 @@ class LocalRunner:
 
     # --- one job --------------------------------------------------------------------------
 
-    def run(self, job: FineTuneJob | CompressJob, on_progress: ProgressHook | None = None) -> RunOutcome:
+    def run(
+        self,
+        job: FineTuneJob | CompressJob,
+        on_progress: ProgressHook | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunOutcome:
         """Run ``job``; ``on_progress`` sees every progress update of its main processes, in order,
-        and may stop them by raising (the processes are stopped, the exception propagates)."""
+        and may stop them by raising (the processes are stopped, the exception propagates).
+        Setting ``stop`` (from another thread) stops them too and raises :class:`RunStopped`."""
         name = job.metadata.name or "job"
         kind = type(job).kind_name
         try:
@@ -142,13 +154,22 @@ class LocalRunner:
             self.console.print(f"[red]✗ {kind}/{name}: {exc}", highlight=False)
             return RunOutcome(EXIT_INVALID_INPUT, plan)
         try:
-            return self._run_locked(job, plan, run_dir, on_progress)
+            return self._run_locked(job, plan, run_dir, on_progress, stop)
         finally:
             processes.unlock_run_dir()
 
     def _run_locked(
-        self, job: FineTuneJob | CompressJob, plan: RunPlan, run_dir: Path, on_progress: ProgressHook | None
+        self,
+        job: FineTuneJob | CompressJob,
+        plan: RunPlan,
+        run_dir: Path,
+        on_progress: ProgressHook | None,
+        stop: threading.Event | None,
     ) -> RunOutcome:
+        def check_stop() -> None:
+            if stop is not None and stop.is_set():
+                raise RunStopped(f"{plan.job.name} was asked to stop")
+
         name = job.metadata.name or "job"
         kind = type(job).kind_name
         try:
@@ -201,7 +222,7 @@ class LocalRunner:
                     )
                 ],
                 logs,
-                on_tick=lambda: None,
+                on_tick=check_stop,
             )
         outcome.timings["validate"] = time.monotonic() - started
         if result.exit_code != 0:
@@ -216,12 +237,14 @@ class LocalRunner:
             scratch=run_dir,
             master_port=free_port(),
             env=env,
+            cores=self.options.cores,
         )
         follower = ProgressFile(progress_path)
         label = "training" if plan.kind == "finetune" else "compressing"
         with TrainingProgress(self.console, label) as bar:
 
             def tick() -> None:
+                check_stop()
                 if follower.poll() is not None:
                     bar.update(follower.latest)
                     if on_progress is not None:
@@ -238,6 +261,25 @@ class LocalRunner:
         if work.serve is not None:
             return self._serve(job, plan, work.serve, run_dir, env, outcome)
         return outcome
+
+    def serve_finished(self, job: FineTuneJob) -> RunOutcome:
+        """Serve a FineTuneJob that already ran (its model is in its output) as the end of its run
+        would: the server, an example request and its answer (a sweep's promote of its best trial)."""
+        name = job.metadata.name or "job"
+        plan = self.plan_for(job)
+        run_dir = self.options.workdir / f"{FineTuneJob.kind_name.lower()}-{name}"
+        try:
+            processes.lock_run_dir(run_dir)
+        except processes.RunDirLocked as exc:
+            self.console.print(f"[red]✗ FineTuneJob/{name}: {exc}", highlight=False)
+            return RunOutcome(EXIT_INVALID_INPUT, plan)
+        try:
+            self._run_dir = run_dir
+            env = launcher.runtime_env(accelerator=self.accelerator, scratch=run_dir)
+            workload = serve_workload(job, plan.storage)
+            return self._serve(job, plan, workload, run_dir, env, RunOutcome(EXIT_OK, plan))
+        finally:
+            processes.unlock_run_dir()
 
     def _failed(self, outcome: RunOutcome, result: processes.GangResult, stage: str) -> RunOutcome:
         proc = result.failed
@@ -331,8 +373,9 @@ class LocalRunner:
         return outcome
 
 
-# Plan fields that are not part of the training spec: who runs it and how storage is reached.
-_NOT_TRAINING_SPEC = ("plan_version", "job", "storage", "output_uri")
+# Plan fields that are not part of the training spec: who runs it (a trial's sweep is a new one at
+# each local run of it) and how storage is reached.
+_NOT_TRAINING_SPEC = ("plan_version", "job", "storage", "output_uri", "sweep")
 
 
 def next_attempt(plan: RunPlan) -> int:

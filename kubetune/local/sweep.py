@@ -1,25 +1,39 @@
-"""``kubetune run`` of a FineTuneSweep: its trials run one after another as local FineTuneJobs.
+"""``kubetune run`` of a FineTuneSweep: its trials run as local FineTuneJobs, up to
+``parallelism`` at once as far as the machine's cores allow.
 
 The study is the operator's (:mod:`kubetune.sweep`): each trial's parameters come from the trials
-before it, its evaluations are read from its progress updates as it runs, and a trial the pruner
-judges hopeless is stopped at once (its processes stopped as a pod's would be, its checkpoints
-kept) and recorded as Pruned. At the end ``<output>/sweep/summary.json`` and
+before it (running ones included), its evaluations are read from its progress updates as it runs,
+and a trial the pruner judges hopeless is stopped at once (its processes stopped as a pod's would
+be, its checkpoints kept) and recorded as Pruned. Each trial runs in a thread of its own with its
+own run directory and lock; its terminal output goes to ``<workdir>/finetunesweep-<name>/trial-<N>.log``
+while the terminal shows a live table of every trial. A trial that fails is recorded as Failed
+and its siblings go on. At the end ``<output>/sweep/summary.json`` and
 ``<output>/sweep/report.html`` (Optuna's figures) are written and the best trial is printed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
+import os
+import threading
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from kubetune.api import API_VERSION, FineTuneJob
+from kubetune.api.spec import Serve
 from kubetune.api.sweep import FineTuneSweep, FineTuneSweepSpec, TrialState
-from kubetune.local.runner import LocalRunner
+from kubetune.local.runner import LOCAL_NAMESPACE, LocalRunner, ProgressHook, RunStopped
+from kubetune.run.plan import SWEEP_SEARCH_ANNOTATION, SweepRef
 from kubetune.sweep import study
 from kubetune.sweep.evaluations import objective_of, observe
 from kubetune.sweep.report import render
@@ -48,6 +62,8 @@ class LocalTrial:
     evaluations: dict[int, float] = field(default_factory=dict)
     latest: float | None = None  # the objective of its latest evaluation
     step: int | None = None
+    started: str | None = None  # RFC 3339, when its run began and ended
+    finished: str | None = None
 
     def record(self) -> TrialRecord:
         value = self.latest if self.state == TrialState.complete else None
@@ -61,77 +77,223 @@ class SweepOutcome:
     best: LocalTrial | None
     summary_uri: str
     report_uri: str
+    server_url: str | None = None  # where the best trial is served (promote)
+    answer: str | None = None  # its answer to the example request
+    tracking_run_id: str | None = None  # the sweep's MLflow run (tracking)
+
+
+@dataclass(frozen=True)
+class Slots:
+    """How many trials run at once on this machine, and why fewer than asked, if so."""
+
+    trials: int
+    cores_per_trial: int
+    lowered: str | None = None
+
+
+def trial_slots(spec: FineTuneSweepSpec, cores: int) -> Slots:
+    """``parallelism``, bounded by the cores: each process of a trial (workers x processes per
+    worker) needs a core of its own, or parallel trials only slow each other down."""
+    per_trial = spec.template.resources.workers * spec.template.resources.processes
+    fit = max(1, cores // per_trial)
+    trials = min(spec.parallelism, fit)
+    lowered = None
+    if trials < spec.parallelism:
+        lowered = (
+            f"parallelism {spec.parallelism} lowered to {trials}: each trial runs {per_trial} "
+            f"process{'es' if per_trial > 1 else ''} and this machine has {cores} "
+            f"core{'s' if cores > 1 else ''}"
+        )
+    return Slots(trials, max(1, cores // trials), lowered)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def search_of(spec: FineTuneSweepSpec) -> dict[str, Any]:
+    """What the sweep searches, as its trials carry it (:data:`SWEEP_SEARCH_ANNOTATION`)."""
+    wire = spec.to_wire()
+    return {key: wire[key] for key in ("parameters", "objective", "algorithm", "maxTrials") if key in wire}
 
 
 def trial_job(sweep: FineTuneSweep, number: int, params: Mapping[str, Any]) -> FineTuneJob:
-    """Trial ``number`` as the FineTuneJob the operator would create (without its owner)."""
+    """Trial ``number`` as the FineTuneJob the operator would create, owned by the sweep when it
+    has a uid (local mode gives each run of a sweep one, so its trials' runs share a parent)."""
     spec = sweep.spec
+    name = str(sweep.metadata.name)
+    metadata: dict[str, Any] = {
+        "name": trial_name(name, number),
+        "annotations": {SWEEP_SEARCH_ANNOTATION: json.dumps(search_of(spec), sort_keys=True)},
+    }
+    if sweep.metadata.uid:
+        metadata["ownerReferences"] = [
+            {"apiVersion": API_VERSION, "kind": "FineTuneSweep", "name": name, "uid": sweep.metadata.uid}
+        ]
     return FineTuneJob.model_validate(
         {
             "apiVersion": API_VERSION,
             "kind": "FineTuneJob",
-            "metadata": {"name": trial_name(str(sweep.metadata.name), number)},
+            "metadata": metadata,
             "spec": trial_spec(spec, params, trial_output(spec, number)).to_wire(),
         }
     )
 
 
 class SweepRunner:
-    """Runs one FineTuneSweep through a :class:`LocalRunner` (which should not serve trials)."""
+    """Runs one FineTuneSweep through a :class:`LocalRunner` (which should not serve trials):
+    each trial gets a runner of its own, with its options, on a console writing to its log.
+    ``server`` serves the best trial when the sweep's promote asks (None: never)."""
 
-    def __init__(self, runner: LocalRunner, console: Console | None = None) -> None:
+    TICK_SECONDS = 0.5
+
+    def __init__(
+        self,
+        runner: LocalRunner,
+        console: Console | None = None,
+        cores: int | None = None,
+        server: LocalRunner | None = None,
+    ) -> None:
         self.runner = runner
+        self.server = server
         self.console = console or runner.console
+        self.cores = cores or os.cpu_count() or 1
+        # Guards the trials list and their fields: trial threads write them, the study reads them.
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def run(self, sweep: FineTuneSweep) -> SweepOutcome:
+        # Each local run of a sweep is a sweep of its own, as a resource created anew would be:
+        # its uid ties its trials' MLflow runs to one parent run.
+        if not sweep.metadata.uid:
+            meta = sweep.metadata.model_copy(update={"uid": str(uuid.uuid4())})
+            sweep = sweep.model_copy(update={"metadata": meta})
         spec = sweep.spec
+        slots = trial_slots(spec, self.cores)
+        if slots.lowered:
+            self.console.print(f"[yellow]{slots.lowered}", highlight=False)
         trials: list[LocalTrial] = []
-        while not study.exhausted(spec, [t.record() for t in trials]):
-            if sum(t.state == TrialState.failed for t in trials) > spec.max_failed_trials:
-                break
-            trials.append(self._run_trial(sweep, trials))
-            self.console.print(trials_table(spec, trials))
+        running: dict[int, threading.Thread] = {}
+        with Live(trials_table(spec, trials), console=self.console, refresh_per_second=2) as live:
+            try:
+                while True:
+                    with self._lock:
+                        while len(running) < slots.trials and self._may_start(spec, trials):
+                            trial, job = self._next_trial(sweep, trials)
+                            thread = threading.Thread(
+                                target=self._run_trial,
+                                args=(sweep, trial, job, trials, slots.cores_per_trial),
+                                name=f"trial-{trial.number}",
+                                daemon=True,
+                            )
+                            running[trial.number] = thread
+                            thread.start()
+                        more = self._may_start(spec, trials)
+                    for number, thread in list(running.items()):
+                        if not thread.is_alive():
+                            thread.join()
+                            del running[number]
+                    with self._lock:
+                        live.update(trials_table(spec, trials))
+                    if not running and not more:
+                        break
+                    time.sleep(self.TICK_SECONDS)
+            except BaseException:
+                # Ctrl-C or SIGTERM: every running trial stops its processes before we go.
+                self._stop.set()
+                for thread in running.values():
+                    thread.join()
+                raise
         return self._finish(sweep, trials)
 
-    def _run_trial(self, sweep: FineTuneSweep, done: list[LocalTrial]) -> LocalTrial:
-        spec = sweep.spec
-        records = [t.record() for t in done]
+    @staticmethod
+    def _may_start(spec: FineTuneSweepSpec, trials: list[LocalTrial]) -> bool:
+        """Whether another trial may start: trials left, and no more failures than allowed."""
+        records = [t.record() for t in trials]
+        failed = sum(t.state == TrialState.failed for t in trials)
+        return not study.exhausted(spec, records) and failed <= spec.max_failed_trials
+
+    def _next_trial(self, sweep: FineTuneSweep, trials: list[LocalTrial]) -> tuple[LocalTrial, FineTuneJob]:
+        """The next trial, its parameters sampled from every trial so far (running ones too),
+        added to ``trials``."""
+        records = [t.record() for t in trials]
         number = study.next_number(records)
-        params = study.next_parameters(spec, records)
+        params = study.next_parameters(sweep.spec, records)
         job = trial_job(sweep, number, params)
-        trial = LocalTrial(number, str(job.metadata.name), params, job.spec.output.uri)
+        trial = LocalTrial(number, str(job.metadata.name), params, job.spec.output.uri, started=_now())
+        trials.append(trial)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-        self.console.print(f"[bold]trial {number}[/]: {shown}", highlight=False)
+        self.console.print(
+            f"[bold]trial {number}[/]: {shown}   output: {self._trial_log(sweep, number)}", highlight=False
+        )
+        return trial, job
+
+    def _trial_log(self, sweep: FineTuneSweep, number: int) -> Path:
+        return self.runner.options.workdir / f"finetunesweep-{sweep.metadata.name}" / f"trial-{number}.log"
+
+    def _run_trial(
+        self, sweep: FineTuneSweep, trial: LocalTrial, job: FineTuneJob, trials: list[LocalTrial], cores: int
+    ) -> None:
+        """One trial, in its own thread: what it prints goes to its log, what it reports to ``trial``."""
+        spec = sweep.spec
+        log = self._trial_log(sweep, trial.number)
+        log.parent.mkdir(parents=True, exist_ok=True)
 
         def watch(update: dict[str, Any]) -> None:
-            step = update.get("step")
-            trial.step = step if isinstance(step, int) else trial.step
-            objective = objective_of(spec.objective.metric, update)
-            trial.latest = objective if objective is not None else trial.latest
-            seen = observe(trial.evaluations, trial.step, objective)
-            if seen == trial.evaluations:
-                return
-            trial.evaluations = seen
-            if trial.number in study.to_prune(spec, [*records, trial.record()]):
+            with self._lock:
+                step = update.get("step")
+                trial.step = step if isinstance(step, int) else trial.step
+                objective = objective_of(spec.objective.metric, update)
+                trial.latest = objective if objective is not None else trial.latest
+                seen = observe(trial.evaluations, trial.step, objective)
+                if seen == trial.evaluations:
+                    return
+                trial.evaluations = seen
+                prune = trial.number in study.to_prune(spec, [t.record() for t in trials])
+            if prune:
                 raise TrialPruned(max(seen))
 
+        with log.open("a", encoding="utf-8") as out:
+            options = dataclasses.replace(self.runner.options, cores=cores)
+            runner = LocalRunner(options, Console(file=out, width=120, soft_wrap=True))
+            state, note = self._outcome(runner, job, watch)
+        with self._lock:
+            trial.finished = _now()
+            trial.state = state
+            if state == TrialState.complete and trial.latest is None:
+                # Nothing to rank it by: the template never evaluates (no eval data?).
+                trial.state, note = TrialState.failed, f"reported no {spec.objective.metric}"
+        self._announce(spec.objective.metric, trial, note, log)
+
+    def _outcome(self, runner: LocalRunner, job: FineTuneJob, watch: ProgressHook) -> tuple[TrialState, str]:
         try:
-            outcome = self.runner.run(job, on_progress=watch)
+            outcome = runner.run(job, on_progress=watch, stop=self._stop)
         except TrialPruned as pruned:
-            trial.state = TrialState.pruned
+            return TrialState.pruned, f"at step {pruned.step}"
+        except RunStopped:
+            return TrialState.failed, "stopped"
+        except Exception as exc:  # one trial's trouble is not its siblings'
+            return TrialState.failed, f"{type(exc).__name__}: {exc}"
+        if outcome.exit_code != 0:
+            return TrialState.failed, f"exit code {outcome.exit_code}"
+        return TrialState.complete, ""
+
+    def _announce(self, metric: str, trial: LocalTrial, note: str, log: Path) -> None:
+        latest = "-" if trial.latest is None else f"{trial.latest:.4g}"
+        if trial.state == TrialState.pruned:
             self.console.print(
-                f"[yellow]✂ trial {number} pruned at step {pruned.step}: {spec.objective.metric} "
-                f"{trial.latest:.4g} is worse than the earlier trials' at this step; its checkpoints are "
-                f"kept in {trial.output_uri}",
+                f"[yellow]✂ trial {trial.number} pruned {note}: {metric} {latest} is worse than the "
+                f"other trials' at this step; its checkpoints are kept in {trial.output_uri}",
                 highlight=False,
             )
-            return trial
-        trial.state = TrialState.complete if outcome.exit_code == 0 else TrialState.failed
-        if trial.state == TrialState.complete and trial.latest is None:
-            # Nothing to rank it by: the template never evaluates (no eval data?).
-            self.console.print(f"[red]trial {number} reported no {spec.objective.metric}")
-            trial.state = TrialState.failed
-        return trial
+        elif trial.state == TrialState.failed:
+            self.console.print(
+                f"[red]✗ trial {trial.number} failed ({note}); its output: {log}", highlight=False
+            )
+        else:
+            self.console.print(
+                f"[green]✓[/] trial {trial.number} complete: {metric} {latest}", highlight=False
+            )
 
     def _finish(self, sweep: FineTuneSweep, trials: list[LocalTrial]) -> SweepOutcome:
         from kubetune.storage import StorageConfig, open_store
@@ -158,7 +320,57 @@ class SweepRunner:
                 highlight=False,
             )
         self.console.print(f"report: {report_uri}\nsummary: {summary_uri}", highlight=False)
-        return SweepOutcome(0 if best else 1, trials, best, summary_uri, report_uri)
+        outcome = SweepOutcome(0 if best else 1, trials, best, summary_uri, report_uri)
+        outcome.tracking_run_id = self._track(sweep, summary)
+        if (
+            best is not None
+            and spec.promote.enabled
+            and self.server is not None
+            and self.server.options.serve
+        ):
+            self._promote(sweep, best, outcome)
+        return outcome
+
+    def _track(self, sweep: FineTuneSweep, summary: dict[str, Any]) -> str | None:
+        """The summary on the sweep's MLflow run, when the sweep (or its template) is tracked."""
+        tracking = sweep.spec.tracking or sweep.spec.template.tracking
+        if tracking is None or tracking.mlflow is None:
+            return None
+        from kubetune.trainer.tracking.sweep import finish_sweep
+
+        name = str(sweep.metadata.name)
+        target = tracking.mlflow.target(LOCAL_NAMESPACE, name)
+        ref = SweepRef(name=name, uid=str(sweep.metadata.uid), search=search_of(sweep.spec))
+
+        def degraded(message: str) -> None:
+            self.console.print(
+                f"[yellow]MLflow at {target.uri}: {message}; the sweep's summary is not in MLflow (the sweep "
+                "itself is unaffected)",
+                highlight=False,
+            )
+
+        run_id: str | None = finish_sweep(target, ref, LOCAL_NAMESPACE, summary, degraded)
+        if run_id is not None:
+            self.console.print(
+                f"MLflow: sweep run {run_id} in experiment {target.experiment!r} at {target.uri}",
+                highlight=False,
+            )
+        return run_id
+
+    def _promote(self, sweep: FineTuneSweep, best: LocalTrial, outcome: SweepOutcome) -> None:
+        """Serve the best trial's model with the promote's serving options, as a FineTuneJob's
+        end serves its own."""
+        assert self.server is not None
+        job = trial_job(sweep, best.number, best.params)
+        serve = Serve.model_validate({**sweep.spec.promote.to_wire(), "enabled": True})
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"serve": serve})})
+        self.console.print(
+            f"[bold]promoting trial {best.number}[/]: serving {best.output_uri}", highlight=False
+        )
+        served = self.server.serve_finished(job)
+        outcome.server_url, outcome.answer = served.server_url, served.answer
+        if served.exit_code != 0:
+            outcome.exit_code = served.exit_code
 
 
 def summarise(
@@ -175,6 +387,8 @@ def summarise(
             "objective": t.latest,
             "step": t.step,
             "outputUri": t.output_uri,
+            "startTime": t.started,
+            "completionTime": t.finished,
             "evaluations": {str(step): value for step, value in sorted(t.evaluations.items())},
         }
 

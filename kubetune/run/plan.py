@@ -55,6 +55,16 @@ class JobRef(PlanModel):
     uid: str | None = None
 
 
+class SweepRef(PlanModel):
+    """The FineTuneSweep a trial belongs to (its controller owner), for tracking the trial as a
+    child of the sweep's run: its identity and what the sweep searches."""
+
+    name: str
+    uid: str
+    search: dict[str, Any] = Field(default_factory=dict)
+    """The sweep's parameters, objective, algorithm and maxTrials (wire form)."""
+
+
 class StoragePlan(PlanModel):
     """How runtimes reach object storage. Credentials come from the environment, never from here."""
 
@@ -102,6 +112,7 @@ class RunPlan(PlanModel):
     storage: StoragePlan
     world: WorldPlan
     tracking: MlflowTarget | None = None  # where rank 0 logs the run; never credentials
+    sweep: SweepRef | None = None  # the sweep of a trial (tracked as a child of the sweep's run)
 
     def output(self, *parts: str) -> str:
         """URI of a file under the output prefix, e.g. ``plan.output(METRICS_FILE)``."""
@@ -153,10 +164,34 @@ def storage_plan(job: FineTuneJob | CompressJob, default_endpoint: str | None) -
     )
 
 
+SWEEP_SEARCH_ANNOTATION = "kubetune.io/sweep-search"
+"""On a trial: its sweep's search space (JSON), which the trial's MLflow parent run records."""
+
+
+def _sweep_ref(job: FineTuneJob | CompressJob) -> SweepRef | None:
+    """The FineTuneSweep that controls ``job`` (a trial), from its owner references."""
+    owners = (job.metadata.model_extra or {}).get("ownerReferences") or []
+    for owner in owners:
+        if isinstance(owner, dict) and owner.get("kind") == "FineTuneSweep" and owner.get("uid"):
+            raw = (job.metadata.annotations or {}).get(SWEEP_SEARCH_ANNOTATION)
+            try:
+                search = json.loads(raw) if raw else {}
+            except ValueError:
+                search = {}
+            return SweepRef(
+                name=str(owner.get("name")),
+                uid=str(owner["uid"]),
+                search=search if isinstance(search, dict) else {},
+            )
+    return None
+
+
 def _tracking(job: FineTuneJob | CompressJob, namespace: str) -> MlflowTarget | None:
     mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
     ref = _job_ref(job, namespace)
-    return mlflow.target(ref.namespace, ref.name) if mlflow else None
+    # The trials of a sweep share one experiment, the sweep's, as their runs share one parent.
+    sweep = _sweep_ref(job)
+    return mlflow.target(ref.namespace, sweep.name if sweep else ref.name) if mlflow else None
 
 
 def _world(job: FineTuneJob | CompressJob) -> WorldPlan:
@@ -188,6 +223,7 @@ def plan_finetune(
         storage=storage_plan(job, default_endpoint),
         world=_world(job),
         tracking=_tracking(job, namespace),
+        sweep=_sweep_ref(job),
     )
 
 

@@ -56,11 +56,16 @@ def grid_size(spec: FineTuneSweepSpec) -> int:
 
 
 def trial_spec(spec: FineTuneSweepSpec, params: Mapping[str, Any], output_uri: str) -> FineTuneJobSpec:
-    """The template with the trial's parameters set and its output under ``output_uri``."""
+    """The template with the trial's parameters set, its output under ``output_uri``, not served,
+    and tracked where the sweep is (else where the template says)."""
     wire = spec.template.to_wire()
     for path, value in params.items():
         wire = with_value(FineTuneJobSpec.model_validate(wire), path, value)
     wire["output"] = {"uri": output_uri}
+    # Trials are compared, not used: the sweep's promote serves the best one.
+    wire.pop("serve", None)
+    if spec.tracking is not None:
+        wire["tracking"] = spec.tracking.to_wire()
     return FineTuneJobSpec.model_validate(wire)
 
 

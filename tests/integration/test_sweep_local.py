@@ -1,5 +1,6 @@
-"""`kubetune run` of a FineTuneSweep: tiny trials of the tiny causal LM, one process each, where the
-learning rate decides the evaluation loss; the study, pruning and the report as a user sees them."""
+"""`kubetune run` of a FineTuneSweep: tiny trials of the tiny causal LM, one process each and two at
+once, where the learning rate decides the evaluation loss; the study, pruning and the report as a
+user sees them."""
 
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                     "objective": {"metric": "eval_loss", "direction": "minimize"},
                     "algorithm": {"type": "tpe", "seed": 3},
                     "maxTrials": 6,
+                    "parallelism": 2,
                     "earlyStopping": {"type": "median", "startupTrials": 2, "warmupSteps": 0},
                 },
             }
@@ -117,6 +119,8 @@ def test_a_sweep_runs_its_trials_prunes_the_poor_ones_and_reports_the_best(
     trials = summary["trials"]
 
     assert [t["number"] for t in trials] == list(range(6))
+    # Two trials ran at once: the second started before the first ended.
+    assert trials[1]["startTime"] < trials[0]["completionTime"]
     complete = [t for t in trials if t["state"] == "Complete"]
     best = summary["bestTrial"]
     assert best["objective"] == min(t["objective"] for t in complete)

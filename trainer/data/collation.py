@@ -16,6 +16,7 @@ from kubetune.run.plan import RunPlan
 
 from .formats import IGNORE_INDEX, Example, tokenize_split
 from .loading import LoadReport, collect_records
+from .packing import pack_examples, packed_collator, packing_stats, packs
 from .problems import ProblemLog
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ class DataStats:
     """Training records per class (classification)."""
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
+    packed_windows: int | None = None
+    """Training windows the records were packed into (``dataset.packing``)."""
+    packed_fill: float | None = None
+    """Share of the windows' token slots that records fill."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,19 @@ def prepare_datasets(plan: RunPlan, tokenizer: PreTrainedTokenizerBase, scratch_
         )
     classification = plan.task.type == TaskType.sequence_classification
     names = list(plan.task.labels) if classification and plan.task.labels else None
+    if packs(plan):
+        eos = tokenizer.eos_token_id
+        train_set = pack_examples(train.examples, train.max_length, eos if isinstance(eos, int) else None)
+        packing = packing_stats(train_set, train.max_length)
+        log.info(
+            "packed %d training records into %d windows of %d tokens (%.0f%% filled)",
+            packing.records,
+            packing.windows,
+            packing.max_length,
+            100 * packing.fill,
+        )
+    else:
+        train_set, packing = _to_dataset(train.examples, plan), None
     stats = DataStats(
         train_records=len(train.examples),
         eval_records=len(evaluation.examples) if evaluation else None,
@@ -135,9 +153,11 @@ def prepare_datasets(plan: RunPlan, tokenizer: PreTrainedTokenizerBase, scratch_
         label_counts=label_counts(train.examples, names) if classification else None,
         train_files=report.train_files,
         eval_files=report.eval_files,
+        packed_windows=packing.windows if packing else None,
+        packed_fill=round(packing.fill, 4) if packing else None,
     )
     return PreparedData(
-        train=_to_dataset(train.examples, plan),
+        train=train_set,
         eval=_to_dataset(evaluation.examples, plan) if evaluation else None,
         label_names=names,
         stats=stats,
@@ -154,11 +174,11 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def make_collator(
     tokenizer: PreTrainedTokenizerBase, plan: RunPlan
-) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, torch.Tensor]]:
+) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
     """Pads a batch on the right to its longest sequence: ``input_ids`` with the pad token,
     ``attention_mask`` with 0, causal-LM ``labels`` with :data:`IGNORE_INDEX`; classification
     labels become one class id per row. Right padding keeps absolute positions correct in
-    training."""
+    training. With ``dataset.packing`` batches are flattened instead (:mod:`.packing`)."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
 
@@ -167,6 +187,8 @@ def make_collator(
     # pad with EOS without changing the tokenizer that is saved with the model) and pads on the
     # tokenizer's padding_side, which some models set to the left.
     pad = pad_token_id(tokenizer)
+    if packs(plan):
+        return packed_collator(pad)
     classification = plan.task.type == TaskType.sequence_classification
 
     def padded(features: Sequence[Mapping[str, Any]], key: str, value: int) -> torch.Tensor:

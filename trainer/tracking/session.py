@@ -63,6 +63,7 @@ class TrackedRun:
         self.experiment_id: str | None = None
         self.run_id: str | None = None
         self.model_version: str | None = None
+        self._sweep_run_created: str | None = None  # the sweep's parent run, if this trial created it
 
     @classmethod
     def off(cls, plan: RunPlan, sink: StatusSink) -> TrackedRun:
@@ -121,6 +122,7 @@ class TrackedRun:
         self._guard.call(
             "logging the plan", lambda: client.log_dict(run_id, plan_json, content.PLAN_ARTIFACT)
         )
+        self._link_to_sweep()
         if self._guard.active:
             log.info("MLflow: logging to run %s of experiment %r at %s", run_id, experiment, self._target.uri)
             self._report()
@@ -159,6 +161,9 @@ class TrackedRun:
                 lambda: client.log_dict(run_id, body, content.REPORT_ARTIFACT),
             )
         self._register(results)
+        # Again at the end: a trial that raced another to create the sweep's run may have seen
+        # only its own at first (see :mod:`.sweep`).
+        self._link_to_sweep()
         self._guard.call("finishing the run", lambda: client.set_terminated(run_id, status="FINISHED"))
         if self._guard.active:
             self._report()
@@ -176,6 +181,23 @@ class TrackedRun:
         if self._client is None or self.run_id is None or not self._guard.active:
             return None
         return self._client, self.run_id
+
+    def _link_to_sweep(self) -> None:
+        """A trial's run becomes a child of its sweep's run (found or created)."""
+        sweep = self._plan.sweep
+        if sweep is None or self.experiment_id is None or (live := self._live()) is None:
+            return
+        from kubetune.trainer.tracking.sweep import PARENT_TAG, parent_run
+
+        (client, run_id), experiment_id = live, self.experiment_id
+        namespace = self._plan.job.namespace
+        mine = self._sweep_run_created
+        found = self._guard.call(
+            "finding the sweep's run", lambda: parent_run(client, experiment_id, sweep, namespace, mine)
+        )
+        if found is not None:
+            parent, self._sweep_run_created = found
+            self._guard.call("linking to the sweep's run", lambda: client.set_tag(run_id, PARENT_TAG, parent))
 
     def _log_params(self, params: Mapping[str, str]) -> None:
         if (live := self._live()) is None:
