@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from kubetune.api import GROUP, KINDS, VERSION, CompressJob, FineTuneJob, Phase
 from kubetune.api.status import JobStatusBase
+from kubetune.api.sweep import FineTuneSweep
 from kubetune.errors import describe_validation_error
 from kubetune.operator import lifecycle, render
 from kubetune.operator.kube import ApiError, KubeClient, connection
@@ -255,6 +256,21 @@ def compressjobs_by_upstream(spec: kopf.Spec, namespace: str | None, name: str, 
     return {(namespace, upstream): name} if upstream else {}
 
 
+@kopf.index(GROUP, VERSION, FineTuneSweep.plural)
+def upstream_sweep_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+    """What a CompressJob with model.fromFineTuneSweep reads of the sweep: its phase and best trial."""
+    status = body.get("status") or {}
+    return {
+        (namespace, name): {key: copy.deepcopy(status.get(key)) for key in ("phase", "message", "bestTrial")}
+    }
+
+
+@kopf.index(GROUP, VERSION, CompressJob.plural)
+def compressjobs_by_sweep(spec: kopf.Spec, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+    sweep = (spec.get("model") or {}).get("fromFineTuneSweep")
+    return {(namespace, sweep): name} if sweep else {}
+
+
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
 def workload_job_index(
     body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
@@ -274,6 +290,7 @@ class Indices:
     owners: Mapping[str, kopf.Index[Any, Any]]
     jobs: kopf.Index[Any, Any]
     deployments: kopf.Index[Any, Any]
+    sweeps: kopf.Index[Any, Any]
 
     @classmethod
     def of(cls, kwargs: Mapping[str, Any]) -> Indices:
@@ -281,12 +298,18 @@ class Indices:
             owners={"FineTuneJob": kwargs["finetunejob_index"], "CompressJob": kwargs["compressjob_index"]},
             jobs=kwargs["workload_job_index"],
             deployments=kwargs["serving_deployment_index"],
+            sweeps=kwargs["upstream_sweep_index"],
         )
 
     def owner(self, key: Key) -> dict[str, Any] | None:
         kind, namespace, name = key
         store = self.owners[kind].get((namespace, name))
         return next(iter(store), None) if store else None
+
+    def sweep(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The FineTuneSweep as :func:`upstream_sweep_index` keeps it: ``{"status": ...}``."""
+        store = self.sweeps.get((namespace, name))
+        return {"status": next(iter(store))} if store else None
 
 
 # --- Triggers ------------------------------------------------------------------------------------
@@ -304,6 +327,19 @@ async def finetunejob_event(
         return
     # CompressJobs waiting for this FineTuneJob move on (or fail) as soon as it finishes.
     for dependent in kwargs["compressjobs_by_upstream"].get((namespace or "", name), []):
+        await reconcile_key(memo, ("CompressJob", namespace or "", dependent), kwargs, trigger="upstream")
+
+
+@kopf.on.event(GROUP, VERSION, FineTuneSweep.plural)
+async def upstream_sweep_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """CompressJobs waiting for this sweep move on (or fail) as soon as it finishes, and say
+    what they wait for once it exists."""
+    finished = (body.get("status") or {}).get("phase") in (Phase.succeeded.value, Phase.failed.value)
+    if event.get("type") != "ADDED" and not finished:
+        return
+    for dependent in kwargs["compressjobs_by_sweep"].get((namespace or "", name), []):
         await reconcile_key(memo, ("CompressJob", namespace or "", dependent), kwargs, trigger="upstream")
 
 
@@ -469,12 +505,15 @@ async def _reconcile_locked(
 
     jobs = list(indices.jobs.get(key, []))
     deployments = list(indices.deployments.get(key, []))
-    upstream = None
+    upstream: lifecycle.Upstream | lifecycle.SweepUpstream | None = None
     if isinstance(job, CompressJob) and job.spec.model.from_fine_tune_job:
         upstream_name = job.spec.model.from_fine_tune_job
         upstream = lifecycle.upstream_from(
             upstream_name, indices.owner(("FineTuneJob", namespace, upstream_name))
         )
+    elif isinstance(job, CompressJob) and job.spec.model.from_fine_tune_sweep:
+        sweep_name = job.spec.model.from_fine_tune_sweep
+        upstream = lifecycle.sweep_upstream_from(sweep_name, indices.sweep(namespace, sweep_name))
     terminations = {}
     pods: dict[str, list[lifecycle.PodState]] = {}
     failed_jobs = {j.name for j in jobs if j.failed}

@@ -46,6 +46,8 @@ REASON_VALIDATION_FAILED: Final = "ValidationFailed"
 REASON_DEADLINE: Final = "DeadlineExceeded"
 REASON_RESTARTS_EXHAUSTED: Final = "RestartsExhausted"
 REASON_UPSTREAM_FAILED: Final = "UpstreamFailed"
+# A CompressJob's fromFineTuneSweep names a sweep that ended without a completed trial's model.
+REASON_NO_BEST_TRIAL: Final = "NoBestTrial"
 REASON_NAME_CONFLICT: Final = "NameConflict"
 REASON_INVALID_SPEC: Final = "InvalidSpec"
 REASON_ACCOUNT_NOT_ALLOWED: Final = "ServiceAccountNotAllowed"
@@ -414,6 +416,35 @@ def upstream_from(name: str, body: Mapping[str, Any] | None) -> Upstream:
     return Upstream(name=name, found=True, phase=status.get("phase"), message=status.get("message"), job=job)
 
 
+@dataclass(frozen=True)
+class SweepUpstream:
+    """The FineTuneSweep a CompressJob compresses the winner of (``model.fromFineTuneSweep``)."""
+
+    name: str
+    found: bool
+    phase: str | None = None
+    message: str | None = None
+    best_trial: int | None = None
+    model_uri: str | None = None
+    """The best trial's model (status.bestTrial.modelUri), once the sweep knows it."""
+
+
+def sweep_upstream_from(name: str, body: Mapping[str, Any] | None) -> SweepUpstream:
+    if body is None:
+        return SweepUpstream(name=name, found=False)
+    status = body.get("status") or {}
+    best = status.get("bestTrial") or {}
+    number = best.get("number")
+    return SweepUpstream(
+        name=name,
+        found=True,
+        phase=status.get("phase"),
+        message=status.get("message"),
+        best_trial=number if isinstance(number, int) else None,
+        model_uri=best.get("modelUri") or None,
+    )
+
+
 class RunnerAccount(StrEnum):
     """What the operator found of the ServiceAccount named by spec.storage.serviceAccountName."""
 
@@ -451,7 +482,7 @@ class Observation:
     pods: Mapping[str, Sequence[PodState]] = field(default_factory=dict)
     # When rank 0 last reported progress (status.progress.updatedAt, a runtime-owned field).
     progress_at: datetime | None = None
-    upstream: Upstream | None = None
+    upstream: Upstream | SweepUpstream | None = None
     runner_account: RunnerAccount | None = None
     storage_secret: SecretAccess | None = None
     tracking_secret: SecretAccess | None = None

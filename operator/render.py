@@ -196,10 +196,13 @@ def render_plan(job: Job, settings: Settings, namespace: str, model_uri: str | N
         return plan_finetune(job, namespace=ns, default_endpoint=settings.storage_endpoint)
     resolved = model_uri or job.spec.model.uri
     if resolved is None:
-        raise RenderError(
-            f"CompressJob {job_name(job)}: model.fromFineTuneJob {job.spec.model.from_fine_tune_job!r} "
-            "is not resolved to a model URI yet"
+        model = job.spec.model
+        upstream = (
+            f"model.fromFineTuneSweep {model.from_fine_tune_sweep!r}"
+            if model.from_fine_tune_sweep
+            else f"model.fromFineTuneJob {model.from_fine_tune_job!r}"
         )
+        raise RenderError(f"CompressJob {job_name(job)}: {upstream} is not resolved to a model URI yet")
     return plan_compress(job, model_uri=resolved, namespace=ns, default_endpoint=settings.storage_endpoint)
 
 

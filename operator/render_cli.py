@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attempt", type=int, default=0, help="restart number of the rendered gang Job")
     parser.add_argument(
         "--model-uri",
-        help="model of a CompressJob whose model.fromFineTuneJob is not in the file",
+        help="model of a CompressJob whose model.fromFineTuneJob is not in the file, or whose "
+        "model.fromFineTuneSweep the operator would resolve (the sweep's best trial's model)",
     )
 
 
@@ -79,8 +80,13 @@ def resolve_model(job: CompressJob, jobs: list[FineTuneJob | CompressJob], model
     except UpstreamNotFound as missing:
         if model_uri:
             return model_uri
+        if missing.kind == "FineTuneSweep":
+            raise RenderInputError(
+                f"CompressJob {job.metadata.name}: {missing.field} {missing.name!r} is resolved by the "
+                "operator from the sweep's best trial; pass --model-uri URI to render it"
+            ) from None
         raise RenderInputError(
-            f"CompressJob {job.metadata.name}: model.fromFineTuneJob {missing.name!r} is not in the input; "
+            f"CompressJob {job.metadata.name}: {missing.field} {missing.name!r} is not in the input; "
             "add it to the file or pass --model-uri URI"
         ) from None
 

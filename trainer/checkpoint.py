@@ -11,7 +11,8 @@ Protocol (:class:`CheckpointPublisher`, on every save, in the background while t
    and sha256;
 2. rank 0 waits for every node's report, checks that storage lists every file with its size, and
    only then writes ``_COMMITTED.json`` (files, sizes, sha256, step, world size, job, time);
-3. rank 0 keeps the newest ``keepLast`` committed checkpoints and deletes older committed ones and
+3. rank 0 keeps the newest ``keepLast`` committed checkpoints (and, with early stopping, the best
+   evaluation's, :mod:`~kubetune.trainer.early_stopping`) and deletes older committed ones and
    torn ones older than the newest committed; nothing outside ``<output>/checkpoints/`` is touched,
    nothing is deleted unless the job holds the output's claim (:mod:`kubetune.ownership`), and a
    checkpoint committed by another job is never deleted.
@@ -30,7 +31,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -251,11 +252,16 @@ def latest_committed(checkpoints: Sequence[StoredCheckpoint]) -> StoredCheckpoin
 
 
 def prune(
-    store: ObjectStore, checkpoints: Sequence[StoredCheckpoint], keep_last: int, *, plan: RunPlan
+    store: ObjectStore,
+    checkpoints: Sequence[StoredCheckpoint],
+    keep_last: int,
+    *,
+    plan: RunPlan,
+    keep: Collection[int] = (),
 ) -> list[int]:
-    """Delete this job's committed checkpoints beyond its newest ``keep_last`` and torn ones older
-    than the newest committed one (a torn one newer than that may still be being written). Returns
-    the deleted steps.
+    """Delete this job's committed checkpoints beyond its newest ``keep_last`` (except the steps in
+    ``keep``: the best evaluation's) and torn ones older than the newest committed one (a torn one
+    newer than that may still be being written). Returns the deleted steps.
 
     Only under an output prefix this job has claimed (:mod:`kubetune.ownership`), and never a
     checkpoint committed by another job: nothing is deleted that this job did not write."""
@@ -270,7 +276,7 @@ def prune(
     if not committed:
         return []
     newest = committed[0].step
-    doomed = [c for c in committed[keep_last:]]
+    doomed = [c for c in committed[keep_last:] if c.step not in keep]
     doomed += [c for c in checkpoints if not c.committed and c.step < newest]
     for c in sorted(doomed, key=lambda c: c.step):
         # Only ever a step-N/ prefix that scan_checkpoints found under <output>/checkpoints.
@@ -435,19 +441,22 @@ class CheckpointPublisher(TrainerCallback):
         self.stats = PublishStats()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._kept: Path | None = None  # the best step's local copy (early stopping)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         step = state.global_step
         assert args.output_dir is not None, "the recipe always sets output_dir"
+        # With early stopping the Trainer has judged this step's evaluation before saving it.
+        best = state.best_global_step if args.load_best_model_at_end else None
         self.wait()
         barrier()  # every local rank has written its files
         if self.dist.is_local_main:
             local_dir = Path(args.output_dir) / f"{LOCAL_PREFIX}{step}"
             self._thread = threading.Thread(
                 target=self._publish_in_background,
-                args=(step, local_dir),
+                args=(step, local_dir, best),
                 name=f"checkpoint-{step}",
                 daemon=True,
             )
@@ -467,14 +476,16 @@ class CheckpointPublisher(TrainerCallback):
             error, self._error = self._error, None
             raise error
 
-    def _publish_in_background(self, step: int, local_dir: Path) -> None:
+    def _publish_in_background(self, step: int, local_dir: Path, best: int | None) -> None:
         try:
-            self.publish(step, local_dir)
+            self.publish(step, local_dir, best)
         except BaseException as e:
             self._error = e
 
-    def publish(self, step: int, local_dir: Path) -> None:
-        """Upload this node's files of ``step``, report them, and commit on rank 0."""
+    def publish(self, step: int, local_dir: Path, best: int | None = None) -> None:
+        """Upload this node's files of ``step``, report them, and commit on rank 0. ``best`` is
+        the best evaluation's step (early stopping): its local copy stays for the Trainer to load
+        at the end, and its stored one is never pruned."""
         started = time.monotonic()
         uri = step_uri(self.plan, step)
         files = describe_files(local_dir) if local_dir.is_dir() else []
@@ -482,10 +493,19 @@ class CheckpointPublisher(TrainerCallback):
             self.store.upload_dir(local_dir, uri)
         report = json.dumps([asdict(f) for f in files]).encode()
         self.store.write_bytes(f"{uri}/{node_report_name(self.dist.node_rank)}", report)
-        shutil.rmtree(local_dir, ignore_errors=True)  # stored: the node's scratch space is better kept free
+        self._keep_locally(local_dir if step == best else None, local_dir)
         if self.dist.is_main:
-            self._commit(step, uri, self._gather_reports(uri))
+            self._commit(step, uri, self._gather_reports(uri), best)
         self.stats.seconds += time.monotonic() - started
+
+    def _keep_locally(self, best_dir: Path | None, uploaded: Path) -> None:
+        """Stored: the node's scratch space is better kept free, except for the best step's copy."""
+        if best_dir is not None:
+            if self._kept is not None and self._kept != best_dir:
+                shutil.rmtree(self._kept, ignore_errors=True)
+            self._kept = best_dir
+        elif uploaded != self._kept:
+            shutil.rmtree(uploaded, ignore_errors=True)
 
     def _gather_reports(self, uri: str) -> tuple[FileRecord, ...]:
         names = [node_report_name(node) for node in range(self.dist.nodes)]
@@ -508,7 +528,7 @@ class CheckpointPublisher(TrainerCallback):
             reports.append([FileRecord(e["path"], int(e["size"]), e["sha256"]) for e in entries])
         return merge_file_records(reports)
 
-    def _commit(self, step: int, uri: str, files: tuple[FileRecord, ...]) -> None:
+    def _commit(self, step: int, uri: str, files: tuple[FileRecord, ...], best: int | None = None) -> None:
         listed = {info.key: info.size for info in self.store.list(uri)}
         record = CommitRecord(
             step=step,
@@ -524,7 +544,13 @@ class CheckpointPublisher(TrainerCallback):
         self.stats.committed.append(step)
         self.stats.bytes += record.total_bytes
         log.info("committed checkpoint %s (%d files, %.1f MB)", uri, len(files), record.total_bytes / 1e6)
-        deleted = prune(self.store, scan_checkpoints(self.store, self.plan), self.keep_last, plan=self.plan)
+        deleted = prune(
+            self.store,
+            scan_checkpoints(self.store, self.plan),
+            self.keep_last,
+            plan=self.plan,
+            keep=(best,) if best else (),
+        )
         if deleted:
             log.info("deleted old checkpoints: %s", ", ".join(f"{STEP_PREFIX}{s}" for s in deleted))
         if self.after_commit is not None:

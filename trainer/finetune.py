@@ -91,9 +91,10 @@ def finetune(
     """The recipe: setup -> train -> save -> cleanup."""
     from transformers import PrinterCallback, Trainer
 
-    from kubetune.trainer import checkpoint, outputs, preference, training, usage
+    from kubetune.trainer import checkpoint, early_stopping, outputs, preference, robustness, training, usage
     from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
     from kubetune.trainer.data.formats import effective_max_length
+    from kubetune.trainer.data.packing import packs
     from kubetune.trainer.progress import ProgressCallback, make_reporter
     from kubetune.trainer.tracking import start_tracking
 
@@ -147,8 +148,9 @@ def finetune(
                 ds_config=ds_config,
                 has_eval=data.eval is not None,
             )
-            # Tokens per second and MFU in metrics.json (one scalar gathered per step).
-            args.include_num_input_tokens_seen = "non_padding"
+            # Tokens per second and MFU in metrics.json (one scalar gathered per step). Packed
+            # batches have no padding, and no attention_mask to count by.
+            args.include_num_input_tokens_seen = "all" if packs(plan) else "non_padding"
         # With DPO, trl adds the LoRA adapters itself: it switches them off for the reference.
         model = training.load_model(
             plan, base_dir, precision=precision, pad_token_id=pad_token_id(tokenizer), adapters=not dpo
@@ -193,6 +195,9 @@ def finetune(
         after_commit=after_commit,
     )
     callbacks = [ProgressCallback(reporter), publisher, startup, *tracking.callbacks()]
+    stopping = early_stopping.stopping_callback(plan)
+    if stopping is not None:
+        callbacks += [stopping, early_stopping.BestCheckpoint(out, plan, dist, publisher)]
     trainer: Trainer
     if dpo:
         trainer = preference.dpo_trainer(
@@ -207,7 +212,8 @@ def finetune(
         )
     else:
         compute_metrics, preprocess_logits = training.metric_functions(plan)
-        trainer = Trainer(
+        # The Trainer measuring tokens/s and padding, with the adversarial loss where asked for.
+        trainer = robustness.trainer_class(plan)(
             model=model,
             args=args,
             train_dataset=data.train,
@@ -248,6 +254,9 @@ def finetune(
                 )
                 state = trainer.state
                 metrics = outputs.final_metrics(plan, state.log_history, eval_metrics, state.global_step)
+                stopped = early_stopping.outcome(plan, trainer)
+                if stopped is not None:
+                    metrics["early_stopping"] = stopped
                 metrics["usage"] = usage.measure(
                     plan,
                     trainer,
@@ -257,6 +266,7 @@ def finetune(
                     accelerator=accelerator,
                 )
                 reporter.report_usage(usage.status_usage(metrics["usage"]))
+                reporter.report_results(outputs.status_results(metrics))
                 outputs.write_json(out, plan.artifacts.metrics_uri, metrics)
                 outputs.upload_logs(out, plan, logs_dir)
             record.update(

@@ -234,6 +234,21 @@ def final_metrics(
     return metrics
 
 
+def status_results(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json's headline figures under the names of the FineTuneJob's ``status.results``."""
+    stopping = metrics.get("early_stopping") or {}
+    results = {
+        "evalLoss": metrics.get("eval_loss"),
+        "accuracy": metrics.get("accuracy"),
+        "f1Macro": metrics.get("f1_macro"),
+        "bestStep": stopping.get("best_step"),
+        "bestMetric": _finite(stopping.get("best_metric")),
+        "metric": stopping.get("metric"),
+        "stopReason": stopping.get("stop_reason"),
+    }
+    return {key: value for key, value in results.items() if value is not None}
+
+
 # --- the trained model ---------------------------------------------------------------------------
 
 

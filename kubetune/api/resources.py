@@ -262,18 +262,25 @@ class FineTuneJob(KubetuneResource):
 
 
 class ModelReference(KubeModel):
-    """The model to compress: a URI, or the result of a FineTuneJob in the same namespace."""
+    """The model to compress: a URI, or the result of a FineTuneJob or of a FineTuneSweep's best
+    trial in the same namespace."""
 
     uri: SourceURI | None = Field(None, description="Directory holding the model.")
     from_fine_tune_job: Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)] | None = Field(
         None, description="Name of a FineTuneJob in this namespace; waits until it has Succeeded."
     )
+    from_fine_tune_sweep: Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)] | None = Field(
+        None,
+        description="Name of a FineTuneSweep in this namespace: its best trial's model "
+        "(status.bestTrial.modelUri); waits until the sweep has Succeeded.",
+    )
 
     cel_rules = (
         CelRule(
-            "has(self.uri) != has(self.fromFineTuneJob)",
-            "set exactly one of uri and fromFineTuneJob",
-            lambda m: (m.uri is not None) != (m.from_fine_tune_job is not None),
+            "(has(self.uri) ? 1 : 0) + (has(self.fromFineTuneJob) ? 1 : 0) + "
+            "(has(self.fromFineTuneSweep) ? 1 : 0) == 1",
+            "set exactly one of uri, fromFineTuneJob and fromFineTuneSweep",
+            lambda m: [m.uri, m.from_fine_tune_job, m.from_fine_tune_sweep].count(None) == 2,
             field="uri",
         ),
     )

@@ -177,8 +177,28 @@ class JobStatusBase(KubeModel):
     usage: UsageStatus | None = Field(None, description="Resource use and efficiency of the run.")
 
 
+class FineTuneResults(KubeModel):
+    """Headline figures of metrics.json, written by rank 0 when training ends."""
+
+    eval_loss: float | None = Field(None, description="Evaluation loss of the written model.")
+    accuracy: float | None = Field(None, description="Evaluation accuracy (sequence-classification).")
+    f1_macro: float | None = Field(None, description="Evaluation macro-F1 (sequence-classification).")
+    best_step: int | None = Field(
+        None, ge=0, description="Step of the best evaluation, whose weights were written (earlyStopping)."
+    )
+    best_metric: float | None = Field(None, description="The earlyStopping metric at that step.")
+    metric: str | None = Field(None, description="The metric earlyStopping watched.")
+    stop_reason: Literal["EarlyStopped", "MaxStepsReached"] | None = Field(
+        None,
+        description="Why training stopped (earlyStopping): EarlyStopped when the metric stopped "
+        "improving, MaxStepsReached when the planned steps or epochs ran out first.",
+    )
+
+
 class FineTuneJobStatus(JobStatusBase):
     """Observed state of a FineTuneJob."""
+
+    results: FineTuneResults | None = Field(None, description="Headline results of the trained model.")
 
 
 class CompressionResults(KubeModel):

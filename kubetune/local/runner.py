@@ -115,6 +115,12 @@ class LocalRunner:
         try:
             model_uri = compress_model_uri(job, self.finished.values())
         except UpstreamNotFound as missing:
+            if missing.kind == "FineTuneSweep":
+                raise LookupError(
+                    f"spec.{missing.field}: local mode does not resolve FineTuneSweep {missing.name!r} "
+                    "(the operator takes its status.bestTrial); set spec.model.uri to the best trial's "
+                    "model: bestTrial.outputUri in the sweep's <output>/sweep/summary.json, then model/"
+                ) from None
             raise LookupError(
                 f"spec.model.fromFineTuneJob: FineTuneJob {missing.name!r} has not run in this "
                 "invocation; put it before the CompressJob in the same file, or use spec.model.uri"

@@ -1,5 +1,8 @@
 """Chained jobs: the model a CompressJob with ``model.fromFineTuneJob`` compresses.
 
+A ``model.fromFineTuneSweep`` is the operator's alone (the sweep's ``status.bestTrial``): it is
+never among the jobs at hand here, so both callers ask for the model URI instead.
+
 ``kubetune render`` resolves it from the FineTuneJobs in the same file, local mode from those that
 ran earlier in the same invocation; both refuse an upstream that wrote only a LoRA adapter with the
 operator's message (:func:`kubetune.run.artifacts.compressible_model_uri`). The operator itself
@@ -15,11 +18,14 @@ from kubetune.run.artifacts import compressible_model_uri
 
 
 class UpstreamNotFound(LookupError):
-    """The FineTuneJob named by ``model.fromFineTuneJob`` is not among the jobs at hand."""
+    """The FineTuneJob named by ``model.fromFineTuneJob`` (or the FineTuneSweep named by
+    ``model.fromFineTuneSweep``) is not among the jobs at hand."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"FineTuneJob {name!r} is not known here")
+    def __init__(self, name: str, kind: str = "FineTuneJob") -> None:
+        super().__init__(f"{kind} {name!r} is not known here")
         self.name = name
+        self.kind = kind
+        self.field = f"model.from{kind}"
 
 
 def compress_model_uri(job: CompressJob, upstreams: Iterable[FineTuneJob]) -> str:
@@ -29,6 +35,8 @@ def compress_model_uri(job: CompressJob, upstreams: Iterable[FineTuneJob]) -> st
     :class:`~kubetune.run.artifacts.AdapterOnlyUpstream` when it writes no full model."""
     if job.spec.model.uri:
         return str(job.spec.model.uri)
+    if job.spec.model.from_fine_tune_sweep:
+        raise UpstreamNotFound(job.spec.model.from_fine_tune_sweep, "FineTuneSweep")
     name = job.spec.model.from_fine_tune_job or ""
     upstream = next((candidate for candidate in upstreams if candidate.metadata.name == name), None)
     if upstream is None:

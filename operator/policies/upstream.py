@@ -1,4 +1,5 @@
-"""The model a job works on; a CompressJob with ``model.fromFineTuneJob`` waits for that job.
+"""The model a job works on; a CompressJob with ``model.fromFineTuneJob`` waits for that job,
+one with ``model.fromFineTuneSweep`` for that sweep, whose best trial's model it compresses.
 
 The model is recorded in ``status.sourceModelUri`` once known, so a later change of the upstream
 job (or its deletion) never changes what a started compression reads.
@@ -10,9 +11,11 @@ from kubetune.api import CompressJob, FineTuneJob, Phase
 from kubetune.api.status import CompressJobStatus, JobStatusBase
 from kubetune.operator.lifecycle import (
     REASON_INVALID_INPUT,
+    REASON_NO_BEST_TRIAL,
     REASON_UPSTREAM_FAILED,
     Decision,
     Observation,
+    SweepUpstream,
     failed,
     with_phase,
 )
@@ -36,8 +39,12 @@ def resolve(obs: Observation, status: JobStatusBase) -> Decision:
         return Decision(status=status)
     if job.spec.model.uri:
         return Decision(status=status.model_copy(update={"source_model_uri": str(job.spec.model.uri)}))
+    if job.spec.model.from_fine_tune_sweep:
+        return _resolve_sweep(obs, status, job.spec.model.from_fine_tune_sweep)
     name = job.spec.model.from_fine_tune_job
     upstream = obs.upstream
+    if isinstance(upstream, SweepUpstream):
+        upstream = None
     if upstream is None or not upstream.found:
         return Decision(
             status=with_phase(status, Phase.waiting, f"waiting for FineTuneJob {name} to exist"), settled=True
@@ -61,3 +68,34 @@ def resolve(obs: Observation, status: JobStatusBase) -> Decision:
     except AdapterOnlyUpstream as refusal:
         return Decision(status=failed(obs, status, REASON_INVALID_INPUT, str(refusal)), settled=True)
     return Decision(status=status.model_copy(update={"source_model_uri": source}))
+
+
+def _resolve_sweep(obs: Observation, status: CompressJobStatus, name: str) -> Decision:
+    """The best trial's model of the FineTuneSweep ``name``, once it has Succeeded. The sweep
+    names its winner only at the end; a best trial while it runs may still be overtaken."""
+    upstream = obs.upstream
+    if not isinstance(upstream, SweepUpstream) or not upstream.found:
+        return Decision(
+            status=with_phase(status, Phase.waiting, f"waiting for FineTuneSweep {name} to exist"),
+            settled=True,
+        )
+    if upstream.phase == Phase.failed.value:
+        why = f": {upstream.message}" if upstream.message else ""
+        return Decision(
+            status=failed(obs, status, REASON_UPSTREAM_FAILED, f"FineTuneSweep {name} failed{why}"),
+            settled=True,
+        )
+    if upstream.phase != Phase.succeeded.value:
+        return Decision(
+            status=with_phase(status, Phase.waiting, f"waiting for FineTuneSweep {name} to succeed"),
+            settled=True,
+        )
+    if upstream.model_uri is None:
+        which = (
+            "no trial completed"
+            if upstream.best_trial is None
+            else f"trial {upstream.best_trial} has no model"
+        )
+        message = f"FineTuneSweep {name} has no best trial's model to compress ({which})"
+        return Decision(status=failed(obs, status, REASON_NO_BEST_TRIAL, message), settled=True)
+    return Decision(status=status.model_copy(update={"source_model_uri": upstream.model_uri}))

@@ -17,6 +17,7 @@ from tests.kube import (  # noqa: F401  (fixtures)
     KubeEmulator,
     Operator,
     complete_job,
+    compressjob,
     create,
     delete,
     eventually,
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 FTS = "kubetune.io/v1alpha1/finetunesweeps"
+CJ = "kubetune.io/v1alpha1/compressjobs"
 JOBS = "batch/v1/jobs"
 NS = "default"
 
@@ -160,11 +162,69 @@ async def scenario_too_many_failed_trials(kube: KubeEmulator, ns: str) -> None:
     assert trials(kube, "bad", ns) == ["bad-t0"]
 
 
+def compress_status(kube: KubeEmulator, name: str, ns: str = NS) -> dict[str, Any]:
+    return dict((kube.get(CJ, ns, name) or {}).get("status") or {})
+
+
+async def scenario_compress_the_best_trial(kube: KubeEmulator, ns: str) -> None:
+    """A CompressJob with fromFineTuneSweep waits for the sweep to exist and to succeed (a best
+    trial so far may still be beaten), then compresses the best trial's model."""
+    await create(kube, CJ, compressjob("winner", ns, model={"fromFineTuneSweep": "pick"}))
+    await eventually(
+        lambda: (
+            "waiting for FineTuneSweep pick to exist"
+            in (compress_status(kube, "winner", ns).get("message") or "")
+        ),
+        what="winner waits for the sweep to exist",
+    )
+    await create(kube, FTS, sweep("pick", ns, maxTrials=2, parallelism=1))
+    await eventually(lambda: trials(kube, "pick", ns) == ["pick-t0"], what="first trial")
+    await finish(kube, "pick-t0", 1.4, ns)
+    await eventually(lambda: trials(kube, "pick", ns) == ["pick-t0", "pick-t1"], what="second trial")
+    st = compress_status(kube, "winner", ns)
+    assert (st["phase"], st["message"]) == ("Waiting", "waiting for FineTuneSweep pick to succeed")
+    assert not [n for n in kube.names(JOBS, ns) if n.startswith("winner")]
+    await finish(kube, "pick-t1", 0.7, ns)
+    await eventually(
+        lambda: sweep_status(kube, "pick", ns).get("phase") == "Succeeded", what="pick Succeeded"
+    )
+    best = sweep_status(kube, "pick", ns)["bestTrial"]
+    assert best["number"] == 1
+    await eventually(lambda: kube.get(JOBS, ns, "winner-compress-validate"), what="winner validates")
+    st = compress_status(kube, "winner", ns)
+    assert st["sourceModelUri"] == best["modelUri"]
+    assert st["sourceModelUri"].startswith("s3://runs/pick/trials/1")
+
+
+async def scenario_compress_from_a_failed_sweep(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("lost", ns, maxTrials=3, parallelism=1, maxFailedTrials=0))
+    await create(kube, CJ, compressjob("loser", ns, model={"fromFineTuneSweep": "lost"}))
+    await eventually(lambda: compress_status(kube, "loser", ns).get("phase") == "Waiting", what="loser waits")
+    await eventually(lambda: kube.get(JOBS, ns, "lost-t0-validate"), what="lost-t0-validate")
+    await fail_job(kube, ns, "lost-t0-validate", exit_code=2, message="InvalidInput: no such dataset")
+    await eventually(lambda: compress_status(kube, "loser", ns).get("phase") == "Failed", what="loser Failed")
+    failed = next(c for c in compress_status(kube, "loser", ns)["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "UpstreamFailed"
+    assert failed["message"].startswith("FineTuneSweep lost failed: 1 trials failed")
+    assert not [n for n in kube.names(JOBS, ns) if n.startswith("loser")]
+
+
+def trial_phase(kube: KubeEmulator, trial: str, ns: str) -> str | None:
+    return (kube.get(FTJ, ns, trial) or {}).get("status", {}).get("phase")
+
+
+def failed_reason(kube: KubeEmulator, name: str, ns: str, resource: str = FTJ) -> str | None:
+    conds = (kube.get(resource, ns, name) or {}).get("status", {}).get("conditions") or []
+    return next((c.get("reason") for c in conds if c["type"] == "Failed" and c["status"] == "True"), None)
+
+
 Scenario = Callable[[KubeEmulator, str], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "best_of_parallel_trials": scenario_best_of_parallel_trials,
     "median_pruning": scenario_median_pruning,
     "too_many_failed_trials": scenario_too_many_failed_trials,
+    "compress_the_best_trial": scenario_compress_the_best_trial,
+    "compress_from_a_failed_sweep": scenario_compress_from_a_failed_sweep,
 }
 
 

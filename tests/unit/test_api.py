@@ -225,7 +225,19 @@ INVALID: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
         "uri and fromFineTuneJob",
         edited(COMPRESS, spec__model__uri="s3://models/x"),
         "spec.model.uri",
-        ("exactly one of uri and fromFineTuneJob",),
+        ("exactly one of uri, fromFineTuneJob and fromFineTuneSweep",),
+    ),
+    (
+        "fromFineTuneJob and fromFineTuneSweep",
+        edited(COMPRESS, spec__model__fromFineTuneSweep="sweep-support-lora"),
+        "spec.model.uri",
+        ("exactly one of uri, fromFineTuneJob and fromFineTuneSweep",),
+    ),
+    (
+        "fromFineTuneSweep not a DNS label",
+        edited(COMPRESS, spec__model={"fromFineTuneSweep": "Sweep_1"}),
+        "spec.model.fromFineTuneSweep",
+        ("a DNS label",),
     ),
     (
         "no compression step",

@@ -371,6 +371,17 @@ CASES: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
     ("name ending with a dash", edit(LORA, metadata__name="lora-"), "metadata.name"),
     ("uri and fromFineTuneJob", edit(COMPRESS, spec__model__uri="s3://models/x"), "spec.model.uri"),
     ("neither uri nor fromFineTuneJob", edit(COMPRESS, spec__model={}), "spec.model.uri"),
+    ("fromFineTuneSweep alone", edit(COMPRESS, spec__model={"fromFineTuneSweep": "sweep-lr"}), None),
+    (
+        "fromFineTuneJob and fromFineTuneSweep",
+        edit(COMPRESS, spec__model__fromFineTuneSweep="sweep-lr"),
+        "spec.model.uri",
+    ),
+    (
+        "uri and fromFineTuneSweep",
+        edit(COMPRESS, spec__model={"uri": "s3://models/x", "fromFineTuneSweep": "sweep-lr"}),
+        "spec.model.uri",
+    ),
     ("torchao with W4A16", edit(COMPRESS, spec__quantization__method="torchao"), "spec.quantization.scheme"),
     (
         "torchao with INT8_WEIGHT_ONLY",

@@ -1,5 +1,6 @@
-"""Upstream policy: a CompressJob works on its own model.uri, or on what the FineTuneJob it names
-wrote, once that has succeeded with a full model."""
+"""Upstream policy: a CompressJob works on its own model.uri, on what the FineTuneJob it names
+wrote, once that has succeeded with a full model, or on the best trial's model of the
+FineTuneSweep it names, once that has succeeded."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.lifecycle import Upstream
+from kubetune.operator.lifecycle import SweepUpstream, Upstream
 from kubetune.operator.policies import upstream
 from tests.policies import compressjob, condition, finetunejob, observe, wire
 
 pytestmark = pytest.mark.unit
 
 FROM_FT = {"fromFineTuneJob": "ft"}
+FROM_SWEEP = {"fromFineTuneSweep": "lr"}
+BEST = "s3://runs/lr/trials/3/model"
 LORA_ONLY = {"type": "lora", "mergeAdapter": False}
 
 
@@ -108,12 +111,73 @@ LORA_ONLY = {"type": "lora", "mergeAdapter": False}
             "InvalidInput",
             id="unreadable",
         ),
+        pytest.param(
+            FROM_SWEEP,
+            {},
+            None,
+            {"phase": "Waiting", "message": "waiting for FineTuneSweep lr to exist"},
+            True,
+            None,
+            id="sweep-missing",
+        ),
+        pytest.param(
+            FROM_SWEEP,
+            {},
+            # A best trial so far is not the winner: a later trial may still beat it.
+            SweepUpstream("lr", found=True, phase="Running", best_trial=3, model_uri=BEST),
+            {"phase": "Waiting", "message": "waiting for FineTuneSweep lr to succeed"},
+            True,
+            None,
+            id="sweep-running",
+        ),
+        pytest.param(
+            FROM_SWEEP,
+            {},
+            SweepUpstream("lr", found=True, phase="Succeeded", best_trial=3, model_uri=BEST),
+            {"sourceModelUri": BEST},
+            False,
+            None,
+            id="sweep-best-trial",
+        ),
+        pytest.param(
+            FROM_SWEEP,
+            {},
+            SweepUpstream("lr", found=True, phase="Failed", message="4 trials failed (maxFailedTrials 3)"),
+            {"phase": "Failed", "message": "FineTuneSweep lr failed: 4 trials failed (maxFailedTrials 3)"},
+            True,
+            "UpstreamFailed",
+            id="sweep-failed",
+        ),
+        pytest.param(
+            FROM_SWEEP,
+            {},
+            SweepUpstream("lr", found=True, phase="Succeeded"),
+            {
+                "phase": "Failed",
+                "message": "FineTuneSweep lr has no best trial's model to compress (no trial completed)",
+            },
+            True,
+            "NoBestTrial",
+            id="sweep-without-best-trial",
+        ),
+        pytest.param(
+            FROM_SWEEP,
+            {},
+            SweepUpstream("lr", found=True, phase="Succeeded", best_trial=2),
+            {
+                "phase": "Failed",
+                "message": "FineTuneSweep lr has no best trial's model to compress (trial 2 has no model)",
+            },
+            True,
+            "NoBestTrial",
+            id="sweep-best-trial-without-model",
+        ),
     ],
 )
 def test_a_compressjob_resolves_its_model(
     model: dict[str, Any],
     status: dict[str, Any],
-    found: Upstream | None,
+    found: Upstream | SweepUpstream | None,
     expected: dict[str, Any],
     settled: bool,
     reason: str | None,

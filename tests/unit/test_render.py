@@ -658,6 +658,18 @@ def test_render_command_explains_bad_input(tmp_path: Path, capsys: pytest.Captur
         "model.fromFineTuneJob 'support-lora' is not in the input; add it to the file or pass --model-uri"
         in capsys.readouterr().err
     )
+    from_sweep = json.loads(json.dumps(CJ_DOC))
+    from_sweep["spec"]["model"] = {"fromFineTuneSweep": "sweep-support-lora"}
+    code, _ = render_command(tmp_path, [from_sweep])
+    assert code == 2
+    assert (
+        "model.fromFineTuneSweep 'sweep-support-lora' is resolved by the operator from the sweep's best "
+        "trial; pass --model-uri URI to render it" in capsys.readouterr().err
+    )
+    code, _ = render_command(
+        tmp_path, [from_sweep], "--model-uri", "s3://runs/sweep-support-lora/trials/3/model"
+    )
+    assert code == 0
     broken = json.loads(json.dumps(FT_DOC))
     broken["spec"]["hyperparameters"]["maxSteps"] = 10
     code, _ = render_command(tmp_path, [broken])
