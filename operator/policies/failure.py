@@ -177,7 +177,11 @@ def restart(
     used = restarts - disruptions  # restarts that count against maxRestarts
     if counted and used >= spec.max_restarts:
         message = f"{obs.noun} failed {used + 1} times (maxRestarts {spec.max_restarts}); last: {detail}"
-        return Decision(status=failed(obs, status, REASON_RESTARTS_EXHAUSTED, message), settled=True)
+        # A stalled attempt still runs: its pods stop holding their nodes.
+        running = [] if current.failed else [ChildRef("batch/v1", "Job", current.name)]
+        return Decision(
+            status=failed(obs, status, REASON_RESTARTS_EXHAUSTED, message), delete=running, settled=True
+        )
     attempt = current.attempt + 1
     replacement = render_main_job(obs.job, obs.settings, plan, obs.namespace, attempt)
     update: dict[str, object] = {"restarts": attempt, "active_job": replacement["metadata"]["name"]}

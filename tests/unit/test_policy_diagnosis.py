@@ -295,3 +295,12 @@ def test_recent_progress_keeps_the_attempt_and_says_when_to_look_again() -> None
 def test_a_suspended_gang_never_stalls() -> None:
     suspended = child("ft-train-r0", suspended=True, parallelism=2, started_at=ago(1000))
     assert diagnosis.stall_due_in(60, suspended, None, NOW) is None
+
+
+def test_a_stalled_attempt_with_no_restarts_left_fails_and_its_gang_goes() -> None:
+    obs = gang_obs(GANG, spec={**PROGRESS_SPEC, "maxRestarts": 0})
+    decision = decide(obs)
+    reason, message = failed_reason(decision)
+    assert reason == "RestartsExhausted"
+    assert "no progress report for 60s" in message
+    assert "Job/ft-train-r0" in deleted(decision)
