@@ -91,10 +91,9 @@ def finetune(
     """The recipe: setup -> train -> save -> cleanup."""
     from transformers import PrinterCallback, Trainer
 
-    from kubetune.trainer import checkpoint, early_stopping, outputs, preference, robustness, training, usage
+    from kubetune.trainer import checkpoint, early_stopping, outputs, preference, training, usage
     from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
     from kubetune.trainer.data.formats import effective_max_length
-    from kubetune.trainer.data.packing import packs
     from kubetune.trainer.progress import ProgressCallback, make_reporter
     from kubetune.trainer.tracking import start_tracking
 
@@ -148,9 +147,8 @@ def finetune(
                 ds_config=ds_config,
                 has_eval=data.eval is not None,
             )
-            # Tokens per second and MFU in metrics.json (one scalar gathered per step). Packed
-            # batches have no padding, and no attention_mask to count by.
-            args.include_num_input_tokens_seen = "all" if packs(plan) else "non_padding"
+            # Tokens per second and MFU in metrics.json (one scalar gathered per step).
+            args.include_num_input_tokens_seen = "non_padding"
         # With DPO, trl adds the LoRA adapters itself: it switches them off for the reference.
         model = training.load_model(
             plan, base_dir, precision=precision, pad_token_id=pad_token_id(tokenizer), adapters=not dpo
@@ -212,8 +210,7 @@ def finetune(
         )
     else:
         compute_metrics, preprocess_logits = training.metric_functions(plan)
-        # The Trainer measuring tokens/s and padding, with the adversarial loss where asked for.
-        trainer = robustness.trainer_class(plan)(
+        trainer = Trainer(
             model=model,
             args=args,
             train_dataset=data.train,
