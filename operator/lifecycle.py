@@ -37,6 +37,9 @@ ANNOTATION_PAUSED: Final = f"{GROUP}/paused-seconds"
 ANNOTATION_CLEANED: Final = f"{GROUP}/children-deleted"
 # Set by a FineTuneSweep on a trial it stops early (policies.pruning).
 ANNOTATION_PRUNE: Final = f"{GROUP}/prune"
+# Set by a FineTuneSweep on a trial it stops because the sweep itself ended, "<Reason>: <message>"
+# (its deadline passed: DeadlineExceeded); policies.pruning ends the trial with that reason.
+ANNOTATION_STOP: Final = f"{GROUP}/stop"
 
 # Reasons of a failure (CamelCase, as the API conventions ask); docs/troubleshooting.md explains each.
 REASON_INVALID_INPUT: Final = "InvalidInput"
@@ -604,5 +607,6 @@ def owner_signature(
         annotations.get(ANNOTATION_CLEANED),
         # A sweep's request to stop the job (policies.pruning).
         annotations.get(ANNOTATION_PRUNE),
+        annotations.get(ANNOTATION_STOP),
         *(status.get(key) for key in OPERATOR_FIELDS),
     )

@@ -15,10 +15,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from kubetune.api import API_VERSION, GROUP, FineTuneSweep, Phase
+from kubetune.api import API_VERSION, GROUP, ConditionType, FineTuneSweep, Phase
 from kubetune.api.sweep import Evaluation, FineTuneSweepStatus, TrialCounts, TrialState, TrialStatus
-from kubetune.operator.lifecycle import ANNOTATION_PRUNE, REASON_INVALID_SPEC, rfc3339, set_condition
-from kubetune.operator.policies.pruning import REASON_PRUNED
+from kubetune.operator.lifecycle import (
+    ANNOTATION_CLEANED,
+    ANNOTATION_PAUSED,
+    ANNOTATION_PRUNE,
+    ANNOTATION_STOP,
+    REASON_DEADLINE,
+    REASON_INVALID_SPEC,
+    StateReason,
+    get_condition,
+    is_true,
+    rfc3339,
+    set_condition,
+)
+from kubetune.operator.policies.deadline import overdue, paused_after_resuming, remaining
+from kubetune.operator.policies.pruning import REASON_PRUNED, stop_annotation
+from kubetune.operator.policies.suspension import SUSPENDED_MESSAGE
+from kubetune.operator.policies.ttl import expiry_at
 from kubetune.operator.render import LABEL_MANAGED_BY, MANAGER, Manifest
 from kubetune.sweep import study
 from kubetune.sweep.evaluations import objective_of, observe
@@ -44,6 +59,9 @@ class Trial:
     objective: float | None = None  # the objective metric of its latest evaluation
     model_uri: str | None = None
     prune_requested: bool = False
+    stop_requested: bool = False
+    suspended: bool = False  # its spec.suspend
+    remembered: bool = False  # rebuilt from the sweep's status: its FineTuneJob is gone
 
 
 def trial_from(body: Mapping[str, Any], metric: str) -> Trial | None:
@@ -67,6 +85,8 @@ def trial_from(body: Mapping[str, Any], metric: str) -> Trial | None:
         model_uri=(status.get("artifacts") or {}).get("modelUri")
         or (status.get("artifacts") or {}).get("adapterUri"),
         prune_requested=ANNOTATION_PRUNE in annotations,
+        stop_requested=ANNOTATION_STOP in annotations,
+        suspended=bool((body.get("spec") or {}).get("suspend")),
     )
 
 
@@ -125,6 +145,7 @@ def remembered_trials(
                 step=row.step,
                 objective=row.objective,
                 model_uri=row.model_uri,
+                remembered=True,
             )
         )
     return sorted(trials, key=lambda t: t.number)
@@ -140,6 +161,8 @@ class SweepObservation:
     # The objective at each evaluated step of each trial, as recorded by earlier decisions (the
     # trials report only their latest evaluation).
     evaluations: Mapping[int, Mapping[int, float]] = field(default_factory=dict)
+    # The sweep's own annotations (kubetune.io/paused-seconds, kubetune.io/children-deleted).
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +171,11 @@ class SweepDecision:
     create: list[Manifest] = field(default_factory=list)
     prune: list[str] = field(default_factory=list)  # trial names to annotate kubetune.io/prune
     evaluations: dict[int, dict[int, float]] = field(default_factory=dict)
+    # Merge patches of trials by name: suspending or resuming them, stopping them.
+    patch: dict[str, Manifest] = field(default_factory=dict)
+    delete: list[str] = field(default_factory=list)  # trial names (ttlSecondsAfterFinished)
+    annotations: dict[str, str] = field(default_factory=dict)  # of the sweep itself
+    recheck_after: float | None = None  # seconds after which time alone changes the decision
 
 
 def render_trial(sweep: FineTuneSweep, namespace: str, number: int, params: Mapping[str, Any]) -> Manifest:
@@ -173,6 +201,9 @@ def render_trial(sweep: FineTuneSweep, namespace: str, number: int, params: Mapp
             }
         ]
     job_spec = trial_spec(spec, params, trial_output(spec, number))
+    # Each trial is its own Kueue workload in the sweep's queue, admitted on its own.
+    if spec.queue_name:
+        job_spec = job_spec.model_copy(update={"queue_name": spec.queue_name})
     return {"apiVersion": API_VERSION, "kind": "FineTuneJob", "metadata": meta, "spec": job_spec.to_wire()}
 
 
@@ -200,9 +231,18 @@ def decide(obs: SweepObservation) -> SweepDecision:
             evaluations[trial.number] = seen
     records = records_of(obs, evaluations)
     decision = SweepDecision(status=status, evaluations=evaluations)
+    if status.phase is None or not status.phase.finished:
+        late = overdue(spec.active_deadline_seconds, status, obs.annotations, obs.now)
+        if late is not None:
+            message = f"ran {int(late)}s, longer than activeDeadlineSeconds {spec.active_deadline_seconds}"
+            status = _finish(obs, status, Phase.failed, REASON_DEADLINE, message)
     if status.phase is not None and status.phase.finished:
         decision.status = _summarised(obs, status, records, evaluations)
-        return decision
+        return _finished(obs, decision)
+    if spec.suspend:
+        return _suspended(obs, decision, records, evaluations)
+    _resume(obs, decision)
+    status = decision.status
 
     prune = set(study.to_prune(spec, records))
     names = {t.number: t.name for t in obs.trials}
@@ -250,6 +290,87 @@ def decide(obs: SweepObservation) -> SweepDecision:
             update={"phase": Phase.running, "message": f"{status.trials_done} trials finished"}
         )
     decision.status = status
+    if status.phase is not None and status.phase.finished:
+        return _finished(obs, decision)
+    annotations = {**obs.annotations, **decision.annotations}
+    decision.recheck_after = remaining(spec.active_deadline_seconds, status, annotations, obs.now)
+    return decision
+
+
+def _unfinished(obs: SweepObservation) -> list[Trial]:
+    """The trials whose FineTuneJob exists and has not ended."""
+    return [t for t in obs.trials if not t.remembered and not state_of(t).finished]
+
+
+def _suspended(
+    obs: SweepObservation,
+    decision: SweepDecision,
+    records: Sequence[TrialRecord],
+    evaluations: Mapping[int, Mapping[int, float]],
+) -> SweepDecision:
+    """spec.suspend: no new trials; every unfinished trial suspended (its gang goes, its
+    checkpoints stay); the deadline clock pauses from the Suspended condition's transition."""
+    for trial in _unfinished(obs):
+        if not trial.suspended:
+            decision.patch[trial.name] = {"spec": {"suspend": True}}
+    status = _summarised(obs, decision.status, records, evaluations)
+    conditions = set_condition(
+        status.conditions,
+        ConditionType.suspended,
+        True,
+        StateReason.suspended,
+        SUSPENDED_MESSAGE,
+        obs.now,
+        obs.sweep.metadata.generation,
+    )
+    decision.status = status.model_copy(
+        update={"phase": Phase.suspended, "message": SUSPENDED_MESSAGE, "conditions": conditions}
+    )
+    return decision
+
+
+def _resume(obs: SweepObservation, decision: SweepDecision) -> None:
+    """Leaving suspension: the trials resumed, the time suspended added to the clock's allowance."""
+    for trial in _unfinished(obs):
+        if trial.suspended:
+            decision.patch[trial.name] = {"spec": {"suspend": False}}
+    status = decision.status
+    if not is_true(status.conditions, ConditionType.suspended):
+        return
+    paused = paused_after_resuming(status, obs.annotations, obs.now)
+    if paused is not None:
+        decision.annotations[ANNOTATION_PAUSED] = paused
+    conditions = set_condition(
+        status.conditions,
+        ConditionType.suspended,
+        False,
+        StateReason.resumed,
+        "resumed",
+        obs.now,
+        obs.sweep.metadata.generation,
+    )
+    decision.status = status.model_copy(update={"conditions": conditions})
+
+
+def _finished(obs: SweepObservation, decision: SweepDecision) -> SweepDecision:
+    """A sweep that ended: a failed one stops its unfinished trials with its own reason (their
+    checkpoints stay); ttlSecondsAfterFinished later deletes the trials, keeping the sweep."""
+    status = decision.status
+    failure = get_condition(status.conditions, ConditionType.failed)
+    if status.phase == Phase.failed and failure is not None:
+        for trial in _unfinished(obs):
+            if not trial.stop_requested and not trial.prune_requested:
+                meta = {
+                    "annotations": stop_annotation(failure.reason, f"the sweep failed: {failure.message}")
+                }
+                decision.patch[trial.name] = {"metadata": meta}
+    annotations = {**obs.annotations, **decision.annotations}
+    due = expiry_at(obs.sweep.spec.ttl_seconds_after_finished, status.completion_time, annotations)
+    if due is not None and obs.now >= due:
+        decision.delete = [t.name for t in obs.trials if not t.remembered]
+        decision.annotations[ANNOTATION_CLEANED] = "true"
+    elif due is not None:
+        decision.recheck_after = (due - obs.now).total_seconds()
     return decision
 
 

@@ -54,6 +54,8 @@ class SweepRuntime:
     retries: dict[SweepKey, asyncio.Task[None]] = field(default_factory=dict)
     # Trials this process created whose watch event has not reached the index yet, by sweep uid.
     in_flight: dict[str, set[int]] = field(default_factory=dict)
+    # The sweep's own annotations as last written (time suspended, trials deleted), by uid.
+    written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def lock(self, key: SweepKey) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -124,6 +126,7 @@ async def finetunesweep_event(
         rt = sweep_runtime(memo)
         rt.written.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
         rt.in_flight.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
+        rt.written_annotations.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
         rt.locks.pop((namespace or "", name), None)
         return
     await reconcile_key(memo, (namespace or "", name), kwargs)
@@ -153,16 +156,23 @@ async def reconcile_key(memo: kopf.Memo, key: SweepKey, kwargs: Mapping[str, Any
         return
     from kubetune.operator.handlers import runtime_of
 
-    client = runtime_of(memo).client
+    operator = runtime_of(memo)
     rt = sweep_runtime(memo)
     try:
         async with rt.lock(key):
-            await reconcile_sweep(rt, client, owner, list(kwargs["trials_by_sweep"].get(key, [])))
+            recheck = await reconcile_sweep(
+                rt, operator.client, owner, list(kwargs["trials_by_sweep"].get(key, []))
+            )
     except kopf.PermanentError:
         return
     except Exception:
         logger.exception("FineTuneSweep %s/%s: reconcile failed; will retry in %ss", *key, RETRY_DELAY)
         _retry_later(rt, key, lambda: reconcile_key(memo, key, kwargs))
+        return
+    if recheck is not None:
+        # A deadline or TTL falls due: look then (at the latest after resync_seconds, as for jobs).
+        delay = min(recheck, operator.settings.resync_seconds)
+        _retry_later(rt, key, lambda: reconcile_key(memo, key, kwargs), delay)
 
 
 def _retry_later(rt: SweepRuntime, key: SweepKey, again: Any, delay: float = RETRY_DELAY) -> None:
@@ -197,12 +207,13 @@ def owned(child: Mapping[str, Any], uid: str) -> bool:
 
 async def reconcile_sweep(
     rt: SweepRuntime, client: Any, owner: Mapping[str, Any], children: list[Mapping[str, Any]]
-) -> None:
-    """Observe, decide, apply."""
+) -> float | None:
+    """Observe, decide, apply. Returns the seconds after which time alone changes the sweep."""
     meta = owner["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], str(meta.get("uid") or "")
     if meta.get("deletionTimestamp"):
-        return
+        return None
+    annotations = {**(meta.get("annotations") or {}), **rt.written_annotations.get(uid, {})}
     status = sweep_status(rt, owner)
     now = datetime.now(UTC)
     try:
@@ -228,6 +239,7 @@ async def reconcile_sweep(
         status=status,
         trials=remembered_trials(found, status, in_flight),
         evaluations=evaluations_of(status),
+        annotations=annotations,
     )
     decision = decide(obs)
     for manifest in decision.create:
@@ -249,7 +261,24 @@ async def reconcile_sweep(
                 }
             },
         )
+    for trial, body in decision.patch.items():
+        try:
+            await client.merge_patch(API_VERSION, "FineTuneJob", namespace, trial, body)
+        except ApiError as exc:
+            if exc.status != 404:  # gone meanwhile: its watch event says so
+                raise
+    for trial in decision.delete:
+        try:
+            await client.delete(API_VERSION, "FineTuneJob", namespace, trial)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+    if decision.annotations:
+        body = {"metadata": {"annotations": decision.annotations}}
+        await client.merge_patch(str(owner["apiVersion"]), "FineTuneSweep", namespace, name, body)
+        rt.written_annotations.setdefault(uid, {}).update(decision.annotations)
     await _write_status(rt, client, owner, status, decision.status)
+    return decision.recheck_after
 
 
 def replacing(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ well-formed:
 - model: objects under ``model.uri``, weight files (``*.safetensors``, ``*.bin``, or an index whose
   shards all exist), a loadable config and tokenizer, and that the model type has the head the task
   needs (and the same number of labels, when it already has a classification head);
+- the DPO reference model, when ``method.dpo.referenceModel.uri`` names one: it exists, with a
+  config, weights and the base model's vocabulary;
 - data: every record parses, required fields are present, labels are known, the evaluation split
   is not empty; token lengths against ``maxSeqLength`` are summarised.
 
@@ -227,6 +229,57 @@ def _load_tokenizer(uri: str, local: Path, problems: data.ProblemLog) -> PreTrai
     return tokenizer
 
 
+def inspect_reference(plan: RunPlan, scratch_dir: Path, problems: data.ProblemLog) -> None:
+    """A DPO reference given by ``method.dpo.referenceModel.uri``: it exists, has a config and
+    weights, and its vocabulary is the base model's (trl scores the same token ids with both, so it
+    must share the base's tokenizer). Run after :func:`inspect_model`, whose config it compares."""
+    settings = plan.method.dpo_settings if plan.method is not None else None
+    if settings is None or settings.reference_model is None:
+        return
+    uri = str(settings.reference_model.uri)
+    where = f"method.dpo.referenceModel.uri {uri}"
+    try:
+        store = open_store(uri, storage_config(plan))
+        names = {obj.key: obj.size for obj in store.list(uri)}
+        if "config.json" in names:
+            local = scratch_dir / "reference-model"
+            local.mkdir(parents=True, exist_ok=True)
+            store.download_file(f"{uri.rstrip('/')}/config.json", local / "config.json")
+    except (StorageAccessError, InvalidInputError) as e:
+        problems.add("reference-model", f"{where}: {e}", storage=isinstance(e, StorageAccessError))
+        return
+    if not names:
+        problems.add(
+            "reference-model",
+            f"{where}: no objects found there; it must be a model directory with config.json, "
+            "weights and the base model's tokenizer",
+            storage=True,
+        )
+        return
+    listing = ", ".join(sorted(names)[:20])
+    if not any(_is_weight_file(name) for name in names):
+        problems.add("reference-model", f"{where}: no weight files (*.safetensors, *.bin); it has: {listing}")
+    if "config.json" not in names:
+        problems.add("reference-model", f"{where}: config.json is missing; it has: {listing}")
+        return
+    theirs = _vocab_size(scratch_dir / "reference-model" / "config.json")
+    base = _vocab_size(scratch_dir / "model" / "config.json")
+    if theirs is not None and base is not None and theirs != base:
+        problems.add(
+            "reference-model",
+            f"{where}: its vocabulary has {theirs} tokens but the base model's has {base}; the "
+            "reference must share the base model's tokenizer",
+        )
+
+
+def _vocab_size(config_json: Path) -> int | None:
+    try:
+        value = json.loads(config_json.read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, not an object
+        return None
+    return value if isinstance(value, int) else None
+
+
 def _max_positions(config: PretrainedConfig) -> int | None:
     for name in _POSITION_ATTRIBUTES:
         value = getattr(config, name, None)
@@ -374,6 +427,7 @@ def validate(plan: RunPlan, plan_path: str, scratch_dir: Path) -> Report:
     problems = data.ProblemLog(cap=PROBLEMS_PER_KIND)
     warnings: list[str] = []
     model, tokenizer = inspect_model(plan, scratch_dir, problems, warnings)
+    inspect_reference(plan, scratch_dir, problems)
     report = Report(ok=True, exit_code=EXIT_OK, summary="", plan=plan_path, model=model)
     inspect_data(plan, tokenizer, model, scratch_dir, problems, warnings, report)
     report.warnings = warnings

@@ -33,7 +33,7 @@ from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from kubetune.api.base import Bool, CelRule, Float, Int, KubeModel
+from kubetune.api.base import DNS_LABEL_PATTERN, STRICT, WHOLE_FLOAT, Bool, CelRule, Float, Int, KubeModel
 from kubetune.api.resources import MAX_NAME_LENGTH, FineTuneJobSpec, KubetuneResource, name_rules
 from kubetune.api.spec import Serve, Tracking
 from kubetune.api.status import Condition, Phase
@@ -321,6 +321,28 @@ class FineTuneSweepSpec(KubeModel):
     early_stopping: EarlyStopping = Field(
         default_factory=EarlyStopping, description="Stopping poor trials early."
     )
+    suspend: Bool = Field(
+        False,
+        description="Suspend the sweep: no new trials, and its unfinished trials are suspended (each "
+        "continues from its last checkpoint when this is false again); the deadline clock pauses.",
+    )
+    queue_name: str | None = Field(
+        None,
+        pattern=DNS_LABEL_PATTERN,
+        max_length=63,
+        description="Kueue LocalQueue of every trial (each trial is admitted on its own); overrides "
+        "the template's queueName.",
+    )
+    active_deadline_seconds: Annotated[int, Field(ge=1, le=2**31 - 1), WHOLE_FLOAT, STRICT] | None = Field(
+        None,
+        description="Fail the sweep with reason DeadlineExceeded after this long running (paused while "
+        "suspended); its unfinished trials are stopped with the same reason, their checkpoints kept.",
+    )
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=2**31 - 1), WHOLE_FLOAT, STRICT] | None = Field(
+        None,
+        description="Delete the sweep's trials (FineTuneJobs) this long after it finishes; the sweep, "
+        "its trials table, its serving and every artifact are kept.",
+    )
     promote: Promote = Field(default_factory=Promote, description="Serving of the best trial's model.")
     tracking: Tracking | None = Field(
         None,
@@ -352,6 +374,11 @@ class FineTuneSweepSpec(KubeModel):
 
     @model_validator(mode="after")
     def _check_against_template(self) -> FineTuneSweepSpec:
+        if self.template.suspend:
+            raise PydanticCustomError(
+                "template_suspend",
+                "template.suspend: a sweep suspends its trials itself; set the sweep's suspend instead",
+            )
         for index, parameter in enumerate(self.parameters):
             problem = parameter_problem(self.template, parameter)
             if problem is not None:

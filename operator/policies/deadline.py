@@ -7,10 +7,11 @@ progress counts from its ``Suspended`` condition's lastTransitionTime.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Protocol
 
-from kubetune.api import ConditionType
+from kubetune.api import Condition, ConditionType
 from kubetune.api.status import JobStatusBase
 from kubetune.operator.lifecycle import (
     ANNOTATION_PAUSED,
@@ -25,6 +26,16 @@ from kubetune.operator.lifecycle import (
 )
 
 
+class Clocked(Protocol):
+    """What the clock reads of a status: a job's, or a FineTuneSweep's (the same rule for both)."""
+
+    @property
+    def start_time(self) -> str | None: ...
+
+    @property
+    def conditions(self) -> Sequence[Condition] | None: ...
+
+
 def paused_seconds(annotations: Mapping[str, str]) -> float:
     try:
         return float(annotations.get(ANNOTATION_PAUSED) or 0)
@@ -32,7 +43,7 @@ def paused_seconds(annotations: Mapping[str, str]) -> float:
         return 0.0
 
 
-def suspended_since(status: JobStatusBase) -> datetime | None:
+def suspended_since(status: Clocked) -> datetime | None:
     """When the suspension in progress began (None: the job is not suspended)."""
     cond = get_condition(status.conditions, ConditionType.suspended)
     if cond is None or cond.status != "True":
@@ -40,7 +51,7 @@ def suspended_since(status: JobStatusBase) -> datetime | None:
     return parse_time(cond.last_transition_time)
 
 
-def active_seconds(status: JobStatusBase, annotations: Mapping[str, str], now: datetime) -> float | None:
+def active_seconds(status: Clocked, annotations: Mapping[str, str], now: datetime) -> float | None:
     """Seconds the job has been running: since startTime, less the time spent suspended."""
     started = parse_time(status.start_time)
     if started is None:
@@ -52,13 +63,40 @@ def active_seconds(status: JobStatusBase, annotations: Mapping[str, str], now: d
     return active
 
 
+def paused_after_resuming(status: Clocked, annotations: Mapping[str, str], now: datetime) -> str | None:
+    """The kubetune.io/paused-seconds to record when a suspension in progress ends now (None: it
+    began before the start, which the clock does not count, or none is in progress)."""
+    since, started = suspended_since(status), parse_time(status.start_time)
+    if since is None or started is None or started > since:
+        return None
+    return str(int(paused_seconds(annotations) + (now - since).total_seconds()))
+
+
+def overdue(
+    deadline: int | None, status: Clocked, annotations: Mapping[str, str], now: datetime
+) -> float | None:
+    """The active seconds of a run past ``deadline`` (None: not past it, or no deadline)."""
+    if deadline is None:
+        return None
+    active = active_seconds(status, annotations, now)
+    return active if active is not None and active >= deadline else None
+
+
+def remaining(
+    deadline: int | None, status: Clocked, annotations: Mapping[str, str], now: datetime
+) -> float | None:
+    """Seconds until ``deadline`` passes; None while it cannot (no deadline, not started, suspended)."""
+    if deadline is None or suspended_since(status) is not None:
+        return None
+    active = active_seconds(status, annotations, now)
+    return None if active is None else max(deadline - active, 0.0)
+
+
 def enforce(obs: Observation, status: JobStatusBase) -> Decision:
     """Fail a job that ran past its deadline, deleting the Jobs still running."""
     deadline = obs.job.spec.active_deadline_seconds
-    if deadline is None or finished(status):
-        return Decision(status=status)
-    active = active_seconds(status, obs.annotations, obs.now)
-    if active is None or active < deadline:
+    active = None if finished(status) else overdue(deadline, status, obs.annotations, obs.now)
+    if active is None:
         return Decision(status=status)
     running = [ChildRef("batch/v1", "Job", j.name) for j in obs.jobs if not j.complete and not j.failed]
     message = f"ran {int(active)}s, longer than activeDeadlineSeconds {deadline}"
@@ -68,10 +106,6 @@ def enforce(obs: Observation, status: JobStatusBase) -> Decision:
 def due_in(obs: Observation, status: JobStatusBase, annotations: Mapping[str, str]) -> float | None:
     """Seconds until the deadline of a job in ``status`` passes; None while it cannot (no
     deadline, not started, suspended, or finished)."""
-    deadline = obs.job.spec.active_deadline_seconds
-    if deadline is None or finished(status) or suspended_since(status) is not None:
+    if finished(status):
         return None
-    active = active_seconds(status, annotations, obs.now)
-    if active is None:
-        return None
-    return max(deadline - active, 0.0)
+    return remaining(obs.job.spec.active_deadline_seconds, status, annotations, obs.now)

@@ -18,12 +18,11 @@ from kubetune.operator.lifecycle import (
     Observation,
     StateReason,
     get_condition,
-    parse_time,
     rfc3339,
     with_condition,
     with_phase,
 )
-from kubetune.operator.policies.deadline import paused_seconds
+from kubetune.operator.policies.deadline import paused_after_resuming
 
 SUSPENDED_MESSAGE = "spec.suspend is true; resuming continues from the last checkpoint"
 
@@ -83,12 +82,8 @@ def resume(obs: Observation, status: JobStatusBase) -> Decision:
     cond = get_condition(status.conditions, ConditionType.suspended)
     if cond is None or cond.status != "True":
         return Decision(status=status)
-    annotations = {}
-    since = parse_time(cond.last_transition_time)
-    started = parse_time(status.start_time)
-    if since is not None and started is not None and started <= since:
-        paused = paused_seconds(obs.annotations) + (obs.now - since).total_seconds()
-        annotations[ANNOTATION_PAUSED] = str(int(paused))
+    paused = paused_after_resuming(status, obs.annotations, obs.now)
+    annotations = {ANNOTATION_PAUSED: paused} if paused is not None else {}
     status = _suspended_condition(obs, status, False, StateReason.resumed, "resumed")
     return Decision(status=status, annotations=annotations)
 

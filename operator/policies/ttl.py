@@ -22,8 +22,15 @@ from kubetune.operator.render import Job, child_names
 
 def expiry(obs: Observation, status: JobStatusBase, annotations: Mapping[str, str]) -> datetime | None:
     """When the children of a finished job are due to go (None: never, or they went)."""
-    ttl = obs.job.spec.ttl_seconds_after_finished
-    finished_at = parse_time(status.completion_time)
+    return expiry_at(obs.job.spec.ttl_seconds_after_finished, status.completion_time, annotations)
+
+
+def expiry_at(
+    ttl: int | None, completion_time: str | None, annotations: Mapping[str, str]
+) -> datetime | None:
+    """When the children of whatever finished at ``completion_time`` are due to go: a job's, or a
+    FineTuneSweep's trials (None: never, or they went)."""
+    finished_at = parse_time(completion_time)
     if ttl is None or finished_at is None or annotations.get(ANNOTATION_CLEANED) == "true":
         return None
     return finished_at + timedelta(seconds=ttl)

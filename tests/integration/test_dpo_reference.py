@@ -10,7 +10,8 @@ is the check that the run used the right reference, and used it intact.
   runs it as a DeepSpeed inference engine); a SIGKILLed gang resumes to the exact step and the
   reference is still the base.
 - ``method.dpo.referenceModel.uri`` names another model in object storage (the S3 test server):
-  it is downloaded and used, not the base.
+  it is downloaded and used, not the base. The validation step refuses a reference that is missing
+  (exit code 3) or has another vocabulary than the base (exit code 2), naming the field.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kubetune.storage import open_store
+from kubetune.trainer import validate
+from kubetune.trainer.tinymodel import build_tiny_causal_lm
 from tests.integration.test_dpo_support import (
+    LICENCE,
     answer_logprob,
     dpo_history,
     licence_pairs,
@@ -170,3 +174,42 @@ def test_a_reference_model_uri_in_object_storage_is_the_reference(
     # The policy starts from the base, not from the reference: rewards are not zero at step 1.
     step_one = next(e for e in state["log_history"] if e["step"] == 1 and "loss" in e)
     assert abs(step_one["rewards/chosen"]) > 1e-3
+
+
+@pytest.mark.parametrize("problem", ["missing", "other vocabulary"])
+def test_validation_refuses_a_reference_that_is_missing_or_has_another_vocabulary(
+    tmp_path: Path, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tiny_licence_lm(tmp_path)
+    reference = tmp_path / "sft"
+    if problem == "other vocabulary":
+        lines = [line for line in LICENCE.read_text(encoding="utf-8").splitlines() if line.strip()]
+        build_tiny_causal_lm(reference, lines, vocab_size=300, hidden_size=48, num_layers=1, num_heads=2)
+    train = write_pairs(tmp_path, licence_pairs()[:8], "train")
+    plan = dpo_plan(
+        tmp_path,
+        model_uri=base.as_uri(),
+        train_uri=train.as_uri(),
+        eval_uri=train.as_uri(),
+        output_uri=(tmp_path / "out").as_uri(),
+        method={"type": "full", "objective": "dpo", "dpo": {"referenceModel": {"uri": reference.as_uri()}}},
+    )
+
+    code = validate.main(["--plan", str(plan), "--json"])
+
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{") :])  # after DeepSpeed's accelerator line, if it imports now
+    messages = [p["message"] for p in report["problems"] if p["kind"] == "reference-model"]
+    where = f"method.dpo.referenceModel.uri {reference.as_uri()}"
+    if problem == "missing":
+        assert code == 3
+        assert messages == [
+            f"{where}: no objects found there; it must be a model directory with config.json, "
+            "weights and the base model's tokenizer"
+        ]
+    else:
+        assert code == 2
+        assert messages == [
+            f"{where}: its vocabulary has 300 tokens but the base model's has 400; the reference must "
+            "share the base model's tokenizer"
+        ]

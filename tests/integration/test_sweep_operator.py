@@ -218,6 +218,70 @@ def failed_reason(kube: KubeEmulator, name: str, ns: str, resource: str = FTJ) -
     return next((c.get("reason") for c in conds if c["type"] == "Failed" and c["status"] == "True"), None)
 
 
+async def scenario_suspend_and_resume(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("pause", ns, maxTrials=2, parallelism=1, queueName="team-queue"))
+    await eventually(lambda: trials(kube, "pause", ns) == ["pause-t0"], what="pause-t0")
+    # Each trial is its own Kueue workload in the sweep's queue.
+    assert (kube.get(FTJ, ns, "pause-t0") or {})["spec"]["queueName"] == "team-queue"
+    await patch(kube, FTS, ns, "pause", {"spec": {"suspend": True}})
+    await eventually(lambda: sweep_status(kube, "pause", ns).get("phase") == "Suspended", what="Suspended")
+    await eventually(
+        lambda: (kube.get(FTJ, ns, "pause-t0") or {})["spec"].get("suspend"), what="t0 suspended"
+    )
+    await report(kube, "pause-t0", 20, 1.0, ns)
+    await patch(kube, FTJ, ns, "pause-t0", {"status": {"phase": "Succeeded"}}, "status")
+    await eventually(
+        lambda: sweep_status(kube, "pause", ns).get("counts", {}).get("complete") == 1, what="t0 counted"
+    )
+    assert trials(kube, "pause", ns) == ["pause-t0"], "no new trial while suspended"
+    await patch(kube, FTS, ns, "pause", {"spec": {"suspend": False}})
+    await eventually(lambda: trials(kube, "pause", ns) == ["pause-t0", "pause-t1"], what="t1 after resuming")
+    await eventually(lambda: sweep_status(kube, "pause", ns).get("phase") == "Running", what="Running")
+    suspended = next(c for c in sweep_status(kube, "pause", ns)["conditions"] if c["type"] == "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Resumed")
+
+
+async def scenario_resume_resumes_suspended_trials(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("nap", ns, maxTrials=1, parallelism=1))
+    await training(kube, "nap-t0", ns)
+    await patch(kube, FTS, ns, "nap", {"spec": {"suspend": True}})
+    await eventually(
+        lambda: (kube.get(JOBS, ns, "nap-t0-train-r0") or {})["spec"].get("suspend"), what="gang suspended"
+    )
+    await patch(kube, FTS, ns, "nap", {"spec": {"suspend": False}})
+    await eventually(
+        lambda: (kube.get(FTJ, ns, "nap-t0") or {})["spec"].get("suspend") is False, what="t0 resumed"
+    )
+    await eventually(
+        lambda: not (kube.get(JOBS, ns, "nap-t0-train-r0") or {})["spec"].get("suspend"), what="gang resumed"
+    )
+
+
+async def scenario_deadline_stops_running_trials(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("hurry", ns, maxTrials=4, parallelism=2, activeDeadlineSeconds=2))
+    await training(kube, "hurry-t0", ns)
+    await eventually(lambda: sweep_status(kube, "hurry", ns).get("phase") == "Failed", what="sweep Failed")
+    assert failed_reason(kube, "hurry", ns, FTS) == "DeadlineExceeded"
+    # Its running trials end with the sweep's reason; their gangs go, their outputs stay.
+    for trial in ("hurry-t0", "hurry-t1"):
+        await eventually(lambda t=trial: trial_phase(kube, t, ns) == "Failed", what=f"{trial} stopped")  # type: ignore[misc]
+        assert failed_reason(kube, trial, ns) == "DeadlineExceeded"
+    await eventually(lambda: kube.get(JOBS, ns, "hurry-t0-train-r0") is None, what="t0's gang deleted")
+    assert trials(kube, "hurry", ns) == ["hurry-t0", "hurry-t1"]
+
+
+async def scenario_ttl_deletes_trials_keeps_the_sweep(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("brief", ns, maxTrials=1, parallelism=1, ttlSecondsAfterFinished=0))
+    await finish(kube, "brief-t0", 0.5, ns)
+    await eventually(lambda: trials(kube, "brief", ns) == [], what="trials deleted after the TTL")
+    await eventually(lambda: sweep_status(kube, "brief", ns).get("phase") == "Succeeded", what="Succeeded")
+    st = sweep_status(kube, "brief", ns)
+    assert (st["bestTrial"]["number"], st["bestTrial"]["objective"]) == (0, 0.5)
+    assert (kube.get(FTS, ns, "brief") or {})["metadata"]["annotations"][
+        "kubetune.io/children-deleted"
+    ] == "true"
+
+
 Scenario = Callable[[KubeEmulator, str], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "best_of_parallel_trials": scenario_best_of_parallel_trials,
@@ -225,6 +289,10 @@ SCENARIOS: dict[str, Scenario] = {
     "too_many_failed_trials": scenario_too_many_failed_trials,
     "compress_the_best_trial": scenario_compress_the_best_trial,
     "compress_from_a_failed_sweep": scenario_compress_from_a_failed_sweep,
+    "suspend_and_resume": scenario_suspend_and_resume,
+    "resume_resumes_suspended_trials": scenario_resume_resumes_suspended_trials,
+    "deadline_stops_running_trials": scenario_deadline_stops_running_trials,
+    "ttl_deletes_trials_keeps_the_sweep": scenario_ttl_deletes_trials_keeps_the_sweep,
 }
 
 

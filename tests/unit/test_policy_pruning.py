@@ -1,5 +1,6 @@
-"""Pruning policy: a trial its sweep annotated kubetune.io/prune ends Failed with reason Pruned, its
-running Jobs deleted (its output, the checkpoints, untouched); a finished job is left as it is."""
+"""Pruning policy: a trial its sweep annotated kubetune.io/prune ends Failed with reason Pruned
+(kubetune.io/stop: with the reason the sweep names), its running Jobs deleted (its output, the
+checkpoints, untouched); a finished job is left as it is."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.lifecycle import ANNOTATION_PRUNE
+from kubetune.operator.lifecycle import ANNOTATION_PRUNE, ANNOTATION_STOP
 from kubetune.operator.policies import pruning
 from kubetune.operator.reconcile import decide
 from tests.policies import ago, child, condition, deleted, finetunejob, observe, wire
@@ -68,3 +69,22 @@ def test_the_reconciler_prunes_and_never_restarts_a_pruned_job() -> None:
     again = decide(observe(finetunejob(), wire(first), annotations={ANNOTATION_PRUNE: ""}))
     assert again.create == []
     assert wire(again)["phase"] == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "says"),
+    [
+        pytest.param("DeadlineExceeded: ran 70s", "DeadlineExceeded", "ran 70s", id="the-sweeps-reason"),
+        pytest.param("no reason given", "StoppedBySweep", "no reason given", id="free-text"),
+        pytest.param("", "StoppedBySweep", "the sweep ended", id="empty"),
+    ],
+)
+def test_a_stop_request_ends_the_job_with_the_sweeps_reason(value: str, reason: str, says: str) -> None:
+    obs = observe(finetunejob(), RUNNING, annotations={ANNOTATION_STOP: value}, jobs=[child("ft-train-0")])
+    decision = pruning.enforce(obs, obs.status)
+    assert deleted(decision) == ["Job/ft-train-0"]
+    failed = condition(decision, "Failed")
+    assert failed is not None
+    assert failed["reason"] == reason
+    assert says in failed["message"]
+    assert "checkpoints are kept" in failed["message"]

@@ -130,3 +130,11 @@ def test_every_learning_field_may_vary_and_nothing_outside_method_and_hyperparam
 
 def test_the_example_and_a_valid_space_pass() -> None:
     assert errors_of(SWEEP["spec"]["parameters"]) == []
+
+
+def test_a_suspended_template_is_refused_for_the_sweeps_own_suspend() -> None:
+    errors = errors_of(SWEEP["spec"]["parameters"], template={**SWEEP["spec"]["template"], "suspend": True})
+    assert len(errors) == 1, errors
+    assert "template.suspend" in errors[0], errors[0]
+    assert "the sweep's suspend" in errors[0], errors[0]
+    assert errors_of(SWEEP["spec"]["parameters"], suspend=True, activeDeadlineSeconds=600) == []
