@@ -13,7 +13,7 @@ from kubetune.api.sweep import FineTuneSweep
 from kubetune.api.validation import load_resources
 from kubetune.local import processes
 from kubetune.local.runner import LocalRunner, RunOptions
-from kubetune.local.sweep import SweepRunner
+from kubetune.local.sweep import SweepRunner, trial_job
 
 DEFAULT_WORKDIR = Path(".kubetune/runs")
 
@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
         with processes.stop_on_termination():
             for resource in resources:
                 if isinstance(resource, FineTuneSweep):
-                    code = SweepRunner(trial_runner, console, server=runner).run(resource).exit_code
+                    outcome = SweepRunner(trial_runner, console, server=runner).run(resource)
+                    code = outcome.exit_code
+                    if outcome.best is not None:
+                        # A CompressJob later in the file may compress the winner (fromFineTuneSweep).
+                        winner = trial_job(resource, outcome.best.number, outcome.best.params)
+                        runner.sweep_winners[str(resource.metadata.name)] = winner
                 else:
                     code = runner.run(resource).exit_code
                 if code != 0:

@@ -103,6 +103,8 @@ class LocalRunner:
         self.console = console or Console()
         self.accelerator = detect_accelerator(options.accelerator)
         self.finished: dict[str, FineTuneJob] = {}
+        # The best trial's FineTuneJob of each sweep run in this invocation, by sweep name.
+        self.sweep_winners: dict[str, FineTuneJob] = {}
 
     # --- plans ----------------------------------------------------------------------------
 
@@ -113,13 +115,13 @@ class LocalRunner:
         if isinstance(job, FineTuneJob):
             return plan_finetune(job, namespace=LOCAL_NAMESPACE)
         try:
-            model_uri = compress_model_uri(job, self.finished.values())
+            model_uri = compress_model_uri(job, self.finished.values(), self.sweep_winners)
         except UpstreamNotFound as missing:
             if missing.kind == "FineTuneSweep":
                 raise LookupError(
-                    f"spec.{missing.field}: local mode does not resolve FineTuneSweep {missing.name!r} "
-                    "(the operator takes its status.bestTrial); set spec.model.uri to the best trial's "
-                    "model: bestTrial.outputUri in the sweep's <output>/sweep/summary.json, then model/"
+                    f"spec.{missing.field}: FineTuneSweep {missing.name!r} has not run in this invocation "
+                    "with a completed trial; put it before the CompressJob in the same file, or use "
+                    "spec.model.uri (a sweep's best trial is bestTrial in its <output>/sweep/summary.json)"
                 ) from None
             raise LookupError(
                 f"spec.model.fromFineTuneJob: FineTuneJob {missing.name!r} has not run in this "
