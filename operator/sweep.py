@@ -35,9 +35,10 @@ from kubetune.operator.policies.pruning import REASON_PRUNED, stop_annotation
 from kubetune.operator.policies.suspension import SUSPENDED_MESSAGE
 from kubetune.operator.policies.ttl import expiry_at
 from kubetune.operator.render import LABEL_MANAGED_BY, MANAGER, Manifest
+from kubetune.run.plan import SWEEP_SEARCH_ANNOTATION
 from kubetune.sweep import study
 from kubetune.sweep.evaluations import objective_of, observe
-from kubetune.sweep.space import trial_name, trial_output, trial_spec
+from kubetune.sweep.space import search_of, trial_name, trial_output, trial_spec
 from kubetune.sweep.study import TrialRecord
 
 LABEL_SWEEP: Final = f"{GROUP}/sweep"
@@ -187,7 +188,11 @@ def render_trial(sweep: FineTuneSweep, namespace: str, number: int, params: Mapp
         "name": trial_name(name, number),
         "namespace": namespace,
         "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_SWEEP: name, LABEL_TRIAL: str(number)},
-        "annotations": {ANNOTATION_PARAMETERS: json.dumps(dict(params), sort_keys=True)},
+        "annotations": {
+            ANNOTATION_PARAMETERS: json.dumps(dict(params), sort_keys=True),
+            # The search space, for the trial's MLflow parent run (trainer/tracking/sweep.py).
+            SWEEP_SEARCH_ANNOTATION: json.dumps(search_of(spec), sort_keys=True),
+        },
     }
     if sweep.metadata.uid:
         meta["ownerReferences"] = [

@@ -37,7 +37,7 @@ from kubetune.run.plan import SWEEP_SEARCH_ANNOTATION, SweepRef
 from kubetune.sweep import study
 from kubetune.sweep.evaluations import objective_of, observe
 from kubetune.sweep.report import render
-from kubetune.sweep.space import trial_name, trial_output, trial_spec
+from kubetune.sweep.space import search_of, trial_name, trial_output, trial_spec
 from kubetune.sweep.study import TrialRecord
 
 SUMMARY_FILE = "sweep/summary.json"
@@ -109,12 +109,6 @@ def trial_slots(spec: FineTuneSweepSpec, cores: int) -> Slots:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-
-
-def search_of(spec: FineTuneSweepSpec) -> dict[str, Any]:
-    """What the sweep searches, as its trials carry it (:data:`SWEEP_SEARCH_ANNOTATION`)."""
-    wire = spec.to_wire()
-    return {key: wire[key] for key in ("parameters", "objective", "algorithm", "maxTrials") if key in wire}
 
 
 def trial_job(sweep: FineTuneSweep, number: int, params: Mapping[str, Any]) -> FineTuneJob:

@@ -69,6 +69,13 @@ def trial_spec(spec: FineTuneSweepSpec, params: Mapping[str, Any], output_uri: s
     return FineTuneJobSpec.model_validate(wire)
 
 
+def search_of(spec: FineTuneSweepSpec) -> dict[str, Any]:
+    """What the sweep searches, as its trials carry it (``kubetune.io/sweep-search``, which the
+    MLflow parent run of the sweep records): parameters, objective, algorithm and maxTrials."""
+    wire = spec.to_wire()
+    return {key: wire[key] for key in ("parameters", "objective", "algorithm", "maxTrials") if key in wire}
+
+
 def trial_name(sweep: str, number: int) -> str:
     """Trial N of sweep S is the FineTuneJob S-tN."""
     return f"{sweep}-t{number}"
