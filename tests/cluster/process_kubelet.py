@@ -16,6 +16,8 @@ a kubelet does against a real API server:
   token from the TokenRequest API bound to the pod, and gives the pod's containers ``KUBECONFIG``
   pointing at a kubeconfig with that token: client libraries read in-cluster credentials from a
   fixed path a process cannot have, and this is the stand-in, with the pod's own identity;
+* it enforces ``limits.memory``: a container whose processes' resident memory goes over it is
+  killed (the whole tree, SIGKILL) and reported ``OOMKilled`` with exit code 137;
 * it honours deletion as the kubelet does: on ``deletionTimestamp`` it stops the containers
   (SIGTERM, SIGKILL after the grace period), writes the pod's terminal status, then deletes the pod
   with grace period 0.
@@ -75,6 +77,8 @@ class ProcessKubelet(Kubelet):
 
     plane: ControlPlane | None = None
     node_kubeconfig: Path | None = None
+    # A container over its limits.memory is killed with reason OOMKilled, as by a node's kernel.
+    enforce_memory_limits: bool = True
     _ssl: ssl.SSLContext | None = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _loop_ref: asyncio.AbstractEventLoop | None = field(default=None, init=False)

@@ -59,6 +59,10 @@ A process is not a container, so a few things are emulated by rewriting what the
   :meth:`Kubelet.url` maps a Service URL (``http://<svc>.<ns>.svc:<port>/...``) to a ready pod
   behind it.
 
+Memory limits: with ``enforce_memory_limits`` (the cluster tier's kubelet sets it) a container
+whose processes' resident memory goes over ``limits.memory`` is killed, its whole tree, and
+reported as the kernel's OOM killer is: exit code 137, reason ``OOMKilled``.
+
 Each container's stdout and stderr go to ``<workdir>/<namespace>/<pod>/<container>.log``;
 :meth:`Kubelet.dump_logs` gathers their tails for failure reports.
 """
@@ -293,6 +297,7 @@ class ContainerRun:
     restart_count: int = 0
     started: bool = False  # startup probe passed (or none)
     ready: bool = False
+    oom_killed: bool = False  # its process tree went over limits.memory (enforce_memory_limits)
 
     @property
     def running(self) -> bool:
@@ -399,6 +404,41 @@ def _signal_tree(container: ContainerRun, sig: signal.Signals) -> None:
             proc.send_signal(sig)
 
 
+_QUANTITY: Final = re.compile(r"^([0-9.]+(?:[eE][0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_SUFFIX: Final = {
+    None: 1,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity ("64Mi", "1G", "1e9") in bytes."""
+    match = _QUANTITY.match(str(quantity).strip())
+    if match is None:
+        raise ConfigError(f"memory quantity {quantity!r} is not understood here")
+    return int(float(match.group(1)) * _SUFFIX[match.group(2)])
+
+
+def _tree_rss(container: ContainerRun) -> int:
+    _track(container)
+    total = 0
+    for proc in list(container.tree.values()):
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
 def _read_message(container: ContainerRun, exit_code: int) -> str:
     try:
         message = (
@@ -436,6 +476,9 @@ class Kubelet:
     image_path: Sequence[str] = (str(Path(sys.executable).parent),)
     base_env: Mapping[str, str] = field(default_factory=dict)
     termination_message_env: str | None = None
+    # Kill a container whose processes' resident memory goes over its limits.memory, reported as
+    # the kernel's OOM killer is (exit code 137, reason OOMKilled). Off: limits are ignored.
+    enforce_memory_limits: bool = False
     poll_interval: float = 0.1
     probe_period_cap: float = 1.0
     max_grace_seconds: float = 5.0
@@ -1096,23 +1139,34 @@ class Kubelet:
         container.state = {"running": {"startedAt": started_at}}
         probes = None if container.init else asyncio.create_task(self._probe(run, container))
         container.started = probes is None or "startupProbe" not in container.spec
+        container.oom_killed = False
+        limit = ((container.spec.get("resources") or {}).get("limits") or {}).get("memory")
+        memory = (
+            asyncio.create_task(self._enforce_memory(container, memory_bytes(limit)))
+            if limit is not None and self.enforce_memory_limits
+            else None
+        )
         self._poke()
         try:
             returncode = await container.process.wait()
         finally:
-            if probes is not None:
-                probes.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await probes
+            for task in (probes, memory):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         # The container ends with its main process: whatever it left behind goes with it.
         _signal_tree(container, signal.SIGKILL)
         code = returncode if returncode >= 0 else 128 - returncode
         container.ready = False
         container.started = False
+        reason = "Completed" if code == 0 else "Error"
+        if container.oom_killed:
+            code, reason = 137, "OOMKilled"
         container.state = {
             "terminated": {
                 "exitCode": code,
-                "reason": "Completed" if code == 0 else "Error",
+                "reason": reason,
                 "message": _read_message(container, code),
                 "startedAt": started_at,
                 "finishedAt": now(),
@@ -1124,6 +1178,16 @@ class Kubelet:
             del container.state["terminated"]["message"]
         self._poke()
         return code
+
+    async def _enforce_memory(self, container: ContainerRun, limit: int) -> None:
+        """Kill the container's whole process tree once its resident memory exceeds ``limit``, as
+        a cgroup's OOM killer does (memory.oom.group: the container goes, not one process)."""
+        while container.running:
+            if _tree_rss(container) > limit:
+                container.oom_killed = True
+                _signal_tree(container, signal.SIGKILL)
+                return
+            await asyncio.sleep(0.05)
 
     # -- probes
 
