@@ -91,7 +91,15 @@ def finetune(
     """The recipe: setup -> train -> save -> cleanup."""
     from transformers import PrinterCallback, Trainer
 
-    from kubetune.trainer import checkpoint, early_stopping, outputs, preference, training, usage
+    from kubetune.trainer import (
+        checkpoint,
+        classification_report,
+        early_stopping,
+        outputs,
+        preference,
+        training,
+        usage,
+    )
     from kubetune.trainer.data.collation import make_collator, pad_token_id, prepare_datasets
     from kubetune.trainer.data.formats import effective_max_length
     from kubetune.trainer.progress import ProgressCallback, make_reporter
@@ -197,6 +205,7 @@ def finetune(
     if stopping is not None:
         callbacks += [stopping, early_stopping.BestCheckpoint(out, plan, dist, publisher)]
     trainer: Trainer
+    recorder: classification_report.PredictionRecorder | None = None
     if dpo:
         trainer = preference.dpo_trainer(
             plan,
@@ -210,6 +219,9 @@ def finetune(
         )
     else:
         compute_metrics, preprocess_logits = training.metric_functions(plan)
+        if plan.task.type == TaskType.sequence_classification and compute_metrics is not None:
+            # Keeps the final evaluation's classes for the full report and eval_predictions.jsonl.
+            compute_metrics = recorder = classification_report.PredictionRecorder(compute_metrics)
         trainer = Trainer(
             model=model,
             args=args,
@@ -251,6 +263,11 @@ def finetune(
                 )
                 state = trainer.state
                 metrics = outputs.final_metrics(plan, state.log_history, eval_metrics, state.global_step)
+                if recorder is not None and recorder.labels:
+                    metrics["classification_report"] = classification_report.classification_report(
+                        recorder.labels, recorder.predicted, classification_report.class_names(plan)
+                    )
+                    classification_report.write_predictions(out, plan, recorder)
                 stopped = early_stopping.outcome(plan, trainer)
                 if stopped is not None:
                     metrics["early_stopping"] = stopped

@@ -106,6 +106,23 @@ def summary_table(title: str, rows: dict[str, Any]) -> Table:
     return table
 
 
+def classification_table(report: dict[str, Any]) -> Table:
+    """metrics.json's ``classification_report``: one row per class, then the averages."""
+    table = Table(title="per class", title_justify="left")
+    for name in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    rows = [*(report.get("classes") or {}).items()]
+    rows += [("macro avg", report.get("macro_avg")), ("weighted avg", report.get("weighted_avg"))]
+    for name, row in rows:
+        if isinstance(row, dict):
+            table.add_row(
+                str(name),
+                *(_fmt(row.get(key), 4) for key in ("precision", "recall", "f1")),
+                str(row.get("support", "")),
+            )
+    return table
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as dotted keys, for one flat summary table."""
     flat: dict[str, Any] = {}

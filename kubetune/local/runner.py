@@ -26,7 +26,14 @@ from kubetune.api import CompressJob, FineTuneJob
 from kubetune.api.spec import TaskType
 from kubetune.errors import KubetuneError
 from kubetune.local import launcher, processes
-from kubetune.local.display import ProgressFile, TrainingProgress, flatten, summary_table, usage_rows
+from kubetune.local.display import (
+    ProgressFile,
+    TrainingProgress,
+    classification_table,
+    flatten,
+    summary_table,
+    usage_rows,
+)
 from kubetune.run.artifacts import RUN_RECORD_FILE, AdapterOnlyUpstream
 from kubetune.run.logs import attempt_logs_uri, attempts_in
 from kubetune.run.plan import RunPlan, plan_compress, plan_finetune
@@ -325,10 +332,13 @@ class LocalRunner:
             self.console.print(f"[yellow]could not read {results_uri}: {exc}")
             results = {}
         usage = results.pop("usage", None)
+        report = results.pop("classification_report", None)
         rows: dict[str, Any] = {k: v for k, v in flatten(results).items() if isinstance(v, int | float | str)}
         rows.update({f"time.{k}": f"{v:.1f}s" for k, v in outcome.timings.items()})
         rows["artifacts"] = plan.output_uri
         self.console.print(summary_table("results", rows))
+        if isinstance(report, dict):
+            self.console.print(classification_table(report))
         if isinstance(usage, dict):
             self.console.print(summary_table("resource use", usage_rows(usage)))
 

