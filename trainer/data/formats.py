@@ -31,7 +31,7 @@ from kubetune.errors import InvalidInputError
 from kubetune.run.plan import RunPlan
 
 from .checks import chat_messages, label_id
-from .preference import pair_lengths, preference_pair
+from .preference import PairLengths, PreferencePair, pair_lengths, preference_pair
 from .problems import ProblemLog
 from .readers import Record
 
@@ -250,6 +250,20 @@ def _tokenize_classification(
     return out
 
 
+def _pair_lengths(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> PairLengths:
+    """:func:`~.preference.pair_lengths`, raising :class:`InvalidInputError` for a conversation the
+    tokenizer cannot render: it has no chat template, or the template fails (it is user data too)."""
+    if pair.conversational and chat_template_of(tokenizer) is None:
+        raise InvalidInputError(
+            "a conversation needs the tokenizer's chat template, and this model's tokenizer has none "
+            "(add chat_template to tokenizer_config.json or chat_template.jinja, or give the pairs as text)"
+        )
+    try:
+        return pair_lengths(pair, tokenizer)
+    except Exception as e:
+        raise InvalidInputError(f"the chat template failed: {e}") from e
+
+
 def _measure_preference(
     records: Sequence[Record], plan: RunPlan, tokenizer: PreTrainedTokenizerBase, problems: ProblemLog | None
 ) -> Tokenized:
@@ -259,12 +273,11 @@ def _measure_preference(
     for record in records:
         pair = preference_pair(record.data, plan.dataset.fields)
         try:
-            lengths = pair_lengths(pair, tokenizer)
-        except Exception as e:  # the chat template is user data too
-            reason = f"the chat template failed: {e}"
+            lengths = _pair_lengths(pair, tokenizer)
+        except InvalidInputError as e:
             if problems is None:
-                raise InvalidInputError(f"{record.source}: {reason}") from None
-            problems.add("chat-template", f"{record.source}: {reason}")
+                raise InvalidInputError(f"{record.source}: {e}") from None
+            problems.add("chat-template", f"{record.source}: {e}")
             continue
         if lengths.prompt >= max_length:
             reason = (
