@@ -60,6 +60,10 @@ COMMANDS: dict[str, Command] = {
         "the process logs of a job's attempt: from its pods while they exist, then from its output",
         "kubetune.logs_command",
     ),
+    "plan": Command(
+        "the memory plan of each fine-tuning job in a file, and whether it fits its GPUs and limits",
+        "kubetune.plan_command",
+    ),
     "validate": Command(
         "validate kubetune manifests offline, as the API server would", "kubetune.cli:Validate"
     ),

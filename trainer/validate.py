@@ -10,7 +10,11 @@ well-formed:
 - the DPO reference model, when ``method.dpo.referenceModel.uri`` names one: it exists, with a
   config, weights and the base model's vocabulary;
 - data: every record parses, required fields are present, labels are known, the evaluation split
-  is not empty; token lengths against ``maxSeqLength`` are summarised.
+  is not empty; token lengths against ``maxSeqLength`` are summarised;
+- memory (fine-tuning): the memory plan of one training process from the model's config
+  (:mod:`kubetune.run.memory`) against each GPU and the container memory limit. A plan that cannot
+  fit fails with reason ``WillNotFit`` and the numbers, unless the job carries the annotation
+  ``kubetune.io/skip-memory-check: "true"``.
 
 It reports every problem (the first 50 of each kind, with counts) and exits 0 when everything is
 usable, 2 when the input is invalid and 3 when the model or data is missing or access is denied,
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 from kubetune.api.spec import DataFormat, TaskType
 from kubetune.errors import EXIT_INVALID_INPUT, EXIT_OK, EXIT_STORAGE, InvalidInputError, StorageAccessError
 from kubetune.ownership import check_inputs, plan_inputs
+from kubetune.run import memory
 from kubetune.run.plan import RunPlan
 from kubetune.storage import open_store
 from kubetune.trainer import data
@@ -59,6 +64,9 @@ _NOT_WEIGHTS: Final = ("training_args.bin", "optimizer.bin", "scheduler.bin")
 _WEIGHT_INDEXES: Final = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _MAX_SMALL_FILE: Final = 256 * 1024 * 1024  # tokenizer files are at most tens of MiB
 _POSITION_ATTRIBUTES: Final = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# The problem kind of a plan that cannot fit; when it is the only one, the summary (and so the
+# termination message the operator reads) starts with the reason WillNotFit.
+WILL_NOT_FIT: Final = "WillNotFit"
 
 
 @dataclass
@@ -102,6 +110,20 @@ class Report:
     problems: list[dict[str, Any]] = field(default_factory=list)
     problem_counts: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    memory: MemoryReport | None = None
+
+
+@dataclass
+class MemoryReport:
+    """The memory plan of one training process and its checks (:mod:`kubetune.run.memory`)."""
+
+    parameters: int
+    trainable: int
+    rows: list[dict[str, Any]]
+    checks: list[dict[str, Any]]
+    table: str
+    will_not_fit: str | None = None
+    skipped: bool = False
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -419,6 +441,48 @@ def inspect_data(
         )
 
 
+# --- memory --------------------------------------------------------------------------------------
+
+
+def inspect_memory(
+    plan: RunPlan, local_model: Path, model: ModelReport, problems: data.ProblemLog, warnings: list[str]
+) -> MemoryReport | None:
+    """The memory plan of a fine-tuning run from the model's config (already downloaded by
+    :func:`inspect_model`); a plan that cannot fit is a problem of kind ``WillNotFit``."""
+    if plan.kind != "finetune" or model.model_type is None:
+        return None  # compression trains nothing; without a config there is nothing to plan from
+    from transformers import AutoConfig
+
+    # The complete config (every default filled in), not the file: config.json may leave
+    # defaults such as tie_word_embeddings out.
+    config = AutoConfig.from_pretrained(local_model, local_files_only=True).to_dict()
+    try:
+        shape = memory.ModelShape.from_config(config)
+    except InvalidInputError as e:
+        warnings.append(f"memory not planned: {e}")
+        return None
+    estimate = memory.estimate(shape, memory.setup_of(plan))
+    found = memory.checks(plan, estimate)
+    reason = memory.will_not_fit(plan, estimate, found)
+    report = MemoryReport(
+        parameters=estimate.parameters,
+        trainable=estimate.trainable,
+        rows=[asdict(row) for row in estimate.rows],
+        checks=[asdict(check) for check in found],
+        table=memory.render_table(estimate, found),
+        will_not_fit=reason,
+        skipped=bool(plan.skip_memory_check),
+    )
+    if reason is not None:
+        if plan.skip_memory_check:
+            warnings.append(
+                f"the memory plan says it will not fit, check skipped by the annotation: {reason}"
+            )
+        else:
+            problems.add(WILL_NOT_FIT, reason)
+    return report
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 
@@ -430,6 +494,7 @@ def validate(plan: RunPlan, plan_path: str, scratch_dir: Path) -> Report:
     inspect_reference(plan, scratch_dir, problems)
     report = Report(ok=True, exit_code=EXIT_OK, summary="", plan=plan_path, model=model)
     inspect_data(plan, tokenizer, model, scratch_dir, problems, warnings, report)
+    report.memory = inspect_memory(plan, scratch_dir / "model", model, problems, warnings)
     report.warnings = warnings
     report.problems = [asdict(p) for p in problems.problems()]
     report.problem_counts = dict(problems.counts)
@@ -438,6 +503,8 @@ def validate(plan: RunPlan, plan_path: str, scratch_dir: Path) -> Report:
         report.exit_code = EXIT_STORAGE if problems.has_storage_problems else EXIT_INVALID_INPUT
         noun = "problem" if problems.total == 1 else "problems"
         report.summary = f"validation failed with {problems.total} {noun}: {problems.summary(limit=3)}"
+        if set(problems.counts) == {WILL_NOT_FIT} and report.memory and report.memory.will_not_fit:
+            report.summary = f"{WILL_NOT_FIT}: {report.memory.will_not_fit}"
     else:
         records = report.train.records_usable if report.train else 0
         report.summary = f"validation passed: model and data are usable ({records} training records)"
@@ -496,6 +563,9 @@ def render_text(report: Report) -> str:
         lines.append(f"labels {counts}")
     if report.steps_per_epoch:
         lines.append(f"steps  {report.steps_per_epoch} optimizer steps per epoch")
+    if report.memory is not None:
+        lines += ["", "memory plan:"]
+        lines += [f"  {line}" if line else "" for line in report.memory.table.splitlines()]
     if report.warnings:
         lines += ["", f"warnings ({len(report.warnings)}):"]
         lines += [f"  {w}" for w in report.warnings]

@@ -37,8 +37,14 @@ from kubetune.run.artifacts import RunArtifacts, compress_artifacts, finetune_ar
 from kubetune.run.deepspeed import config_from_spec
 from kubetune.run.usage import cpu_cores
 
+# The node label naming a node's GPU (NVIDIA GPU feature discovery), read by the memory plan.
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
 # Problems of an invalid plan named in the one-line reason (the termination message is short).
 _PROBLEMS_SHOWN = 10
+# The opt-out of the validation step's memory check (kubetune.run.memory), for experts who know
+# better than the estimate: "true" on a FineTuneJob runs it even when the plan says it will not fit.
+SKIP_MEMORY_CHECK_ANNOTATION = "kubetune.io/skip-memory-check"
 
 
 class PlanModel(BaseModel):
@@ -81,6 +87,10 @@ class WorldPlan(PlanModel):
     gpus_per_worker: int = Field(0, ge=0)
     # The CPU cores each worker requests (None: no request), for the requested core-hours.
     cpus_per_worker: float | None = Field(None, ge=0)
+    # The container memory limit of each worker (a quantity, None: no limit) and the GPU product
+    # its node selector names (nvidia.com/gpu.product), for the memory plan's check.
+    memory_limit: str | None = None
+    gpu_product: str | None = None
 
     @property
     def size(self) -> int:
@@ -113,6 +123,7 @@ class RunPlan(PlanModel):
     world: WorldPlan
     tracking: MlflowTarget | None = None  # where rank 0 logs the run; never credentials
     sweep: SweepRef | None = None  # the sweep of a trial (tracked as a child of the sweep's run)
+    skip_memory_check: bool | None = None  # the job's SKIP_MEMORY_CHECK_ANNOTATION is "true"
 
     def output(self, *parts: str) -> str:
         """URI of a file under the output prefix, e.g. ``plan.output(METRICS_FILE)``."""
@@ -201,6 +212,8 @@ def _world(job: FineTuneJob | CompressJob) -> WorldPlan:
         processes_per_worker=resources.processes,
         gpus_per_worker=resources.gpus_per_worker,
         cpus_per_worker=cpu_cores((resources.requests or {}).get("cpu")),
+        memory_limit=(resources.limits or {}).get("memory"),
+        gpu_product=(resources.node_selector or {}).get(GPU_PRODUCT_LABEL),
     )
 
 
@@ -224,6 +237,8 @@ def plan_finetune(
         world=_world(job),
         tracking=_tracking(job, namespace),
         sweep=_sweep_ref(job),
+        skip_memory_check=(job.metadata.annotations or {}).get(SKIP_MEMORY_CHECK_ANNOTATION) == "true"
+        or None,
     )
 
 
