@@ -43,8 +43,9 @@ def termination_log(run_dir: Path) -> Path:
     return run_dir / TERMINATION_LOG_FILE
 
 
-def runtime_env(*, accelerator: str, scratch: Path) -> dict[str, str]:
-    """Environment every process of a local run shares, whatever its workload."""
+def runtime_env(*, accelerator: str, scratch: Path, devices: str | None = None) -> dict[str, str]:
+    """Environment every process of a local run shares, whatever its workload; ``devices``: the
+    GPUs it may use (``CUDA_VISIBLE_DEVICES``; default: what this machine shows it)."""
     env = {
         "PYTHONUNBUFFERED": "1",
         # Keep caches out of the user's home and away from each other's runs.
@@ -56,6 +57,8 @@ def runtime_env(*, accelerator: str, scratch: Path) -> dict[str, str]:
     if accelerator == "cpu":
         env[ENV_DS_ACCELERATOR] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
+    elif devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
     env[ENV_TERMINATION_LOG] = str(termination_log(scratch))
     return env
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -65,6 +67,7 @@ class RunOptions:
     accelerator: str = "auto"
     verbose: bool = False
     cores: int | None = None  # the cores its processes share (default: the machine's)
+    devices: str | None = None  # the GPUs they may use, as CUDA_VISIBLE_DEVICES (default: all)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,22 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs processes started here may use: ``CUDA_VISIBLE_DEVICES`` when set, else every GPU
+    ``nvidia-smi -L`` lists (none without it)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    count = sum(line.startswith("GPU ") for line in listing.splitlines())  # not its MIG lines
+    return [str(i) for i in range(count)]
 
 
 def detect_accelerator(requested: str) -> str:
@@ -213,7 +232,9 @@ class LocalRunner:
         plan_path.write_text(plan.to_json())
         progress_path = run_dir / "progress.jsonl"
         progress_path.unlink(missing_ok=True)
-        env = launcher.runtime_env(accelerator=self.accelerator, scratch=run_dir)
+        env = launcher.runtime_env(
+            accelerator=self.accelerator, scratch=run_dir, devices=self.options.devices
+        )
         # Each local run of a job is one attempt, as each gang of a cluster's job is.
         attempt = next_attempt(plan)
         env[ENV_ATTEMPT] = str(attempt)

@@ -32,7 +32,7 @@ from rich.table import Table
 from kubetune.api import API_VERSION, FineTuneJob
 from kubetune.api.spec import Serve
 from kubetune.api.sweep import FineTuneSweep, FineTuneSweepSpec, TrialState
-from kubetune.local.runner import LOCAL_NAMESPACE, LocalRunner, ProgressHook, RunStopped
+from kubetune.local.runner import LOCAL_NAMESPACE, LocalRunner, ProgressHook, RunStopped, visible_gpus
 from kubetune.run.plan import SWEEP_SEARCH_ANNOTATION, SweepRef
 from kubetune.sweep import study
 from kubetune.sweep.evaluations import objective_of, observe
@@ -89,22 +89,35 @@ class Slots:
     trials: int
     cores_per_trial: int
     lowered: str | None = None
+    devices: list[str] | None = None  # on GPUs: the CUDA_VISIBLE_DEVICES of each slot
 
 
-def trial_slots(spec: FineTuneSweepSpec, cores: int) -> Slots:
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 'es' if word.endswith('s') else 's'}"
+
+
+def trial_slots(spec: FineTuneSweepSpec, cores: int, gpus: list[str] | None = None) -> Slots:
     """``parallelism``, bounded by the cores: each process of a trial (workers x processes per
-    worker) needs a core of its own, or parallel trials only slow each other down."""
+    worker) needs a core of its own, or parallel trials only slow each other down; on GPUs
+    (``gpus``: the visible ones) each process also needs a GPU of its own, and each slot gets its
+    GPUs, so two trials never share one."""
     per_trial = spec.template.resources.workers * spec.template.resources.processes
     fit = max(1, cores // per_trial)
     trials = min(spec.parallelism, fit)
+    why = f"this machine has {_plural(cores, 'core')}"
+    if gpus is not None and len(gpus) // per_trial < trials:
+        trials = max(1, len(gpus) // per_trial)
+        why = f"this machine shows {_plural(len(gpus), 'GPU')}"
     lowered = None
     if trials < spec.parallelism:
         lowered = (
-            f"parallelism {spec.parallelism} lowered to {trials}: each trial runs {per_trial} "
-            f"process{'es' if per_trial > 1 else ''} and this machine has {cores} "
-            f"core{'s' if cores > 1 else ''}"
+            f"parallelism {spec.parallelism} lowered to {trials}: each trial runs "
+            f"{_plural(per_trial, 'process')} and {why}"
         )
-    return Slots(trials, max(1, cores // trials), lowered)
+    devices = None
+    if gpus is not None and len(gpus) >= per_trial:
+        devices = [",".join(gpus[k * per_trial : (k + 1) * per_trial]) for k in range(trials)]
+    return Slots(trials, max(1, cores // trials), lowered, devices)
 
 
 def _now() -> str:
@@ -155,6 +168,7 @@ class SweepRunner:
         # Guards the trials list and their fields: trial threads write them, the study reads them.
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._free: list[str | None] = []  # set by run()
 
     def run(self, sweep: FineTuneSweep) -> SweepOutcome:
         # Each local run of a sweep is a sweep of its own, as a resource created anew would be:
@@ -163,7 +177,10 @@ class SweepRunner:
             meta = sweep.metadata.model_copy(update={"uid": str(uuid.uuid4())})
             sweep = sweep.model_copy(update={"metadata": meta})
         spec = sweep.spec
-        slots = trial_slots(spec, self.cores)
+        gpus = visible_gpus() if self.runner.accelerator == "cuda" else None
+        slots = trial_slots(spec, self.cores, gpus)
+        # The GPUs of the slots no trial holds (on CPUs, one "slot" of no particular device each).
+        self._free = list(slots.devices) if slots.devices else [None] * slots.trials
         if slots.lowered:
             self.console.print(f"[yellow]{slots.lowered}", highlight=False)
         trials: list[LocalTrial] = []
@@ -247,10 +264,16 @@ class SweepRunner:
             if prune:
                 raise TrialPruned(max(seen))
 
-        with log.open("a", encoding="utf-8") as out:
-            options = dataclasses.replace(self.runner.options, cores=cores)
-            runner = LocalRunner(options, Console(file=out, width=120, soft_wrap=True))
-            state, note = self._outcome(runner, job, watch)
+        with self._lock:
+            devices = self._free.pop(0)
+        try:
+            with log.open("a", encoding="utf-8") as out:
+                options = dataclasses.replace(self.runner.options, cores=cores, devices=devices)
+                runner = LocalRunner(options, Console(file=out, width=120, soft_wrap=True))
+                state, note = self._outcome(runner, job, watch)
+        finally:
+            with self._lock:
+                self._free.append(devices)
         with self._lock:
             trial.finished = _now()
             trial.state = state

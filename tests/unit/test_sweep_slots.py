@@ -44,3 +44,19 @@ def test_a_trial_of_more_processes_than_cores_still_runs_one_at_a_time() -> None
     assert (slots.trials, slots.cores_per_trial) == (1, 2)
     assert slots.lowered is not None
     assert "each trial runs 4 processes" in slots.lowered
+
+
+def test_on_gpus_each_trial_gets_gpus_of_its_own() -> None:
+    slots = trial_slots(sweep(parallelism=4, processes=2), cores=16, gpus=["0", "1", "2", "3"])
+    assert (slots.trials, slots.cores_per_trial) == (2, 8)
+    assert slots.devices == ["0,1", "2,3"]
+    assert slots.lowered == (
+        "parallelism 4 lowered to 2: each trial runs 2 processes and this machine shows 4 GPUs"
+    )
+
+
+def test_one_gpu_runs_one_trial_at_a_time_on_it() -> None:
+    slots = trial_slots(sweep(parallelism=2), cores=16, gpus=["3"])
+    assert (slots.trials, slots.devices) == (1, ["3"])
+    assert slots.lowered is not None
+    assert slots.lowered.endswith("this machine shows 1 GPU")
