@@ -178,7 +178,8 @@ def stall_message(
 def report_waiting(obs: Observation, status: JobStatusBase, current: JobState) -> Decision:
     """While ``current`` runs: the PodsScheduled condition (False with the scheduler's message
     while a pod cannot be placed, with a Warning Event when that news is new; True again once
-    they are placed), and when to look again (pods not all ready, a progress deadline)."""
+    they are placed), and when to look again (pods that exist but are not all ready, a progress
+    deadline)."""
     pods = obs.pods.get(current.name, ())
     finding = blocked(pods)
     old = get_condition(status.conditions, ConditionType.scheduled)
@@ -192,7 +193,9 @@ def report_waiting(obs: Observation, status: JobStatusBase, current: JobState) -
         status = with_condition(
             obs, status, ConditionType.scheduled, True, "Scheduled", "all pods are scheduled"
         )
-    recheck = POD_CHECK_SECONDS if current.ready < current.parallelism and not current.suspended else None
+    # Until the Job controller has created pods, its own status updates bring the next look.
+    waiting = pods and current.ready < current.parallelism and not current.suspended
+    recheck = POD_CHECK_SECONDS if waiting else None
     deadline = obs.job.spec.progress_deadline_seconds if isinstance(obs.job, FineTuneJob) else None
     due = (
         stall_due_in(deadline, current, obs.progress_at, obs.now)
