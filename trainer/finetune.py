@@ -97,6 +97,7 @@ def finetune(
         early_stopping,
         outputs,
         preference,
+        robustness,
         training,
         usage,
     )
@@ -222,7 +223,8 @@ def finetune(
         if plan.task.type == TaskType.sequence_classification and compute_metrics is not None:
             # Keeps the final evaluation's classes for the full report and eval_predictions.jsonl.
             compute_metrics = recorder = classification_report.PredictionRecorder(compute_metrics)
-        trainer = Trainer(
+        # The Trainer measuring tokens/s and padding, with the adversarial loss where asked for.
+        trainer = robustness.trainer_class(plan)(
             model=model,
             args=args,
             train_dataset=data.train,

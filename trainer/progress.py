@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 _EVAL_BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "epoch")
 # Prefix of the reward metrics trl's DPOTrainer logs every step.
 _REWARDS = "rewards/"
+# What kubetune's Trainer measures in training (trainer/throughput.py, trainer/robustness.py).
+_TRAINING_MEASUREMENTS = ("tokens_per_second", "padding_share", "adversarial_loss")
 
 
 def format_duration(seconds: float) -> str:
@@ -530,6 +532,7 @@ class ProgressCallback(TrainerCallback):
         if "learning_rate" in logs:
             self._learning_rate = _as_float(logs["learning_rate"])
         self._take_training_rewards(logs)
+        self._take_throughput(logs)
         self._take_eval(logs)
         self._send(args, state)
 
@@ -555,6 +558,14 @@ class ProgressCallback(TrainerCallback):
         for key, value in logs.items():
             number = _as_float(value)
             if key.startswith(_REWARDS) and number is not None:
+                self._metrics[f"train_{key}"] = number
+
+    def _take_throughput(self, logs: Mapping[str, Any]) -> None:
+        """kubetune's MeasuredTrainer's training measurements (tokens that are not padding per
+        second, padding share, the adversarial loss) as train_..., beside the evaluation metrics."""
+        for key in _TRAINING_MEASUREMENTS:
+            number = _as_float(logs.get(key))
+            if number is not None:
                 self._metrics[f"train_{key}"] = number
 
     def _take_eval(self, logs: Mapping[str, Any]) -> None:

@@ -288,6 +288,8 @@ def training_arguments(
     import torch
     from transformers import TrainingArguments
 
+    from kubetune.trainer.robustness import neftune_alpha
+
     hp = plan.hyperparameters
     assert hp is not None, "finetune plans carry hyperparameters"
     every = plan.checkpoint.every_steps if plan.checkpoint else 100
@@ -334,6 +336,8 @@ def training_arguments(
         log_level="warning",  # kubetune logs progress itself (ProgressCallback)
         log_level_replica="error",
         ddp_timeout=_DDP_TIMEOUT_S,
+        # NEFTune noise on the input embeddings in training mode only (hyperparameters.robustness).
+        neftune_noise_alpha=neftune_alpha(plan),
     )
     if hp.early_stopping is not None:
         if not has_eval:

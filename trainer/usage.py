@@ -57,6 +57,8 @@ def measure(
         train_seconds=train_seconds,
         parameters=count_parameters(trainer.model),
         device_name=device_name(accelerator),
+        # Measured by kubetune's MeasuredTrainer (trl's DPOTrainer does not measure it).
+        padding_share=getattr(trainer, "padding_share", None),
     )
 
 

@@ -89,10 +89,12 @@ def usage_block(
     train_seconds: float,
     parameters: int,
     device_name: str | None,
+    padding_share: float | None = None,
 ) -> dict[str, Any]:
     """``metrics.json``'s ``usage``: wall time per phase and of the whole process
     (``wall_seconds``), the GPU- and CPU core-hours the pods requested for it, tokens per second
-    of training and, on GPUs with a known peak, MFU."""
+    of training (and the padding share of its batches, where measured) and, on GPUs with a
+    known peak, MFU."""
     wall = wall_seconds
     block: dict[str, Any] = {
         "wall_seconds": {name: round(seconds, 3) for name, seconds in phases_s.items()},
@@ -106,6 +108,9 @@ def usage_block(
         "tokens_per_second": tokens_per_second(tokens, train_seconds) if tokens is not None else None,
         "parameters": parameters,
     }
+    if padding_share is not None:
+        # Share of the training batches' token slots that were padding (0 when packed).
+        block["padding_share"] = padding_share
     rate = block["tokens_per_second"]
     if gpus_per_pod > 0:
         block["device"] = device_name

@@ -1,22 +1,26 @@
 """Sample packing (``dataset.packing: true``): short records laid end to end in ``maxSeqLength``
 windows instead of each padded to its batch's longest.
 
-The machinery is trl's, not ours: :func:`trl.pack_dataset` (best-fit decreasing, so a record is
-never cut across windows) builds the windows and records each one's ``seq_lengths``, and trl's
-padding-free :class:`~trl.trainer.sft_trainer.DataCollatorForLanguageModeling` lays a batch's
-windows out as one row whose ``position_ids`` restart at every record, with the varlen kernels'
-``cu_seq_lens`` and no ``attention_mask``. It masks the first label of every record, which only
-the previous record's last token would predict, so a record's loss never reaches into its
-neighbour; every other label is the record's own (response-only for instruction,
-assistant-only for chat, as :mod:`.formats` made them).
+trl's :func:`~trl.data_utils.pack_dataset` builds the windows (best-fit decreasing, so a record is
+never cut across windows) and records each one's ``seq_lengths``. :func:`packed_collator` then
+keeps each window a row of the batch, ``position_ids`` restarting at every record and no
+``attention_mask``, with the first label of every record masked (only the previous record's last
+token would predict it), so a record's loss never reaches into its neighbour; every other label
+is the record's own (response-only for instruction, assistant-only for chat, as :mod:`.formats`
+made them). Not trl's padding-free collator itself: it flattens the whole batch into one row,
+which suits varlen kernels but makes attention without them (sdpa, eager: CPU, and GPUs without
+flash-attention) cost ``(batch x maxSeqLength)^2`` instead of ``batch x maxSeqLength^2``. Its
+position-id helper is reused.
 
 Records do not attend to each other: with flash-attention-2 the kernels take the record
-boundaries from ``cu_seq_lens``; with sdpa and eager (CPU), transformers' mask builder sees the
-restarting ``position_ids`` without an ``attention_mask`` and builds a block-diagonal causal
-mask. Both need a model run without a KV cache (a cache switches that detection off), which
-training never uses: the collator passes ``use_cache=False``.
+boundaries from ``cu_seq_lens_q/k`` (over the batch's rows laid end to end, as its varlen path
+flattens them); with sdpa and eager, transformers' mask builder sees the restarting
+``position_ids`` without an ``attention_mask`` and builds a block-diagonal causal mask per row.
+Both need a model run without a KV cache (a cache switches that detection off), which training
+never uses: the collator passes ``use_cache=False``. The few padding tokens after a window's
+records form a segment of their own, without loss.
 
-Evaluation batches go through the same collator unpacked (one record per window), so the
+Evaluation batches go through the same collator unpacked (one record per row), so the
 evaluation loss is the same sum over the same tokens as without packing.
 """
 
@@ -105,17 +109,42 @@ def packing_stats(packed: datasets.Dataset, max_length: int) -> PackingStats:
 
 
 def packed_collator(pad_id: int) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
-    """trl's padding-free collator, with the KV cache switched off (see the module docstring)."""
+    """Batches of packed windows (or of unpacked records, for evaluation), as the module
+    docstring describes."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    flatten = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
-
     def collate(features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = flatten(
-            [{c: f[c] for c in (*COLUMNS, "seq_lengths") if c in f} for f in features]
+        lengths = [list(f.get("seq_lengths") or [len(f["input_ids"])]) for f in features]
+        longest = max(sum(row) for row in lengths)
+        # Padding after a window's records is a segment of its own.
+        segments = [row + ([longest - sum(row)] if sum(row) < longest else []) for row in lengths]
+        positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(segments)
+        ids = pad_sequence(
+            [torch.tensor(list(f["input_ids"]), dtype=torch.long) for f in features],
+            batch_first=True,
+            padding_value=pad_id,
         )
-        batch["use_cache"] = False
-        return batch
+        labels = pad_sequence(
+            [torch.tensor(list(f["labels"]), dtype=torch.long) for f in features],
+            batch_first=True,
+            padding_value=IGNORE_INDEX,
+        )
+        position_ids = torch.stack(positions)
+        labels[position_ids == 0] = IGNORE_INDEX
+        flat = [n for row in segments for n in row]
+        cu_seq_lens = torch.tensor([0, *flat], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(flat),
+            "max_length_k": max(flat),
+            "use_cache": False,
+        }
 
     return collate
 
