@@ -287,3 +287,17 @@ def test_kubetune_plan_of_a_job_that_fits(tmp_path: Path, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert "limit 4Gi: fits" in out
     assert "WillNotFit" not in out
+
+
+def test_kubetune_plan_of_a_sweep_plans_its_template_and_lists_compression(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_7B))
+    examples = Path(__file__).parents[2] / "manifests" / "examples"
+    assert main(["plan", str(examples / "sweep-lora.yaml"), "--model-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "(its template; trials differ only in the search space)" in out
+    assert "parameters 6,738,415,616, trainable " in out
+    assert main(["plan", str(examples / "compress-from-finetune.yaml"), "--model-config", str(config)]) == 0
+    assert "compression trains nothing; no memory plan" in capsys.readouterr().out
