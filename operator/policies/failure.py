@@ -178,9 +178,9 @@ def restart(
     if counted and used >= spec.max_restarts:
         message = f"{obs.noun} failed {used + 1} times (maxRestarts {spec.max_restarts}); last: {detail}"
         # A stalled attempt still runs: its pods stop holding their nodes.
-        running = [] if current.failed else [ChildRef("batch/v1", "Job", current.name)]
+        still_running = [] if current.failed else [ChildRef("batch/v1", "Job", current.name)]
         return Decision(
-            status=failed(obs, status, REASON_RESTARTS_EXHAUSTED, message), delete=running, settled=True
+            status=failed(obs, status, REASON_RESTARTS_EXHAUSTED, message), delete=still_running, settled=True
         )
     attempt = current.attempt + 1
     replacement = render_main_job(obs.job, obs.settings, plan, obs.namespace, attempt)
