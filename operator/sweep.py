@@ -9,13 +9,16 @@ continues the numbering. A trial to stop gets the annotation ``kubetune.io/prune
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from kubetune.api import API_VERSION, GROUP, ConditionType, FineTuneSweep, Phase
+from kubetune.api import API_VERSION, GROUP, ConditionType, FineTuneJob, FineTuneSweep, Phase
+from kubetune.api.spec import Serve
+from kubetune.api.status import FineTuneJobStatus
 from kubetune.api.sweep import Evaluation, FineTuneSweepStatus, TrialCounts, TrialState, TrialStatus
 from kubetune.operator.lifecycle import (
     ANNOTATION_CLEANED,
@@ -24,17 +27,22 @@ from kubetune.operator.lifecycle import (
     ANNOTATION_STOP,
     REASON_DEADLINE,
     REASON_INVALID_SPEC,
+    Decision,
+    DeploymentState,
+    Observation,
     StateReason,
     get_condition,
     is_true,
     rfc3339,
     set_condition,
 )
+from kubetune.operator.policies import serving
 from kubetune.operator.policies.deadline import overdue, paused_after_resuming, remaining
 from kubetune.operator.policies.pruning import REASON_PRUNED, stop_annotation
 from kubetune.operator.policies.suspension import SUSPENDED_MESSAGE
 from kubetune.operator.policies.ttl import expiry_at
-from kubetune.operator.render import LABEL_MANAGED_BY, MANAGER, Manifest
+from kubetune.operator.render import LABEL_JOB, LABEL_KIND, LABEL_MANAGED_BY, MANAGER, Manifest
+from kubetune.operator.settings import Settings
 from kubetune.run.plan import SWEEP_SEARCH_ANNOTATION
 from kubetune.sweep import study
 from kubetune.sweep.evaluations import objective_of, observe
@@ -164,6 +172,8 @@ class SweepObservation:
     evaluations: Mapping[int, Mapping[int, float]] = field(default_factory=dict)
     # The sweep's own annotations (kubetune.io/paused-seconds, kubetune.io/children-deleted).
     annotations: Mapping[str, str] = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)
+    deployment: DeploymentState | None = None  # the promoted model's serving Deployment
 
 
 @dataclass
@@ -175,6 +185,8 @@ class SweepDecision:
     # Merge patches of trials by name: suspending or resuming them, stopping them.
     patch: dict[str, Manifest] = field(default_factory=dict)
     delete: list[str] = field(default_factory=list)  # trial names (ttlSecondsAfterFinished)
+    # Serving of the best trial (promote): children to create, patch or delete, as for a job's.
+    serving: Decision | None = None
     annotations: dict[str, str] = field(default_factory=dict)  # of the sweep itself
     recheck_after: float | None = None  # seconds after which time alone changes the decision
 
@@ -369,6 +381,9 @@ def _finished(obs: SweepObservation, decision: SweepDecision) -> SweepDecision:
                     "annotations": stop_annotation(failure.reason, f"the sweep failed: {failure.message}")
                 }
                 decision.patch[trial.name] = {"metadata": meta}
+    if status.phase == Phase.succeeded:
+        decision.serving, status = promote(obs, status)
+        decision.status = status
     annotations = {**obs.annotations, **decision.annotations}
     due = expiry_at(obs.sweep.spec.ttl_seconds_after_finished, status.completion_time, annotations)
     if due is not None and obs.now >= due:
@@ -469,4 +484,70 @@ def _summarised(
             "trials_done": f"{done}/{spec.max_trials}",
             "best_trial": next((row for row in rows if winner and row.number == winner.number), None),
         }
+    )
+
+
+def promoted_job(sweep: FineTuneSweep, namespace: str, best: TrialStatus) -> FineTuneJob:
+    """The FineTuneJob whose serving serves the best trial's model: the trial's own spec (so what is
+    served is decided as for the trial itself, run/artifacts), ``promote`` as its serve, named after
+    the sweep (its serving is <sweep>-serve) and carrying the sweep's uid."""
+    spec = sweep.spec
+    job_spec = trial_spec(spec, best.parameters, trial_output(spec, best.number))
+    job_spec = job_spec.model_copy(update={"serve": Serve.model_validate(spec.promote.to_wire())})
+    meta = {"name": sweep.metadata.name, "namespace": namespace, "uid": sweep.metadata.uid}
+    return FineTuneJob.model_validate(
+        {"apiVersion": API_VERSION, "kind": "FineTuneJob", "metadata": meta, "spec": job_spec.to_wire()}
+    )
+
+
+def sweep_child(manifest: Manifest, sweep: FineTuneSweep) -> Manifest:
+    """A serving object rendered for :func:`promoted_job`, made the sweep's: owned by it and
+    labelled with it instead of a job (the jobs' handlers never take it for a job's); its pod
+    template and selector, which the spec hash covers, stay as rendered."""
+    out = copy.deepcopy(manifest)
+    meta = out["metadata"]
+    labels = {k: v for k, v in meta.get("labels", {}).items() if k not in (LABEL_JOB, LABEL_KIND)}
+    meta["labels"] = {**labels, LABEL_SWEEP: str(sweep.metadata.name)}
+    if sweep.metadata.uid:
+        meta["ownerReferences"] = [sweep_owner_reference(sweep)]
+    return out
+
+
+def sweep_owner_reference(sweep: FineTuneSweep) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneSweep",
+        "name": sweep.metadata.name,
+        "uid": sweep.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def promote(
+    obs: SweepObservation, status: FineTuneSweepStatus
+) -> tuple[Decision | None, FineTuneSweepStatus]:
+    """``promote``: the serving policy of a succeeded FineTuneJob applied to the best trial's model
+    (Deployment and Service, updates when promote changes, removal when it is switched off,
+    ServingReady and status.serving), its children made the sweep's."""
+    best = status.best_trial
+    if best is None or (not obs.sweep.spec.promote.enabled and not status.serving and obs.deployment is None):
+        return None, status
+    job = promoted_job(obs.sweep, obs.namespace, best)
+    job_status = FineTuneJobStatus(
+        phase=Phase.succeeded, conditions=status.conditions, serving=status.serving
+    )
+    job_obs = Observation(
+        job=job,
+        namespace=obs.namespace,
+        settings=obs.settings,
+        now=obs.now,
+        status=job_status,
+        generation=obs.sweep.metadata.generation,
+        deployment=obs.deployment,
+    )
+    served = serving.serve(job_obs, job_status)
+    served.create = [sweep_child(m, obs.sweep) for m in served.create]
+    return served, status.model_copy(
+        update={"serving": served.status.serving, "conditions": served.status.conditions}
     )

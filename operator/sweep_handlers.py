@@ -24,8 +24,11 @@ from pydantic import ValidationError
 from kubetune.api import API_VERSION, GROUP, VERSION, FineTuneSweep
 from kubetune.api.sweep import FineTuneSweepStatus
 from kubetune.errors import describe_validation_error
+from kubetune.operator import lifecycle
 from kubetune.operator.kube import ApiError
 from kubetune.operator.lifecycle import ANNOTATION_PRUNE
+from kubetune.operator.render import COMPONENT_SERVE, LABEL_COMPONENT
+from kubetune.operator.settings import Settings
 from kubetune.operator.sweep import (
     LABEL_SWEEP,
     LABEL_TRIAL,
@@ -118,6 +121,23 @@ def trials_by_sweep(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
     return {(namespace or "", labels[LABEL_SWEEP]): _trial_snapshot(body)}
 
 
+SERVING_LABELS: Final[dict[str, Any]] = {LABEL_SWEEP: kopf.PRESENT, LABEL_COMPONENT: COMPONENT_SERVE}
+
+
+@kopf.index("apps", "v1", "deployments", labels=SERVING_LABELS)
+def sweep_serving_index(
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace or "", labels[LABEL_SWEEP]): lifecycle.deployment_state(body)}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
+async def sweep_serving_event(
+    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    await reconcile_key(memo, (namespace or "", str(labels[LABEL_SWEEP])), kwargs)
+
+
 @kopf.on.event(GROUP, VERSION, FineTuneSweep.plural)
 async def finetunesweep_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
@@ -161,7 +181,12 @@ async def reconcile_key(memo: kopf.Memo, key: SweepKey, kwargs: Mapping[str, Any
     try:
         async with rt.lock(key):
             recheck = await reconcile_sweep(
-                rt, operator.client, owner, list(kwargs["trials_by_sweep"].get(key, []))
+                rt,
+                operator.client,
+                owner,
+                list(kwargs["trials_by_sweep"].get(key, [])),
+                operator.settings,
+                next(iter(kwargs["sweep_serving_index"].get(key, [])), None),
             )
     except kopf.PermanentError:
         return
@@ -206,7 +231,12 @@ def owned(child: Mapping[str, Any], uid: str) -> bool:
 
 
 async def reconcile_sweep(
-    rt: SweepRuntime, client: Any, owner: Mapping[str, Any], children: list[Mapping[str, Any]]
+    rt: SweepRuntime,
+    client: Any,
+    owner: Mapping[str, Any],
+    children: list[Mapping[str, Any]],
+    settings: Settings,
+    deployment: lifecycle.DeploymentState | None = None,
 ) -> float | None:
     """Observe, decide, apply. Returns the seconds after which time alone changes the sweep."""
     meta = owner["metadata"]
@@ -240,6 +270,8 @@ async def reconcile_sweep(
         trials=remembered_trials(found, status, in_flight),
         evaluations=evaluations_of(status),
         annotations=annotations,
+        settings=settings,
+        deployment=deployment,
     )
     decision = decide(obs)
     for manifest in decision.create:
@@ -273,12 +305,34 @@ async def reconcile_sweep(
         except ApiError as exc:
             if exc.status != 404:
                 raise
+    if decision.serving is not None:
+        await _apply_serving(client, namespace, owner, decision.serving)
     if decision.annotations:
         body = {"metadata": {"annotations": decision.annotations}}
         await client.merge_patch(str(owner["apiVersion"]), "FineTuneSweep", namespace, name, body)
         rt.written_annotations.setdefault(uid, {}).update(decision.annotations)
     await _write_status(rt, client, owner, status, decision.status)
     return decision.recheck_after
+
+
+async def _apply_serving(
+    client: Any, namespace: str, owner: Mapping[str, Any], serving: lifecycle.Decision
+) -> None:
+    """The promoted model's serving objects, as the jobs' handlers apply a serving decision."""
+    for manifest in serving.create:
+        try:
+            await client.create(manifest)
+        except ApiError as exc:
+            if exc.status != 409:  # 409: there already (the Service is rendered every time)
+                raise
+    for patch in serving.patch:
+        ref = patch.ref
+        send = client.json_patch if patch.json_patch else client.merge_patch
+        await send(ref.api_version, ref.kind, namespace, ref.name, patch.body)
+    for ref in serving.delete:
+        await client.delete(ref.api_version, ref.kind, namespace, ref.name)
+    for event in serving.events:
+        kopf.event(owner, type=event.type, reason=event.reason, message=event.message[:1024])  # type: ignore[arg-type]
 
 
 def replacing(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from pydantic_core import PydanticCustomError
 from kubetune.api.base import DNS_LABEL_PATTERN, STRICT, WHOLE_FLOAT, Bool, CelRule, Float, Int, KubeModel
 from kubetune.api.resources import MAX_NAME_LENGTH, FineTuneJobSpec, KubetuneResource, name_rules
 from kubetune.api.spec import Serve, Tracking
-from kubetune.api.status import Condition, Phase
+from kubetune.api.status import Condition, Phase, ServingStatus
 
 # Trials are FineTuneJobs named <sweep>-t<N> (N <= 9999), whose own children must stay DNS labels.
 MAX_TRIALS = 9999
@@ -486,6 +486,9 @@ class FineTuneSweepStatus(KubeModel):
     counts: TrialCounts | None = Field(None, description="Trials by state.")
     trials: list[TrialStatus] | None = Field(None, description="Every trial, by number.")
     best_trial: TrialStatus | None = Field(None, description="The completed trial with the best objective.")
+    serving: ServingStatus | None = Field(
+        None, description="The serving of the best trial's model (promote), once the sweep succeeded."
+    )
 
 
 class FineTuneSweep(KubetuneResource):

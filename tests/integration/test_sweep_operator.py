@@ -8,6 +8,7 @@ coroutine of a namespace, so the RBAC test of tests/integration/test_operator.py
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from tests.kube import (  # noqa: F401  (fixtures)
     kubeconfig,
     operator,
     patch,
+    set_deployment_ready,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -35,6 +37,7 @@ FTJ = "kubetune.io/v1alpha1/finetunejobs"
 FTS = "kubetune.io/v1alpha1/finetunesweeps"
 CJ = "kubetune.io/v1alpha1/compressjobs"
 JOBS = "batch/v1/jobs"
+DEPLOYMENTS = "apps/v1/deployments"
 NS = "default"
 
 
@@ -191,6 +194,8 @@ async def scenario_compress_the_best_trial(kube: KubeEmulator, ns: str) -> None:
     best = sweep_status(kube, "pick", ns)["bestTrial"]
     assert best["number"] == 1
     await eventually(lambda: kube.get(JOBS, ns, "winner-compress-validate"), what="winner validates")
+    # The validation Job is created before the status that names the model is written.
+    await eventually(lambda: compress_status(kube, "winner", ns).get("sourceModelUri"), what="its model")
     st = compress_status(kube, "winner", ns)
     assert st["sourceModelUri"] == best["modelUri"]
     assert st["sourceModelUri"].startswith("s3://runs/pick/trials/1")
@@ -219,23 +224,15 @@ def failed_reason(kube: KubeEmulator, name: str, ns: str, resource: str = FTJ) -
 
 
 async def scenario_suspend_and_resume(kube: KubeEmulator, ns: str) -> None:
-    await create(kube, FTS, sweep("pause", ns, maxTrials=2, parallelism=1, queueName="team-queue"))
-    await eventually(lambda: trials(kube, "pause", ns) == ["pause-t0"], what="pause-t0")
+    await create(
+        kube, FTS, sweep("pause", ns, maxTrials=2, parallelism=1, queueName="team-queue", suspend=True)
+    )
+    await eventually(lambda: sweep_status(kube, "pause", ns).get("phase") == "Suspended", what="Suspended")
+    assert trials(kube, "pause", ns) == [], "no trial while suspended"
+    await patch(kube, FTS, ns, "pause", {"spec": {"suspend": False}})
+    await eventually(lambda: trials(kube, "pause", ns) == ["pause-t0"], what="t0 after resuming")
     # Each trial is its own Kueue workload in the sweep's queue.
     assert (kube.get(FTJ, ns, "pause-t0") or {})["spec"]["queueName"] == "team-queue"
-    await patch(kube, FTS, ns, "pause", {"spec": {"suspend": True}})
-    await eventually(lambda: sweep_status(kube, "pause", ns).get("phase") == "Suspended", what="Suspended")
-    await eventually(
-        lambda: (kube.get(FTJ, ns, "pause-t0") or {})["spec"].get("suspend"), what="t0 suspended"
-    )
-    await report(kube, "pause-t0", 20, 1.0, ns)
-    await patch(kube, FTJ, ns, "pause-t0", {"status": {"phase": "Succeeded"}}, "status")
-    await eventually(
-        lambda: sweep_status(kube, "pause", ns).get("counts", {}).get("complete") == 1, what="t0 counted"
-    )
-    assert trials(kube, "pause", ns) == ["pause-t0"], "no new trial while suspended"
-    await patch(kube, FTS, ns, "pause", {"spec": {"suspend": False}})
-    await eventually(lambda: trials(kube, "pause", ns) == ["pause-t0", "pause-t1"], what="t1 after resuming")
     await eventually(lambda: sweep_status(kube, "pause", ns).get("phase") == "Running", what="Running")
     suspended = next(c for c in sweep_status(kube, "pause", ns)["conditions"] if c["type"] == "Suspended")
     assert (suspended["status"], suspended["reason"]) == ("False", "Resumed")
@@ -282,6 +279,31 @@ async def scenario_ttl_deletes_trials_keeps_the_sweep(kube: KubeEmulator, ns: st
     ] == "true"
 
 
+async def scenario_promote_serves_the_best_trial(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("champ", ns, maxTrials=2, parallelism=2, promote={"enabled": True}))
+    await eventually(lambda: trials(kube, "champ", ns) == ["champ-t0", "champ-t1"], what="two trials")
+    await finish(kube, "champ-t0", 1.1, ns)
+    assert kube.get(DEPLOYMENTS, ns, "champ-serve") is None, "nothing is served before the sweep ends"
+    await finish(kube, "champ-t1", 0.6, ns)
+    deployment = await eventually(lambda: kube.get(DEPLOYMENTS, ns, "champ-serve"), what="champ-serve")
+    owner = deployment["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"]) == ("FineTuneSweep", "champ")
+    assert deployment["metadata"]["labels"]["kubetune.io/sweep"] == "champ"
+    served = json.dumps(deployment["spec"]["template"]["spec"])
+    assert "s3://runs/champ/trials/1" in served, "the best trial's model"
+    assert kube.get("v1/services", ns, "champ-serve") is not None
+    await set_deployment_ready(kube, ns, "champ-serve", 1)
+    await eventually(
+        lambda: (sweep_status(kube, "champ", ns).get("serving") or {}).get("ready"), what="ready"
+    )
+    st = sweep_status(kube, "champ", ns)
+    assert st["serving"]["url"] == f"http://champ-serve.{ns}.svc:8000/v1"
+    ready = next(c for c in st["conditions"] if c["type"] == "ServingReady")
+    assert ready["status"] == "True"
+    await patch(kube, FTS, ns, "champ", {"spec": {"promote": {"enabled": False}}})
+    await eventually(lambda: kube.get(DEPLOYMENTS, ns, "champ-serve") is None, what="serving removed")
+
+
 Scenario = Callable[[KubeEmulator, str], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "best_of_parallel_trials": scenario_best_of_parallel_trials,
@@ -293,6 +315,7 @@ SCENARIOS: dict[str, Scenario] = {
     "resume_resumes_suspended_trials": scenario_resume_resumes_suspended_trials,
     "deadline_stops_running_trials": scenario_deadline_stops_running_trials,
     "ttl_deletes_trials_keeps_the_sweep": scenario_ttl_deletes_trials_keeps_the_sweep,
+    "promote_serves_the_best_trial": scenario_promote_serves_the_best_trial,
 }
 
 
