@@ -82,8 +82,8 @@ def current_attempt(job: Job, status: JobStatusBase, jobs: Sequence[JobState]) -
 
 def jobs_to_diagnose(job: Job, status: JobStatusBase, jobs: Sequence[JobState]) -> list[str]:
     """The Jobs whose pods the operator must read to decide: failed ones (exit code, termination
-    message, evictions) and running ones not all of whose pods are ready (pods that cannot be
-    scheduled, pulled or created; evictions)."""
+    message, evictions) and running ones with pods (``active`` counts pending ones) not all ready:
+    pods that cannot be scheduled, pulled or created; evictions."""
     if finished(status):
         return []
     names = child_names(job)
@@ -93,7 +93,8 @@ def jobs_to_diagnose(job: Job, status: JobStatusBase, jobs: Sequence[JobState]) 
     return sorted(
         j.name
         for j in jobs
-        if j.name in wanted and (j.failed or (not j.complete and not j.suspended and j.ready < j.parallelism))
+        if j.name in wanted
+        and (j.failed or (not j.complete and not j.suspended and j.active > 0 and j.ready < j.parallelism))
     )
 
 

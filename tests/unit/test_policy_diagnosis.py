@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.operator import lifecycle
 from kubetune.operator.lifecycle import Decision, Observation, PodState, Termination
-from kubetune.operator.policies import diagnosis
+from kubetune.operator.policies import diagnosis, failure
 from kubetune.operator.reconcile import decide
 from tests.policies import NOW, ago, child, condition, created, deleted, events, finetunejob, observe, wire
 
@@ -304,3 +304,20 @@ def test_a_stalled_attempt_with_no_restarts_left_fails_and_its_gang_goes() -> No
     assert reason == "RestartsExhausted"
     assert "no progress report for 60s" in message
     assert "Job/ft-train-r0" in deleted(decision)
+
+
+@pytest.mark.parametrize(
+    ("gang", "read"),
+    [
+        pytest.param(child("ft-train-r0", active=2, ready=1, parallelism=2), True, id="a-pod-not-ready"),
+        pytest.param(child("ft-train-r0", active=2, ready=2, parallelism=2), False, id="all-ready"),
+        pytest.param(child("ft-train-r0", parallelism=2), False, id="no-pods-yet"),
+        pytest.param(child("ft-train-r0", active=2, parallelism=2, suspended=True), False, id="suspended"),
+        pytest.param(child("ft-train-r0", failed=True, parallelism=2), True, id="failed"),
+    ],
+)
+def test_the_pods_of_a_gang_are_read_while_some_exist_and_are_not_ready(
+    gang: lifecycle.JobState, read: bool
+) -> None:
+    obs = observe(finetunejob(), RUNNING, jobs=[gang])
+    assert failure.jobs_to_diagnose(obs.job, obs.status, [gang]) == (["ft-train-r0"] if read else [])
