@@ -116,6 +116,24 @@ def test_retention_keeps_the_newest_committed_and_drops_torn_ones_older_than_the
     assert (tmp_path / "out" / "model" / "keep.me").is_file()
 
 
+def test_the_best_checkpoint_outlives_keep_last_in_storage_and_locally(tmp_path: Path) -> None:
+    """With early stopping the publisher learns the best evaluation's step: that checkpoint is
+    never pruned, and its local copy stays for the Trainer to load, until a better one comes."""
+    plan = make_plan(tmp_path / "out")
+    guard_output(STORE, plan)
+    publisher = CheckpointPublisher(STORE, plan, ONE_PROCESS, keep_last=1)
+    local = tmp_path / "local"
+    for step, best in ((2, 2), (4, 4), (6, 4), (8, 4)):
+        publisher.publish(step, trainer_checkpoint(local, step), best)
+    stored = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in stored.iterdir()) == ["step-4", "step-8"]
+    assert sorted(p.name for p in local.iterdir()) == ["checkpoint-4"]
+
+    publisher.publish(10, trainer_checkpoint(local, 10), 10)
+    assert sorted(p.name for p in stored.iterdir()) == ["step-10"]
+    assert sorted(p.name for p in local.iterdir()) == ["checkpoint-10"]
+
+
 def test_a_torn_or_tampered_checkpoint_is_never_the_one_to_resume(tmp_path: Path) -> None:
     plan = make_plan(tmp_path / "out")
     for step in (2, 4, 6):
