@@ -14,13 +14,17 @@ from typing import Any, Final
 from tests.cluster.controlplane import ControlPlane
 
 GROUP_VERSION: Final = "kubetune.io/v1alpha1"
-PLURALS: Final = {"FineTuneJob": "finetunejobs", "CompressJob": "compressjobs"}
+PLURALS: Final = {
+    "FineTuneJob": "finetunejobs",
+    "CompressJob": "compressjobs",
+    "FineTuneSweep": "finetunesweeps",
+}
 FINISHED: Final = ("Succeeded", "Failed")
 
 
 def path(plural: str, namespace: str, name: str | None = None) -> str:
     group = {"jobs": "/apis/batch/v1", "deployments": "/apis/apps/v1"}.get(plural)
-    if plural in ("finetunejobs", "compressjobs"):
+    if plural in PLURALS.values():
         group = f"/apis/{GROUP_VERSION}"
     prefix = f"{group or '/api/v1'}/namespaces/{namespace}/{plural}"
     return f"{prefix}/{name}" if name else prefix
