@@ -45,6 +45,8 @@ ANNOTATION_STOP: Final = f"{GROUP}/stop"
 REASON_INVALID_INPUT: Final = "InvalidInput"
 REASON_STORAGE: Final = "StorageError"
 REASON_OUTPUT_CONFLICT: Final = "OutputConflict"
+# The validation step's memory plan: the job cannot fit its GPUs or memory limit (kubetune.run.memory).
+REASON_WILL_NOT_FIT: Final = "WillNotFit"
 REASON_VALIDATION_FAILED: Final = "ValidationFailed"
 REASON_DEADLINE: Final = "DeadlineExceeded"
 REASON_RESTARTS_EXHAUSTED: Final = "RestartsExhausted"

@@ -27,6 +27,7 @@ from kubetune.operator.lifecycle import (
     REASON_STALLED,
     REASON_STORAGE,
     REASON_VALIDATION_FAILED,
+    REASON_WILL_NOT_FIT,
     ChildRef,
     Decision,
     Event,
@@ -65,8 +66,10 @@ def failure_reason(term: Termination | None, state: JobState) -> str | None:
     if code == EXIT_INVALID_INPUT:
         # The runtimes prefix their message with the error's reason (kubetune.ownership's
         # OutputConflictError: the output prefix belongs to, or overlaps, another job).
-        if term is not None and (term.message or "").startswith(f"{REASON_OUTPUT_CONFLICT}:"):
-            return REASON_OUTPUT_CONFLICT
+        # kubetune.trainer.validate's WillNotFit: the memory plan does not fit.
+        for named in (REASON_OUTPUT_CONFLICT, REASON_WILL_NOT_FIT):
+            if term is not None and (term.message or "").startswith(f"{named}:"):
+                return named
         return REASON_INVALID_INPUT
     if code == EXIT_STORAGE:
         return REASON_STORAGE

@@ -31,6 +31,12 @@ def term(code: int, message: str = "") -> Termination:
         pytest.param(
             term(2, "OutputConflict: s3://runs/ft is job x's"), POLICY_FAILED, "OutputConflict", id="conflict"
         ),
+        pytest.param(
+            term(2, "WillNotFit: each pod needs 2 processes x 3.1 GiB"),
+            POLICY_FAILED,
+            "WillNotFit",
+            id="will-not-fit",
+        ),
         pytest.param(term(137), BACKOFF, None, id="oom-is-retriable"),
         pytest.param(term(1), BACKOFF, None, id="crash-is-retriable"),
         pytest.param(
