@@ -6,11 +6,12 @@
   evaluation and the saved model see none.
 - ``adversarial.epsilon`` (sequence classification): :class:`AdversarialTrainer`, one
   fast-gradient (FGM) perturbation per step. The clean loss's gradient with respect to the input
-  embeddings, scaled to L2 norm epsilon per example, is added to the embeddings of a second
+  embeddings, scaled to L2 norm epsilon per example, is added to the embeddings of another
   forward pass; that adversarial loss is added to the clean loss and both back-propagate in the
   Trainer's one backward pass. The gradient comes from ``torch.autograd.grad`` on the embeddings
-  alone, so it touches no parameter gradient and none of DeepSpeed's gradient hooks (ZeRO-2
-  partitions gradients as they arrive). Training logs carry ``adversarial_loss`` (mean over the
+  alone, through a forward of the module itself rather than of DeepSpeed's engine, so it touches
+  no parameter gradient and none of DeepSpeed's backward hooks (ZeRO-2 reduces and partitions
+  gradients when a backward through the engine ends). A step costs three forward passes. Training logs carry ``adversarial_loss`` (mean over the
   logging window and all processes); the logged ``loss`` is the sum. Evaluation computes the
   clean loss only.
 """
@@ -74,7 +75,11 @@ class AdversarialTrainer(MeasuredTrainer):
 
         if not (model.training and torch.is_grad_enabled()):  # evaluation: the clean loss only
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        embeddings = self.accelerator.unwrap_model(model).get_input_embeddings()
+        # The direction comes from a forward of the module itself, not of DeepSpeed's engine: a
+        # backward through the engine's outputs, even autograd.grad, runs its gradient
+        # reduction (DeepSpeed supports a plain loss.backward()), which must run once per step.
+        module = self.accelerator.unwrap_model(model)
+        embeddings = module.get_input_embeddings()
         captured: list[torch.Tensor] = []
 
         def capture(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -86,12 +91,15 @@ class AdversarialTrainer(MeasuredTrainer):
 
         handle = embeddings.register_forward_hook(capture)
         try:
-            clean = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            probe = cast("torch.Tensor", super().compute_loss(module, inputs, False, num_items_in_batch))
         finally:
             handle.remove()
-        clean_loss: torch.Tensor = clean[0] if return_outputs else cast("torch.Tensor", clean)
-        (gradient,) = torch.autograd.grad(clean_loss, captured[0], retain_graph=True)
+        (gradient,) = torch.autograd.grad(probe, captured[0])
         perturbation = fast_gradient(gradient.detach(), self.epsilon)
+        del probe
+
+        clean = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        clean_loss: torch.Tensor = clean[0] if return_outputs else cast("torch.Tensor", clean)
 
         def perturb(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
             return output + perturbation.to(output.dtype)
