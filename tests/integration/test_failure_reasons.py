@@ -3,7 +3,7 @@
 scheduler would report them (an image that cannot be pulled, an eviction, an attempt that reports
 no progress) end in the job's condition and Events with their reason and an actionable message.
 
-The cluster tier (tests/cluster/test_failure_reasons.py) produces the others for real.
+The cluster tier (tests/cluster/test_failures_on_cluster.py) produces the others for real.
 """
 
 from __future__ import annotations
