@@ -31,7 +31,7 @@ host memory) is a fixed allowance per process, :data:`RUNTIME_DEVICE_BYTES` and
 :data:`RUNTIME_HOST_BYTES`, set below what they measure so that the check never refuses a job
 that fits. Model states in host memory get DeepSpeed's ``additional_buffer_factor`` of 1.5, as
 its estimators' CPU figures do (flattening and pinned buffers, copies made while loading and
-saving); measured CPU runs agree (tests/integration/test_memory_plan.py).
+saving); measured CPU runs agree (tests/integration/test_memory_plan_measured.py).
 """
 
 from __future__ import annotations
