@@ -62,6 +62,7 @@ REASON_INVALID_CHILD: Final = "InvalidChild"
 # Why pods could not run, or an attempt ended (policies.diagnosis; docs/operations.md).
 REASON_OOM_KILLED: Final = "OOMKilled"
 REASON_UNSCHEDULABLE: Final = "Unschedulable"
+REASON_SCHEDULED: Final = "Scheduled"
 REASON_IMAGE_PULL: Final = "ImagePullFailed"
 REASON_CONTAINER_CONFIG: Final = "ContainerConfigError"
 REASON_DISRUPTED: Final = "Disrupted"

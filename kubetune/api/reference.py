@@ -135,7 +135,7 @@ def field_paths(kind: type[KubetuneResource]) -> list[str]:
 # --- Describing a node ------------------------------------------------------------------------
 
 
-def _escape(text: str) -> str:
+def escape_markdown(text: str) -> str:
     """Text safe in a Markdown table cell: pipes split cells, '<' starts HTML, '*' emphasises."""
     return (
         text.replace("\\", "\\\\")
@@ -212,7 +212,7 @@ def constraints(node: Mapping[str, Any]) -> list[str]:
         out.append(_PATTERN_WORDS[QUANTITY_PATTERN])
     elif "pattern" in node:
         words = _PATTERN_WORDS.get(node["pattern"])
-        out.append(_escape(words) if words else "matches " + _code(node["pattern"]))
+        out.append(escape_markdown(words) if words else "matches " + _code(node["pattern"]))
     if node.get("type") in ("integer", "number"):
         span = _number_range(node)
         if span:
@@ -258,7 +258,7 @@ def _rule_lines(rules: Sequence[Mapping[str, Any]], base: str) -> list[str]:
         where = _code(base + field if base else field.lstrip("."), cell=False) if field else None
         on_update = "oldSelf" in rule["rule"]
         head = ("On update: " if on_update else "") + (f"{where}: " if where else "")
-        lines.append(f"- {head}{_escape(rule['message'])}")
+        lines.append(f"- {head}{escape_markdown(rule['message'])}")
         lines.append(f"  - CEL: {_code(rule['rule'], cell=False)}")
         if rule.get("reason"):
             lines.append(f"  - reason: {_code(rule['reason'], cell=False)}")
@@ -272,12 +272,12 @@ def _section_lines(section: Section) -> list[str]:
     lines = [f'<a id="{section.anchor}"></a>', "", f"### {_code(section.path)}", ""]
     description = section.node.get("description")
     if description:
-        lines += [_escape(description), ""]
+        lines += [escape_markdown(description), ""]
     lines += ["| Field | Type | Default | Allowed | Description |", "|---|---|---|---|---|"]
     for field in section.fields:
         name = _code(field.path) + (" (required)" if field.required else "")
         allowed = "; ".join(constraints(field.node)) or "—"
-        description = _escape(field.node.get("description", ""))
+        description = escape_markdown(field.node.get("description", ""))
         type_ = type_of(field.node, section.kind, field.path)
         lines.append(f"| {name} | {type_} | {_default(field.node)} | {allowed} | {description} |")
     rules = _rules(section.node)
@@ -302,7 +302,7 @@ def _kind_lines(kind: type[KubetuneResource]) -> list[str]:
         "",
         f"## {name}",
         "",
-        _escape(schema.get("description", "")),
+        escape_markdown(schema.get("description", "")),
         "",
         "| | |",
         "|---|---|",
@@ -320,7 +320,7 @@ def _kind_lines(kind: type[KubetuneResource]) -> list[str]:
     for column in version["additionalPrinterColumns"]:
         wide = " (priority 1)" if column.get("priority") else ""
         lines.append(
-            f"| {column['name']}{wide} | {_code(column['jsonPath'])} | {_escape(column['description'])} |"
+            f"| {column['name']}{wide} | {_code(column['jsonPath'])} | {escape_markdown(column['description'])} |"
         )
     rules = _rules(schema)
     if rules:

@@ -29,6 +29,7 @@ from kubetune.operator.lifecycle import (
     REASON_CONTAINER_CONFIG,
     REASON_DISRUPTED,
     REASON_IMAGE_PULL,
+    REASON_SCHEDULED,
     REASON_UNSCHEDULABLE,
     Decision,
     Event,
@@ -191,7 +192,7 @@ def report_waiting(obs: Observation, status: JobStatusBase, current: JobState) -
         status = status.model_copy(update={"message": finding.message})
     elif old is not None and old.status == "False" and pods and all(p.unschedulable is None for p in pods):
         status = with_condition(
-            obs, status, ConditionType.scheduled, True, "Scheduled", "all pods are scheduled"
+            obs, status, ConditionType.scheduled, True, REASON_SCHEDULED, "all pods are scheduled"
         )
     # Until the Job controller has created pods, its own status updates bring the next look.
     waiting = pods and current.ready < current.parallelism and not current.suspended

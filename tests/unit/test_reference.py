@@ -12,7 +12,7 @@ import pytest
 
 from kubetune.api import KINDS, RESOURCES
 from kubetune.api.crd import generate_crds
-from kubetune.api.reference import main, render_reference
+from kubetune.api.reference import escape_markdown, main, render_reference
 
 pytestmark = pytest.mark.unit
 
@@ -108,7 +108,7 @@ def test_every_cel_rule_is_listed_with_its_message(kind: str) -> None:
     listed = list(rules(SCHEMAS[kind]))
     assert listed, "the CRD has CEL rules"
     for rule in listed:
-        assert rule["message"].replace("<", "&lt;") in section
+        assert escape_markdown(rule["message"]) in section
         assert f"CEL: `{rule['rule']}`" in section
 
 
