@@ -163,3 +163,54 @@ def test_a_trial_spec_is_the_template_with_its_parameters_and_its_own_output() -
     assert trial.method.lora.alpha == 32
     assert trial.output.uri == "s3://runs/sweep-support-lora/trials/7"
     assert trial.dataset == spec.template.dataset
+
+
+def run_with_curves(spec: FineTuneSweepSpec, steps: tuple[int, ...]) -> tuple[list[TrialRecord], int]:
+    """A sweep played one trial at a time, every decision rebuilt from the records: each trial's
+    objective at ``step`` is how far its learning rate is from 3e-4 (log scale) plus a term that
+    shrinks with training, the same for all, so the order of trials never changes as they train.
+    Returns the records and the trial-steps spent."""
+    records: list[TrialRecord] = []
+    spent = 0
+    while not study.exhausted(spec, records):
+        number = study.next_number(records)
+        params = study.next_parameters(spec, records)
+        final = abs(math.log(params[LR] / 3e-4))
+        seen: dict[int, float] = {}
+        state = TrialState.complete
+        for step in steps:
+            seen[step] = final + 1.0 / step
+            spent += steps[0]
+            running = TrialRecord(number, params, TrialState.running, dict(seen))
+            # After its last evaluation a trial ends on its own; there is nothing left to save.
+            if step < steps[-1] and number in study.to_prune(spec, [*records, running]):
+                state = TrialState.pruned
+                break
+        value = seen[max(seen)] if state == TrialState.complete else None
+        records.append(TrialRecord(number, params, state, dict(seen), value))
+    return records, spent
+
+
+@pytest.mark.parametrize("pruner", ["median", "successiveHalving"])
+def test_pruning_spends_fewer_steps_and_finds_the_unpruned_sweeps_best(pruner: str) -> None:
+    space = [{"path": LR, "type": "float", "min": 1e-5, "max": 1e-2, "log": True}]
+    common: dict[str, Any] = {
+        "parameters": space,
+        "algorithm": {"type": "random", "seed": 3},
+        "maxTrials": 10,
+    }
+    rungs = {"startupTrials": 2, "warmupSteps": 0, "minResource": 3, "reductionFactor": 2}
+    steps = (3, 6, 9, 12)
+    unpruned, full = run_with_curves(sweep(**common, earlyStopping={"type": "none"}), steps)
+    pruned, cut = run_with_curves(sweep(**common, earlyStopping={"type": pruner, **rungs}), steps)
+
+    assert [r.params for r in pruned] == [r.params for r in unpruned]  # same seed: same trials
+    assert any(r.state == TrialState.pruned for r in pruned)
+    assert all(max(r.intermediate) < steps[-1] for r in pruned if r.state == TrialState.pruned)
+    best_unpruned = study.best(sweep(**common), unpruned)
+    best_pruned = study.best(sweep(**common), pruned)
+    assert best_unpruned is not None
+    assert best_pruned is not None
+    assert best_pruned.number == best_unpruned.number
+    assert best_pruned.value == best_unpruned.value
+    assert cut < full
