@@ -16,6 +16,7 @@ from kubetune.operator.lifecycle import (
     Decision,
     Observation,
     SweepUpstream,
+    Upstream,
     failed,
     with_phase,
 )
@@ -42,24 +43,10 @@ def resolve(obs: Observation, status: JobStatusBase) -> Decision:
     if job.spec.model.from_fine_tune_sweep:
         return _resolve_sweep(obs, status, job.spec.model.from_fine_tune_sweep)
     name = job.spec.model.from_fine_tune_job
-    upstream = obs.upstream
-    if isinstance(upstream, SweepUpstream):
-        upstream = None
-    if upstream is None or not upstream.found:
-        return Decision(
-            status=with_phase(status, Phase.waiting, f"waiting for FineTuneJob {name} to exist"), settled=True
-        )
-    if upstream.phase == Phase.failed.value:
-        why = f": {upstream.message}" if upstream.message else ""
-        return Decision(
-            status=failed(obs, status, REASON_UPSTREAM_FAILED, f"FineTuneJob {name} failed{why}"),
-            settled=True,
-        )
-    if upstream.phase != Phase.succeeded.value:
-        return Decision(
-            status=with_phase(status, Phase.waiting, f"waiting for FineTuneJob {name} to succeed"),
-            settled=True,
-        )
+    upstream = obs.upstream if isinstance(obs.upstream, Upstream) else None
+    waiting = _until_succeeded(obs, status, f"FineTuneJob {name}", upstream)
+    if waiting is not None or upstream is None:
+        return waiting or Decision(status=status)
     if upstream.job is None:
         message = f"FineTuneJob {name} has no valid spec to take the model from"
         return Decision(status=failed(obs, status, REASON_INVALID_INPUT, message), settled=True)
@@ -70,26 +57,37 @@ def resolve(obs: Observation, status: JobStatusBase) -> Decision:
     return Decision(status=status.model_copy(update={"source_model_uri": source}))
 
 
-def _resolve_sweep(obs: Observation, status: CompressJobStatus, name: str) -> Decision:
-    """The best trial's model of the FineTuneSweep ``name``, once it has Succeeded. The sweep
-    names its winner only at the end; a best trial while it runs may still be overtaken."""
-    upstream = obs.upstream
-    if not isinstance(upstream, SweepUpstream) or not upstream.found:
+def _until_succeeded(
+    obs: Observation,
+    status: CompressJobStatus,
+    what: str,
+    upstream: Upstream | SweepUpstream | None,
+) -> Decision | None:
+    """Wait while ``what`` (e.g. "FineTuneJob NAME") is missing or unfinished, fail with it when it
+    failed; None once it has Succeeded."""
+    if upstream is None or not upstream.found:
         return Decision(
-            status=with_phase(status, Phase.waiting, f"waiting for FineTuneSweep {name} to exist"),
-            settled=True,
+            status=with_phase(status, Phase.waiting, f"waiting for {what} to exist"), settled=True
         )
     if upstream.phase == Phase.failed.value:
         why = f": {upstream.message}" if upstream.message else ""
         return Decision(
-            status=failed(obs, status, REASON_UPSTREAM_FAILED, f"FineTuneSweep {name} failed{why}"),
-            settled=True,
+            status=failed(obs, status, REASON_UPSTREAM_FAILED, f"{what} failed{why}"), settled=True
         )
     if upstream.phase != Phase.succeeded.value:
         return Decision(
-            status=with_phase(status, Phase.waiting, f"waiting for FineTuneSweep {name} to succeed"),
-            settled=True,
+            status=with_phase(status, Phase.waiting, f"waiting for {what} to succeed"), settled=True
         )
+    return None
+
+
+def _resolve_sweep(obs: Observation, status: CompressJobStatus, name: str) -> Decision:
+    """The best trial's model of the FineTuneSweep ``name``, once it has Succeeded. The sweep
+    names its winner only at the end; a best trial while it runs may still be overtaken."""
+    upstream = obs.upstream if isinstance(obs.upstream, SweepUpstream) else None
+    waiting = _until_succeeded(obs, status, f"FineTuneSweep {name}", upstream)
+    if waiting is not None or upstream is None:
+        return waiting or Decision(status=status)
     if upstream.model_uri is None:
         which = (
             "no trial completed"
