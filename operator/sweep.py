@@ -65,6 +65,7 @@ class Trial:
     phase: str | None = None
     reason: str | None = None  # of its Failed condition
     step: int | None = None
+    total_steps: int | None = None
     objective: float | None = None  # the objective metric of its latest evaluation
     model_uri: str | None = None
     prune_requested: bool = False
@@ -90,6 +91,7 @@ def trial_from(body: Mapping[str, Any], metric: str) -> Trial | None:
         phase=status.get("phase"),
         reason=failed.get("reason") if failed and failed.get("status") == "True" else None,
         step=progress.get("step"),
+        total_steps=progress.get("totalSteps"),
         objective=objective_of(metric, progress),
         model_uri=(status.get("artifacts") or {}).get("modelUri")
         or (status.get("artifacts") or {}).get("adapterUri"),
@@ -230,7 +232,14 @@ def records_of(obs: SweepObservation, evaluations: Mapping[int, Mapping[int, flo
         state = state_of(trial)
         value = trial.objective if state == TrialState.complete else None
         records.append(
-            TrialRecord(trial.number, trial.params, state, dict(evaluations.get(trial.number, {})), value)
+            TrialRecord(
+                trial.number,
+                trial.params,
+                state,
+                dict(evaluations.get(trial.number, {})),
+                value,
+                trial.total_steps,
+            )
         )
     return records
 

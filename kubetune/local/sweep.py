@@ -62,12 +62,15 @@ class LocalTrial:
     evaluations: dict[int, float] = field(default_factory=dict)
     latest: float | None = None  # the objective of its latest evaluation
     step: int | None = None
+    total_steps: int | None = None
     started: str | None = None  # RFC 3339, when its run began and ended
     finished: str | None = None
 
     def record(self) -> TrialRecord:
         value = self.latest if self.state == TrialState.complete else None
-        return TrialRecord(self.number, self.params, self.state, dict(self.evaluations), value)
+        return TrialRecord(
+            self.number, self.params, self.state, dict(self.evaluations), value, self.total_steps
+        )
 
 
 @dataclass
@@ -254,6 +257,8 @@ class SweepRunner:
             with self._lock:
                 step = update.get("step")
                 trial.step = step if isinstance(step, int) else trial.step
+                total = update.get("totalSteps")
+                trial.total_steps = total if isinstance(total, int) else trial.total_steps
                 objective = objective_of(spec.objective.metric, update)
                 trial.latest = objective if objective is not None else trial.latest
                 seen = observe(trial.evaluations, trial.step, objective)

@@ -51,6 +51,9 @@ class TrialRecord:
     """Objective value reported at each evaluated step."""
     value: float | None = None
     """The final objective value, once Complete."""
+    total_steps: int | None = None
+    """The step its training ends at, once reported: a trial evaluated there is saving its model,
+    with nothing left to save by stopping it, so it is never pruned."""
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -186,7 +189,13 @@ def next_parameters(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> 
 
 def to_prune(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> list[int]:
     """Numbers of the running trials whose latest evaluation the pruner judges hopeless."""
-    running = [r for r in records if not r.state.finished and r.intermediate]
+    running = [
+        r
+        for r in records
+        if not r.state.finished
+        and r.intermediate
+        and (r.total_steps is None or max(r.intermediate) < r.total_steps)
+    ]
     if not running or spec.early_stopping.type == EarlyStoppingType.none:
         return []
     study = rebuild(spec, records)

@@ -181,9 +181,8 @@ def run_with_curves(spec: FineTuneSweepSpec, steps: tuple[int, ...]) -> tuple[li
         for step in steps:
             seen[step] = final + 1.0 / step
             spent += steps[0]
-            running = TrialRecord(number, params, TrialState.running, dict(seen))
-            # After its last evaluation a trial ends on its own; there is nothing left to save.
-            if step < steps[-1] and number in study.to_prune(spec, [*records, running]):
+            running = TrialRecord(number, params, TrialState.running, dict(seen), total_steps=steps[-1])
+            if number in study.to_prune(spec, [*records, running]):
                 state = TrialState.pruned
                 break
         value = seen[max(seen)] if state == TrialState.complete else None
@@ -214,3 +213,14 @@ def test_pruning_spends_fewer_steps_and_finds_the_unpruned_sweeps_best(pruner: s
     assert best_pruned.number == best_unpruned.number
     assert best_pruned.value == best_unpruned.value
     assert cut < full
+
+
+def test_a_trial_evaluated_at_its_last_step_is_never_pruned() -> None:
+    spec = sweep(earlyStopping={"type": "median", "startupTrials": 2, "warmupSteps": 0})
+    params = {LR: 1e-4, "method.lora.r": 8, "hyperparameters.warmupSteps": 0}
+    done = [complete(0, params, 1.0), complete(1, params, 1.2)]
+    hopeless = {100: 9.0, 200: 9.0}
+    midway = TrialRecord(2, params, TrialState.running, hopeless, total_steps=300)
+    at_the_end = TrialRecord(2, params, TrialState.running, hopeless, total_steps=200)
+    assert study.to_prune(spec, [*done, midway]) == [2]
+    assert study.to_prune(spec, [*done, at_the_end]) == []  # it is saving its model already
