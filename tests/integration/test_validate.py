@@ -313,7 +313,9 @@ def test_problems_are_capped_per_kind_but_all_counted(
     assert code == 2
     assert report["problem_counts"] == {"malformed-record": 70}
     assert len(report["problems"]) == validate.PROBLEMS_PER_KIND
-    text = validate.render_text(validate.Report(**{**report, "model": None, "train": None, "eval": None}))
+    text = validate.render_text(
+        validate.Report(**{**report, "model": None, "train": None, "eval": None, "memory": None})
+    )
     assert "... and 20 more" in text
 
 
