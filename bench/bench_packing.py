@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +27,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.bench_trainer import NPROC, torchrun  # noqa: E402  (after ROOT is on the path)
+
 GOAL = 1.8
-NPROC = 2
 WORDS = [
     "the",
     "a",
@@ -62,21 +62,6 @@ WORDS = [
     "learning",
     "rate",
 ]
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DS_ACCELERATOR="cpu",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // NPROC)),
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-        HF_HUB_OFFLINE="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        KUBETUNE_PROGRESS="log",
-    )
-    return env
 
 
 def skewed_records(count: int, max_words: int, seed: int = 0) -> list[dict[str, str]]:
@@ -141,12 +126,8 @@ def run(
         checkpoint={"everySteps": 10 * steps},
         processes=NPROC,
     )
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={NPROC}",
+    # Progress as log lines: the run's output goes to a file.
+    args = [
         "-m",
         "kubetune.trainer",
         "finetune",
@@ -155,13 +136,7 @@ def run(
         "--scratch-dir",
         str(root / f"scratch-{name}"),
     ]
-    log = root / f"{name}.log"
-    with log.open("wb") as sink:
-        code = subprocess.run(
-            argv, stdout=sink, stderr=subprocess.STDOUT, env=worker_env(), check=False
-        ).returncode
-    if code != 0:
-        raise SystemExit(f"{' '.join(argv)} failed with {code}:\n{log.read_text()[-6000:]}")
+    torchrun(args, root / f"{name}.log", env={"KUBETUNE_PROGRESS": "log"})
     usage: dict[str, Any] = json.loads((out / "metrics.json").read_text())["usage"]
     return usage
 

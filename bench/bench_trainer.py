@@ -55,13 +55,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def torchrun(args: list[str], log: Path) -> float:
-    """Run torchrun with ``args``; return its wall time. Raises with the log on failure."""
+def torchrun(args: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+    """Run torchrun with ``args`` (and ``env`` over :func:`worker_env`); return its wall time.
+    Raises with the log on failure."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}", *args]
     started = time.monotonic()
     with log.open("wb") as out:
         code = subprocess.run(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=worker_env(), check=False
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**worker_env(), **(env or {})}, check=False
         ).returncode
     if code != 0:
         raise SystemExit(f"{' '.join(argv)} failed with {code}:\n{log.read_text()[-6000:]}")
