@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,14 +181,24 @@ class LocalRunner:
         except (LookupError, AdapterOnlyUpstream) as exc:
             self.console.print(f"[red]{kind}/{name}: {exc}")
             return RunOutcome(EXIT_INVALID_INPUT)
+        with self._holding_run_dir(kind, name) as run_dir:
+            if run_dir is None:
+                return RunOutcome(EXIT_INVALID_INPUT, plan)
+            return self._run_locked(job, plan, run_dir, on_progress, stop)
+
+    @contextlib.contextmanager
+    def _holding_run_dir(self, kind: str, name: str) -> Iterator[Path | None]:
+        """The job's run directory, held by this process inside the block; None (said on the
+        console) while another run of the same job holds it."""
         run_dir = self.options.workdir / f"{kind.lower()}-{name}"
         try:
             processes.lock_run_dir(run_dir)
         except processes.RunDirLocked as exc:
             self.console.print(f"[red]✗ {kind}/{name}: {exc}", highlight=False)
-            return RunOutcome(EXIT_INVALID_INPUT, plan)
+            yield None
+            return
         try:
-            return self._run_locked(job, plan, run_dir, on_progress, stop)
+            yield run_dir
         finally:
             processes.unlock_run_dir()
 
@@ -303,19 +313,13 @@ class LocalRunner:
         would: the server, an example request and its answer (a sweep's promote of its best trial)."""
         name = job.metadata.name or "job"
         plan = self.plan_for(job)
-        run_dir = self.options.workdir / f"{FineTuneJob.kind_name.lower()}-{name}"
-        try:
-            processes.lock_run_dir(run_dir)
-        except processes.RunDirLocked as exc:
-            self.console.print(f"[red]✗ FineTuneJob/{name}: {exc}", highlight=False)
-            return RunOutcome(EXIT_INVALID_INPUT, plan)
-        try:
+        with self._holding_run_dir(FineTuneJob.kind_name, name) as run_dir:
+            if run_dir is None:
+                return RunOutcome(EXIT_INVALID_INPUT, plan)
             self._run_dir = run_dir
             env = launcher.runtime_env(accelerator=self.accelerator, scratch=run_dir)
             workload = serve_workload(job, plan.storage)
             return self._serve(job, plan, workload, run_dir, env, RunOutcome(EXIT_OK, plan))
-        finally:
-            processes.unlock_run_dir()
 
     def _failed(self, outcome: RunOutcome, result: processes.GangResult, stage: str) -> RunOutcome:
         proc = result.failed
