@@ -269,7 +269,10 @@ async def scenario_deadline_stops_running_trials(kube: KubeEmulator, ns: str) ->
 
 async def scenario_ttl_deletes_trials_keeps_the_sweep(kube: KubeEmulator, ns: str) -> None:
     await create(kube, FTS, sweep("brief", ns, maxTrials=1, parallelism=1, ttlSecondsAfterFinished=0))
-    await finish(kube, "brief-t0", 0.5, ns)
+    # Not `finish`: with a TTL of 0 the trial can be deleted before its Succeeded phase is seen.
+    await training(kube, "brief-t0", ns)
+    await report(kube, "brief-t0", 20, 0.5, ns)
+    await complete_job(kube, ns, "brief-t0-train-r0")
     await eventually(lambda: trials(kube, "brief", ns) == [], what="trials deleted after the TTL")
     await eventually(lambda: sweep_status(kube, "brief", ns).get("phase") == "Succeeded", what="Succeeded")
     st = sweep_status(kube, "brief", ns)
