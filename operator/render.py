@@ -13,6 +13,11 @@ CompressJob of the same name never collide)::
     Job             N-validate            one CPU pod: `python -m kubetune.trainer validate`
     Job             N-train-r<k>          the gang, attempt k (a replacement gets a new name)
     Deployment      N-serve               + Service N-serve, once the job has succeeded
+
+and of a FineTuneSweep S with MLflow tracking, once it has ended (its trials are rendered by
+kubetune.operator.sweep)::
+
+    Job             S-summary             `python -m kubetune.trainer sweep-summary`
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from kubetune.api import API_VERSION, CompressJob, FineTuneJob
-from kubetune.api.spec import SecretKeyNames, ServeRuntime
+from kubetune.api.spec import MlflowTracking, SecretKeyNames, ServeRuntime
+from kubetune.api.sweep import FineTuneSweep
 from kubetune.operator.settings import Settings
 from kubetune.run import workloads
 from kubetune.run.artifacts import ADAPTER_DIR, MODEL_DIR, ServedModel
 from kubetune.run.plan import RunPlan, dumps_plan, plan_compress, plan_finetune, storage_plan
+from kubetune.run.sweep_summary import ENV_SWEEP_SUMMARY, RUNTIME_SWEEP_SUMMARY, SweepSummaryPlan
 from kubetune.run.workloads import (
     ENV_ATTEMPT,
     ENV_DS_ACCELERATOR,
@@ -53,6 +60,8 @@ LABEL_KIND: Final = "kubetune.io/kind"
 LABEL_COMPONENT: Final = "kubetune.io/component"
 LABEL_ATTEMPT: Final = "kubetune.io/attempt"
 LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+# On a FineTuneSweep's children (its trials, its serving, its summary Job): the sweep's name.
+LABEL_SWEEP: Final = "kubetune.io/sweep"
 # On a ServiceAccount: jobs may run as it (spec.storage.serviceAccountName). An opt-in by whoever
 # manages the namespace's identities, since a job's pods run code the job's author chooses.
 LABEL_RUNNER: Final = "kubetune.io/runner"
@@ -74,6 +83,7 @@ COMPONENT_VALIDATE: Final = workloads.VALIDATE
 COMPONENT_TRAIN: Final = workloads.TRAIN
 COMPONENT_COMPRESS: Final = workloads.COMPRESS
 COMPONENT_SERVE: Final = workloads.SERVE
+COMPONENT_SWEEP_SUMMARY: Final = "sweep-summary"
 
 PLAN_DIR: Final = "/etc/kubetune"
 PLAN_KEY: Final = "plan.json"
@@ -361,8 +371,13 @@ def _storage_env(workload: Workload, ref: SecretKeyNames | None) -> list[Manifes
 
 def _tracking_env(job: Job) -> list[Manifest]:
     """MLflow credentials, by reference to the user's Secret (never read here); only the gang,
-    whose rank 0 logs the run, receives them. MLflow's client reads these variables itself."""
-    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    whose rank 0 logs the run, receives them (and a sweep's summary Job, render_sweep_summary_job).
+    MLflow's client reads these variables itself."""
+    return tracking_env(job.spec.tracking.mlflow if job.spec.tracking else None)
+
+
+def tracking_env(mlflow: MlflowTracking | None) -> list[Manifest]:
+    """The MLflow credential variables of ``mlflow.secretRef``, each a secretKeyRef."""
     ref = mlflow.secret_ref if mlflow else None
     if ref is None:
         return []
@@ -581,6 +596,88 @@ def render_main_job(job: Job, settings: Settings, plan: RunPlan, namespace: str,
             # a hostname and a torchrun rank.
             "podReplacementPolicy": "Failed",
             "template": {"metadata": {"labels": labels(job, component, **attempt_label)}, "spec": pod_spec},
+        },
+    }
+
+
+# The summary pod only runs MLflow's client: a fraction of a core and a few hundred MiB.
+SWEEP_SUMMARY_RESOURCES: Final[Manifest] = {
+    "requests": {"cpu": "100m", "memory": "512Mi"},
+    "limits": {"memory": "1Gi"},
+}
+# It retries a tracking server that is down itself (trainer/tracking/guard.py); a few pods more,
+# within a bounded time, and then the sweep's TrackingSummarized condition says it failed.
+SWEEP_SUMMARY_BACKOFF_LIMIT: Final = 2
+SWEEP_SUMMARY_DEADLINE_SECONDS: Final = 900
+
+
+def sweep_summary_name(sweep: FineTuneSweep) -> str:
+    return f"{sweep.metadata.name}-summary"
+
+
+def sweep_owner_reference(sweep: FineTuneSweep) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneSweep",
+        "name": sweep.metadata.name,
+        "uid": sweep.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def render_sweep_summary_job(
+    sweep: FineTuneSweep, settings: Settings, namespace: str, plan: SweepSummaryPlan, mlflow: MlflowTracking
+) -> Manifest:
+    """The Job that logs an ended sweep to its MLflow parent run: one small pod of the trainer
+    image, the summary in an environment variable (no secrets in it), the credentials of
+    ``mlflow.secretRef`` by reference, Pod Security restricted like every workload pod. It needs
+    no Kubernetes API, so it runs without a token; owned by the sweep, labelled with it (no
+    kubetune.io/job-name, so the jobs' handlers never take it for a job's)."""
+    name = sweep_summary_name(sweep)
+    pod_labels = {
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_SWEEP: str(sweep.metadata.name),
+        LABEL_COMPONENT: COMPONENT_SWEEP_SUMMARY,
+    }
+    container: Manifest = {
+        "name": COMPONENT_SWEEP_SUMMARY,
+        "image": sweep.spec.template.resources.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "kubetune.trainer", RUNTIME_SWEEP_SUMMARY],
+        "env": [
+            {"name": ENV_SWEEP_SUMMARY, "value": plan.model_dump_json()},
+            *_scratch_env(),
+            *tracking_env(mlflow),
+        ],
+        "resources": SWEEP_SUMMARY_RESOURCES,
+        "volumeMounts": _scratch_mounts(),
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security_context(settings),
+        "containers": [container],
+        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}],
+    }
+    meta: Manifest = {"name": name, "namespace": namespace, "labels": dict(pod_labels)}
+    if sweep.metadata.uid:
+        meta["ownerReferences"] = [sweep_owner_reference(sweep)]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": SWEEP_SUMMARY_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": SWEEP_SUMMARY_DEADLINE_SECONDS,
+            "podFailurePolicy": _pod_failure_policy(COMPONENT_SWEEP_SUMMARY),
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
 

@@ -13,7 +13,7 @@ import copy
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from kubetune.api import API_VERSION, GROUP, ConditionType, FineTuneJob, FineTuneSweep, Phase
@@ -29,10 +29,12 @@ from kubetune.operator.lifecycle import (
     REASON_INVALID_SPEC,
     Decision,
     DeploymentState,
+    JobState,
     Observation,
     StateReason,
     get_condition,
     is_true,
+    parse_time,
     rfc3339,
     set_condition,
 )
@@ -41,18 +43,35 @@ from kubetune.operator.policies.deadline import overdue, paused_after_resuming, 
 from kubetune.operator.policies.pruning import REASON_PRUNED, stop_annotation
 from kubetune.operator.policies.suspension import SUSPENDED_MESSAGE
 from kubetune.operator.policies.ttl import expiry_at
-from kubetune.operator.render import LABEL_JOB, LABEL_KIND, LABEL_MANAGED_BY, MANAGER, Manifest
+from kubetune.operator.render import (
+    LABEL_JOB,
+    LABEL_KIND,
+    LABEL_MANAGED_BY,
+    LABEL_SWEEP,
+    MANAGER,
+    Manifest,
+    render_sweep_summary_job,
+    sweep_owner_reference,
+    sweep_summary_name,
+)
 from kubetune.operator.settings import Settings
-from kubetune.run.plan import SWEEP_SEARCH_ANNOTATION
+from kubetune.run.plan import SWEEP_SEARCH_ANNOTATION, SweepRef
+from kubetune.run.sweep_summary import SweepSummaryPlan, sweep_tracking
 from kubetune.sweep import study
 from kubetune.sweep.evaluations import objective_of, observe
 from kubetune.sweep.space import search_of, trial_name, trial_output, trial_spec
 from kubetune.sweep.study import TrialRecord
 
-LABEL_SWEEP: Final = f"{GROUP}/sweep"
 LABEL_TRIAL: Final = f"{GROUP}/trial"
 ANNOTATION_PARAMETERS: Final = f"{GROUP}/parameters"
 REASON_TOO_MANY_FAILURES: Final = "TooManyFailedTrials"
+# Whether the ended sweep's MLflow parent run carries its best trial and is ended (the Job
+# <sweep>-summary): False with reason Summarizing while it runs, True Summarized, False
+# SummaryFailed. It never changes the sweep's phase: tracking never fails training.
+CONDITION_TRACKING_SUMMARIZED: Final = "TrackingSummarized"
+REASON_SUMMARIZING: Final = "Summarizing"
+REASON_SUMMARIZED: Final = "Summarized"
+REASON_SUMMARY_FAILED: Final = "SummaryFailed"
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,7 @@ class SweepObservation:
     annotations: Mapping[str, str] = field(default_factory=dict)
     settings: Settings = field(default_factory=Settings)
     deployment: DeploymentState | None = None  # the promoted model's serving Deployment
+    summary_job: JobState | None = None  # <sweep>-summary, which logs the ended sweep to MLflow
 
 
 @dataclass
@@ -190,6 +210,9 @@ class SweepDecision:
     # Serving of the best trial (promote): children to create, patch or delete, as for a job's.
     serving: Decision | None = None
     annotations: dict[str, str] = field(default_factory=dict)  # of the sweep itself
+    # The Job <sweep>-summary to create (MLflow tracking, the sweep ended), or to delete (TTL).
+    create_summary: Manifest | None = None
+    delete_summary: str | None = None
     recheck_after: float | None = None  # seconds after which time alone changes the decision
 
 
@@ -209,16 +232,7 @@ def render_trial(sweep: FineTuneSweep, namespace: str, number: int, params: Mapp
         },
     }
     if sweep.metadata.uid:
-        meta["ownerReferences"] = [
-            {
-                "apiVersion": API_VERSION,
-                "kind": "FineTuneSweep",
-                "name": name,
-                "uid": sweep.metadata.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
+        meta["ownerReferences"] = [sweep_owner_reference(sweep)]
     job_spec = trial_spec(spec, params, trial_output(spec, number))
     # Each trial is its own Kueue workload in the sweep's queue, admitted on its own.
     if spec.queue_name:
@@ -392,15 +406,99 @@ def _finished(obs: SweepObservation, decision: SweepDecision) -> SweepDecision:
                 decision.patch[trial.name] = {"metadata": meta}
     if status.phase == Phase.succeeded:
         decision.serving, status = promote(obs, status)
-        decision.status = status
+    status = _summarize_in_mlflow(obs, decision, status)
+    decision.status = status
     annotations = {**obs.annotations, **decision.annotations}
-    due = expiry_at(obs.sweep.spec.ttl_seconds_after_finished, status.completion_time, annotations)
+    ttl = obs.sweep.spec.ttl_seconds_after_finished
+    finished_at = parse_time(status.completion_time)
+    job = obs.summary_job
+    if (
+        job is not None
+        and (job.complete or job.failed)
+        and ttl is not None
+        and finished_at is not None
+        and obs.now >= finished_at + timedelta(seconds=ttl)
+    ):
+        # Deleted with the trials, or once it ends if it outlives them (its end is an event).
+        decision.delete_summary = job.name
+    due = expiry_at(ttl, status.completion_time, annotations)
     if due is not None and obs.now >= due:
         decision.delete = [t.name for t in obs.trials if not t.remembered]
         decision.annotations[ANNOTATION_CLEANED] = "true"
     elif due is not None:
         decision.recheck_after = (due - obs.now).total_seconds()
     return decision
+
+
+def tracking_summary(sweep: FineTuneSweep, status: FineTuneSweepStatus) -> dict[str, Any]:
+    """The ended sweep as its MLflow parent run records it (``summary.json``'s form, which
+    ``log_summary`` reads): the objective, every trial, the best one with where it wrote."""
+    spec = sweep.spec
+
+    def row(t: TrialStatus) -> dict[str, Any]:
+        return {
+            "number": t.number,
+            "name": t.name,
+            "parameters": dict(t.parameters),
+            "state": str(t.state),
+            "objective": t.objective,
+            "step": t.step,
+            "outputUri": trial_output(spec, t.number),
+        }
+
+    best = status.best_trial
+    return {
+        "name": sweep.metadata.name,
+        "objective": spec.objective.to_wire(),
+        "trials": [row(t) for t in status.trials or []],
+        "bestTrial": row(best) if best is not None else None,
+    }
+
+
+def _summarize_in_mlflow(
+    obs: SweepObservation, decision: SweepDecision, status: FineTuneSweepStatus
+) -> FineTuneSweepStatus:
+    """An ended sweep tracked in MLflow gets one Job <sweep>-summary, which logs its best trial to
+    the parent run its trials share and ends that run (the operator itself never talks to MLflow).
+    Created once: the TrackingSummarized condition remembers it, also after its Job is gone; a
+    sweep that never created a trial has no run to end. The Job's end sets the condition."""
+    sweep = obs.sweep
+    mlflow = sweep_tracking(sweep.spec)
+    if mlflow is None or not sweep.metadata.uid or not status.trials:
+        return status
+    condition = get_condition(status.conditions, CONDITION_TRACKING_SUMMARIZED)
+    job = obs.summary_job
+    name = sweep_summary_name(sweep)
+    if job is None and condition is None:
+        sweep_name = str(sweep.metadata.name)
+        plan = SweepSummaryPlan(
+            tracking=mlflow.target(obs.namespace, sweep_name),
+            sweep=SweepRef(name=sweep_name, uid=sweep.metadata.uid, search=search_of(sweep.spec)),
+            namespace=obs.namespace,
+            summary=tracking_summary(sweep, status),
+        )
+        decision.create_summary = render_sweep_summary_job(sweep, obs.settings, obs.namespace, plan, mlflow)
+        verdict = (False, REASON_SUMMARIZING, f"Job {name} logs the best trial to MLflow at {mlflow.uri}")
+    elif job is not None and job.complete:
+        verdict = (
+            True,
+            REASON_SUMMARIZED,
+            f"the sweep's MLflow run at {mlflow.uri} has its best trial and ended",
+        )
+    elif job is not None and job.failed:
+        why = ": ".join(p for p in (job.failed_reason, job.failed_message) if p)
+        verdict = (
+            False,
+            REASON_SUMMARY_FAILED,
+            f"Job {name} failed ({why or 'no reason given'}); the sweep's MLflow run lacks its summary "
+            f"(kubectl logs job/{name}); the sweep itself is unaffected",
+        )
+    else:
+        return status
+    conditions = set_condition(
+        status.conditions, CONDITION_TRACKING_SUMMARIZED, *verdict, obs.now, sweep.metadata.generation
+    )
+    return status.model_copy(update={"conditions": conditions})
 
 
 def invalid(
@@ -520,17 +618,6 @@ def sweep_child(manifest: Manifest, sweep: FineTuneSweep) -> Manifest:
     if sweep.metadata.uid:
         meta["ownerReferences"] = [sweep_owner_reference(sweep)]
     return out
-
-
-def sweep_owner_reference(sweep: FineTuneSweep) -> Manifest:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "FineTuneSweep",
-        "name": sweep.metadata.name,
-        "uid": sweep.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def promote(

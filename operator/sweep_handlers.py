@@ -4,8 +4,10 @@ Every trigger ends in :func:`reconcile_sweep` of one sweep: a watch event of the
 one of a trial's (a FineTuneJob labelled ``kubetune.io/sweep``). Reconciling gathers the sweep's
 owned trials from a kopf index (no API reads), rebuilds the study with
 :func:`kubetune.operator.sweep.decide` and applies the decision: trials created (deterministic
-names, so 409 AlreadyExists is success), trials annotated ``kubetune.io/prune``, the status
-written -- including each trial's evaluation history, which only the sweep keeps. Imported by
+names, so 409 AlreadyExists is success), trials annotated ``kubetune.io/prune``, the Job
+``<sweep>-summary`` of an ended sweep tracked in MLflow (its state comes back through an index of
+its own), the status written -- including each trial's evaluation history, which only the sweep
+keeps. Imported by
 :mod:`kubetune.operator.handlers`, so ``kopf run -m kubetune.operator.handlers`` runs both.
 """
 
@@ -27,10 +29,9 @@ from kubetune.errors import describe_validation_error
 from kubetune.operator import lifecycle
 from kubetune.operator.kube import ApiError
 from kubetune.operator.lifecycle import ANNOTATION_PRUNE
-from kubetune.operator.render import COMPONENT_SERVE, LABEL_COMPONENT
+from kubetune.operator.render import COMPONENT_SERVE, COMPONENT_SWEEP_SUMMARY, LABEL_COMPONENT, LABEL_SWEEP
 from kubetune.operator.settings import Settings
 from kubetune.operator.sweep import (
-    LABEL_SWEEP,
     LABEL_TRIAL,
     SweepObservation,
     decide,
@@ -138,6 +139,23 @@ async def sweep_serving_event(
     await reconcile_key(memo, (namespace or "", str(labels[LABEL_SWEEP])), kwargs)
 
 
+SUMMARY_LABELS: Final[dict[str, Any]] = {LABEL_SWEEP: kopf.PRESENT, LABEL_COMPONENT: COMPONENT_SWEEP_SUMMARY}
+
+
+@kopf.index("batch", "v1", "jobs", labels=SUMMARY_LABELS)
+def sweep_summary_index(
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace or "", labels[LABEL_SWEEP]): lifecycle.job_state(body)}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=SUMMARY_LABELS)
+async def sweep_summary_event(
+    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    await reconcile_key(memo, (namespace or "", str(labels[LABEL_SWEEP])), kwargs)
+
+
 @kopf.on.event(GROUP, VERSION, FineTuneSweep.plural)
 async def finetunesweep_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
@@ -187,6 +205,7 @@ async def reconcile_key(memo: kopf.Memo, key: SweepKey, kwargs: Mapping[str, Any
                 list(kwargs["trials_by_sweep"].get(key, [])),
                 operator.settings,
                 next(iter(kwargs["sweep_serving_index"].get(key, [])), None),
+                next(iter(kwargs["sweep_summary_index"].get(key, [])), None),
             )
     except kopf.PermanentError:
         return
@@ -237,6 +256,7 @@ async def reconcile_sweep(
     children: list[Mapping[str, Any]],
     settings: Settings,
     deployment: lifecycle.DeploymentState | None = None,
+    summary_job: lifecycle.JobState | None = None,
 ) -> float | None:
     """Observe, decide, apply. Returns the seconds after which time alone changes the sweep."""
     meta = owner["metadata"]
@@ -272,6 +292,7 @@ async def reconcile_sweep(
         annotations=annotations,
         settings=settings,
         deployment=deployment,
+        summary_job=summary_job,
     )
     decision = decide(obs)
     for manifest in decision.create:
@@ -307,6 +328,14 @@ async def reconcile_sweep(
                 raise
     if decision.serving is not None:
         await _apply_serving(client, namespace, owner, decision.serving)
+    if decision.create_summary is not None:
+        try:
+            await client.create(decision.create_summary)
+        except ApiError as exc:
+            if exc.status != 409:  # 409: created before (its name is the sweep's)
+                raise
+    if decision.delete_summary is not None:
+        await client.delete("batch/v1", "Job", namespace, decision.delete_summary)
     if decision.annotations:
         body = {"metadata": {"annotations": decision.annotations}}
         await client.merge_patch(str(owner["apiVersion"]), "FineTuneSweep", namespace, name, body)

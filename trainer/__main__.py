@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from kubetune.run.sweep_summary import RUNTIME_SWEEP_SUMMARY
 from kubetune.run.workloads import (
     RUNTIME_COMPRESS,
     RUNTIME_FINETUNE,
@@ -33,6 +34,10 @@ COMMANDS = {
     ),
     RUNTIME_COMPRESS: ("kubetune.trainer.compress", "Quantize, prune or distill a model from a run plan."),
     RUNTIME_SERVE: ("kubetune.trainer.serve", "Serve a model over an OpenAI-compatible HTTP API."),
+    RUNTIME_SWEEP_SUMMARY: (
+        "kubetune.trainer.sweep_summary",
+        "Log a finished FineTuneSweep's best trial to its MLflow run and end it.",
+    ),
 }
 
 
@@ -43,7 +48,7 @@ KEPT_LOGS = (RUNTIME_VALIDATE, RUNTIME_FINETUNE, RUNTIME_COMPRESS)
 
 def usage() -> str:
     lines = ["usage: python -m kubetune.trainer <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
