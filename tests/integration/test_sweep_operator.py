@@ -118,6 +118,9 @@ async def scenario_best_of_parallel_trials(kube: KubeEmulator, ns: str) -> None:
         [{"step": 20, "objective": v}] for v in (1.5, 0.9, 1.2)
     ]
     assert trials(kube, "lr", ns) == ["lr-t0", "lr-t1", "lr-t2"]  # maxTrials: no fourth
+    # Not tracked in MLflow: no summary Job (it would exist before the Succeeded phase is written).
+    assert kube.get(JOBS, ns, "lr-summary") is None
+    assert "TrackingSummarized" not in {c["type"] for c in st["conditions"]}
 
     await delete(kube, FTS, ns, "lr")
     await eventually(lambda: trials(kube, "lr", ns) == [], what="trials deleted with their sweep")
@@ -307,6 +310,68 @@ async def scenario_promote_serves_the_best_trial(kube: KubeEmulator, ns: str) ->
     await eventually(lambda: kube.get(DEPLOYMENTS, ns, "champ-serve") is None, what="serving removed")
 
 
+MLFLOW = {"mlflow": {"uri": "http://mlflow.mlflow:5000"}}
+
+
+def summarized(kube: KubeEmulator, name: str, ns: str) -> dict[str, Any] | None:
+    """The sweep's TrackingSummarized condition."""
+    conditions = sweep_status(kube, name, ns).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "TrackingSummarized"), None)
+
+
+async def scenario_mlflow_summary_job_after_success(kube: KubeEmulator, ns: str) -> None:
+    await create(kube, FTS, sweep("logged", ns, maxTrials=2, parallelism=2, tracking=MLFLOW))
+    await eventually(lambda: trials(kube, "logged", ns) == ["logged-t0", "logged-t1"], what="two trials")
+    await finish(kube, "logged-t0", 1.1, ns)
+    assert kube.get(JOBS, ns, "logged-summary") is None, "nothing is summarized before the sweep ends"
+    await finish(kube, "logged-t1", 0.6, ns)
+    job = await eventually(lambda: kube.get(JOBS, ns, "logged-summary"), what="logged-summary")
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"]) == ("FineTuneSweep", "logged")
+    assert job["metadata"]["labels"]["kubetune.io/sweep"] == "logged"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-1] == "sweep-summary"
+    summary = json.loads(next(e["value"] for e in container["env"] if e["name"] == "KUBETUNE_SWEEP_SUMMARY"))
+    assert (summary["summary"]["bestTrial"]["name"], summary["summary"]["bestTrial"]["objective"]) == (
+        "logged-t1",
+        0.6,
+    )
+    await eventually(
+        lambda: (summarized(kube, "logged", ns) or {}).get("reason") == "Summarizing", what="Summarizing"
+    )
+    await complete_job(kube, ns, "logged-summary")
+    await eventually(
+        lambda: (summarized(kube, "logged", ns) or {}).get("status") == "True", what="summarized"
+    )
+    assert (summarized(kube, "logged", ns) or {})["reason"] == "Summarized"
+    assert sweep_status(kube, "logged", ns)["phase"] == "Succeeded"
+    creations = [e for e in kube.journal if e[1] == "create" and e[2] == "jobs" and e[4] == "logged-summary"]
+    assert len(creations) == 1, creations
+
+
+async def scenario_mlflow_summary_that_fails_is_reported_and_the_ttl_deletes_it(
+    kube: KubeEmulator, ns: str
+) -> None:
+    spec = {"maxTrials": 1, "parallelism": 1, "tracking": MLFLOW, "ttlSecondsAfterFinished": 0}
+    await create(kube, FTS, sweep("unlogged", ns, **spec))
+    # Not `finish`: with a TTL of 0 the trial can be deleted before its Succeeded phase is seen.
+    await training(kube, "unlogged-t0", ns)
+    await report(kube, "unlogged-t0", 20, 0.5, ns)
+    await complete_job(kube, ns, "unlogged-t0-train-r0")
+    await eventually(lambda: kube.get(JOBS, ns, "unlogged-summary"), what="unlogged-summary")
+    await fail_job(
+        kube, ns, "unlogged-summary", exit_code=1, message="MLflow at http://mlflow.mlflow:5000: down"
+    )
+    await eventually(
+        lambda: (summarized(kube, "unlogged", ns) or {}).get("reason") == "SummaryFailed", what="reported"
+    )
+    assert (summarized(kube, "unlogged", ns) or {})["status"] == "False"
+    assert sweep_status(kube, "unlogged", ns)["phase"] == "Succeeded", "tracking never fails the sweep"
+    await eventually(lambda: kube.get(JOBS, ns, "unlogged-summary") is None, what="summary Job deleted (TTL)")
+    await eventually(lambda: trials(kube, "unlogged", ns) == [], what="trials deleted (TTL)")
+    assert (summarized(kube, "unlogged", ns) or {})["reason"] == "SummaryFailed", "remembered without its Job"
+
+
 Scenario = Callable[[KubeEmulator, str], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "best_of_parallel_trials": scenario_best_of_parallel_trials,
@@ -319,6 +384,10 @@ SCENARIOS: dict[str, Scenario] = {
     "deadline_stops_running_trials": scenario_deadline_stops_running_trials,
     "ttl_deletes_trials_keeps_the_sweep": scenario_ttl_deletes_trials_keeps_the_sweep,
     "promote_serves_the_best_trial": scenario_promote_serves_the_best_trial,
+    "mlflow_summary_job_after_success": scenario_mlflow_summary_job_after_success,
+    "mlflow_summary_that_fails_is_reported_and_the_ttl_deletes_it": (
+        scenario_mlflow_summary_that_fails_is_reported_and_the_ttl_deletes_it
+    ),
 }
 
 
