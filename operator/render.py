@@ -647,6 +647,8 @@ def render_sweep_summary_job(
         "command": ["python", "-m", "kubetune.trainer", RUNTIME_SWEEP_SUMMARY],
         "env": [
             {"name": ENV_SWEEP_SUMMARY, "value": plan.model_dump_json()},
+            # No GPU, and saying so spares the runtime's start an import of torch to find out.
+            {"name": ENV_DS_ACCELERATOR, "value": "cpu"},
             *_scratch_env(),
             *tracking_env(mlflow),
         ],
