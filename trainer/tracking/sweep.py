@@ -8,7 +8,8 @@ parent among those it sees: the earliest ``start_time``, then the lowest run id.
 created run lost deletes it; and as a creation still in flight may be missed by one search, each
 trial looks again when it ends (relinking, and deleting its own run if that lost meanwhile), so
 every trial ends under the one surviving parent. The creator of the parent logs the search space as its params;
-whoever finishes the sweep (local mode) logs the best trial with :func:`log_summary`.
+whoever finishes the sweep logs the best trial with :func:`log_summary`: ``kubetune run`` in local
+mode, and on a cluster the operator's ``<sweep>-summary`` Job (``kubetune.trainer sweep-summary``).
 """
 
 from __future__ import annotations
