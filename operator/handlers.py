@@ -232,6 +232,8 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
                 "creationTimestamp",
                 "labels",
                 "annotations",
+                # A trial's plan names its sweep from these (its MLflow parent run and experiment).
+                "ownerReferences",
             )
             if key in meta
         },

@@ -1,25 +1,31 @@
 # ruff: noqa: F811  (pytest fixtures are imported by name and then named as parameters)
 """A FineTuneSweep on a real control plane: the operator under its own ServiceAccount creates the
 trials, the real Job controller and the process kubelet run their trainers on the tiny model, and
-an operator restart between trials neither repeats a trial nor loses the numbering."""
+an operator restart between trials neither repeats a trial nor loses the numbering. The sweep is
+tracked in a real MLflow server: the trials' runs are children of one parent run, which the
+operator's <sweep>-summary Job ends with the best trial once the sweep has ended."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
+from mlflow import MlflowClient
 
 from tests.cluster import scenario
 from tests.cluster.conftest import OPERATOR_USER
 from tests.cluster.test_e2e import World, credentials, world  # noqa: F401  (fixtures)
 from tests.e2e.scenario import finetunejob
+from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
 FTS, FTJ = "finetunesweeps", "finetunejobs"
+LR = "hyperparameters.learningRate"
 
 
-def sweep(inputs: World, name: str) -> dict[str, Any]:
+def sweep(inputs: World, name: str, mlflow_uri: str) -> dict[str, Any]:
     """Two trials of a few steps on one worker, one at a time, differing in learning rate."""
     template = finetunejob(name, inputs.bucket, inputs.model_uri, inputs.data_uri)["spec"]
     template["hyperparameters"] |= {"maxSteps": 4, "evalEverySteps": 2}
@@ -31,9 +37,8 @@ def sweep(inputs: World, name: str) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {
             "template": template,
-            "parameters": [
-                {"path": "hyperparameters.learningRate", "type": "categorical", "values": [0.02, 0.0001]}
-            ],
+            "parameters": [{"path": LR, "type": "categorical", "values": [0.02, 0.0001]}],
+            "tracking": {"mlflow": {"uri": mlflow_uri}},
             "algorithm": {"type": "grid", "seed": 3},
             "maxTrials": 2,
             "parallelism": 1,
@@ -41,9 +46,11 @@ def sweep(inputs: World, name: str) -> dict[str, Any]:
     }
 
 
-def test_a_sweep_runs_its_trials_finds_the_best_and_survives_an_operator_restart(world: World) -> None:
+def test_a_sweep_runs_its_trials_finds_the_best_and_survives_an_operator_restart(
+    world: World, mlflow_server: MlflowServer
+) -> None:
     plane, namespace = world.plane, world.namespace
-    scenario.create(plane, namespace, sweep(world, "lr"))
+    scenario.create(plane, namespace, sweep(world, "lr", mlflow_server.uri))
     scenario.reach(plane, FTJ, namespace, "lr-t0", "Running", timeout=300)
 
     world.operator.restart()
@@ -59,3 +66,42 @@ def test_a_sweep_runs_its_trials_finds_the_best_and_survives_an_operator_restart
     assert best["modelUri"].startswith(f"{world.bucket.uri}/runs/lr/trials/{best['number']}")
     # The trials' evaluations reached the sweep from their own status.progress.
     assert all(row["evaluations"] for row in done["trials"])
+
+    # In MLflow: one parent run with a child per trial, ended by the <sweep>-summary Job.
+    summarized = summarized_condition(plane, namespace, "lr", timeout=180)
+    assert summarized["status"] == "True", summarized
+    assert summarized["reason"] == "Summarized"
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name(f"{namespace}/lr")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kubetune.io/role") == "sweep"]
+    assert len(parents) == 1, [r.data.tags for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["kubetune.io/name"] for r in children) == ["lr-t0", "lr-t1"], [
+        (r.info.run_id, r.info.status, r.data.tags) for r in runs
+    ]
+    assert parent.info.status == "FINISHED"
+    assert float(parent.data.params[f"best.{LR}"]) == objectives_rate(done, best["number"])
+    assert parent.data.metrics["eval_loss"] == pytest.approx(best["objective"])
+    assert parent.data.metrics["trials.complete"] == 2
+    assert parent.data.tags["kubetune.io/bestTrial"] == f"lr-t{best['number']}"
+
+
+def summarized_condition(plane: Any, namespace: str, name: str, timeout: float) -> dict[str, Any]:
+    """The sweep's TrackingSummarized condition once its summary Job has ended (True or False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conditions = scenario.status(plane, FTS, namespace, name).get("conditions") or []
+        condition = next((c for c in conditions if c["type"] == "TrackingSummarized"), None)
+        if condition is not None and condition["reason"] != "Summarizing":
+            return condition
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}'s summary did not end within {timeout}s: {condition}")
+        time.sleep(0.5)
+
+
+def objectives_rate(status: dict[str, Any], number: int) -> float:
+    """The learning rate trial ``number`` ran with."""
+    return float(next(row for row in status["trials"] if row["number"] == number)["parameters"][LR])

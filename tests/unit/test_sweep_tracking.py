@@ -12,6 +12,7 @@ import yaml
 
 from kubetune.api.sweep import FineTuneSweep
 from kubetune.local.sweep import search_of, trial_job
+from kubetune.operator.handlers import parse_job, snapshot
 from kubetune.run.plan import plan_finetune
 from kubetune.trainer.tracking.sweep import search_params
 
@@ -40,6 +41,18 @@ def test_a_trial_plan_names_its_sweep_and_is_tracked_in_the_sweeps_experiment() 
     assert plan.tracking.uri == SERVER
     assert plan.tracking.experiment == f"team/{tuned.metadata.name}"
     assert plan.job.name == f"{tuned.metadata.name}-t3"
+
+
+def test_a_trial_the_operator_reconciles_keeps_its_sweep_in_its_plan() -> None:
+    """The operator plans a trial from its snapshot of the watched object: the owner reference
+    naming the sweep must survive it, or a trial on a cluster logs to an experiment of its own."""
+    tuned = sweep(tracking={"mlflow": {"uri": SERVER}})
+    watched = trial_job(tuned, 1, {"hyperparameters.learningRate": 1e-4}).to_wire()
+    plan = plan_finetune(parse_job(snapshot(watched)), namespace="team")
+    assert plan.sweep is not None
+    assert plan.sweep.uid == "sweep-uid"
+    assert plan.tracking is not None
+    assert plan.tracking.experiment == f"team/{tuned.metadata.name}"
 
 
 def test_the_sweeps_tracking_wins_over_the_templates_and_trials_are_never_served() -> None:
