@@ -620,16 +620,10 @@ async def _secret_access(
     ``label: "true"``. Reads the Secret's metadata only (labels), never its values."""
     if (uid, name, label) in rt.allowed_secrets:
         return lifecycle.SecretAccess.allowed
-    try:
-        secret = await rt.client.get_metadata("v1", "Secret", namespace, name)
-    except ApiError as exc:
-        if exc.status == 404:
-            return lifecycle.SecretAccess.missing
-        raise
-    if (secret["metadata"].get("labels") or {}).get(label) != "true":
-        return lifecycle.SecretAccess.not_allowed
-    rt.allowed_secrets.add((uid, name, label))
-    return lifecycle.SecretAccess.allowed
+    access = lifecycle.secret_access(await rt.client.secret_metadata(namespace, name), label)
+    if access == lifecycle.SecretAccess.allowed:
+        rt.allowed_secrets.add((uid, name, label))
+    return access
 
 
 async def _write_status(

@@ -472,6 +472,15 @@ class SecretAccess(StrEnum):
 LABEL_TRACKING_CREDENTIALS: Final = "kubetune.io/tracking-credentials"
 
 
+def secret_access(metadata: Mapping[str, Any] | None, label: str) -> SecretAccess:
+    """Whether a Secret (its metadata; None: it does not exist) is opted in for the use
+    ``label`` names: its owner labels it ``label: "true"``."""
+    if metadata is None:
+        return SecretAccess.missing
+    labels = metadata.get("labels") or {}
+    return SecretAccess.allowed if labels.get(label) == "true" else SecretAccess.not_allowed
+
+
 @dataclass
 class Observation:
     job: Job

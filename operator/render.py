@@ -626,6 +626,11 @@ def sweep_owner_reference(sweep: FineTuneSweep) -> Manifest:
     }
 
 
+def sweep_summary_image(sweep: FineTuneSweep, settings: Settings) -> str:
+    """The summary runs in the image the trials train in."""
+    return sweep.spec.template.resources.image or settings.trainer_image
+
+
 def render_sweep_summary_job(
     sweep: FineTuneSweep, settings: Settings, namespace: str, plan: SweepSummaryPlan, mlflow: MlflowTracking
 ) -> Manifest:
@@ -642,7 +647,7 @@ def render_sweep_summary_job(
     }
     container: Manifest = {
         "name": COMPONENT_SWEEP_SUMMARY,
-        "image": sweep.spec.template.resources.image or settings.trainer_image,
+        "image": sweep_summary_image(sweep, settings),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "kubetune.trainer", RUNTIME_SWEEP_SUMMARY],
         "env": [

@@ -17,20 +17,25 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from kubetune.api import API_VERSION, GROUP, ConditionType, FineTuneJob, FineTuneSweep, Phase
-from kubetune.api.spec import Serve
+from kubetune.api.spec import MlflowTracking, Serve
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.api.sweep import Evaluation, FineTuneSweepStatus, TrialCounts, TrialState, TrialStatus
+from kubetune.operator.admission import images_message
 from kubetune.operator.lifecycle import (
     ANNOTATION_CLEANED,
     ANNOTATION_PAUSED,
     ANNOTATION_PRUNE,
     ANNOTATION_STOP,
+    LABEL_TRACKING_CREDENTIALS,
     REASON_DEADLINE,
+    REASON_IMAGE_NOT_ALLOWED,
     REASON_INVALID_SPEC,
+    REASON_SECRET_NOT_ALLOWED,
     Decision,
     DeploymentState,
     JobState,
     Observation,
+    SecretAccess,
     StateReason,
     get_condition,
     is_true,
@@ -52,6 +57,7 @@ from kubetune.operator.render import (
     Manifest,
     render_sweep_summary_job,
     sweep_owner_reference,
+    sweep_summary_image,
     sweep_summary_name,
 )
 from kubetune.operator.settings import Settings
@@ -196,6 +202,9 @@ class SweepObservation:
     settings: Settings = field(default_factory=Settings)
     deployment: DeploymentState | None = None  # the promoted model's serving Deployment
     summary_job: JobState | None = None  # <sweep>-summary, which logs the ended sweep to MLflow
+    # The Secret of the sweep's spec.tracking.mlflow.secretRef, looked at before <sweep>-summary
+    # is created (None: it names none, or the summary is decided already).
+    tracking_secret: SecretAccess | None = None
 
 
 @dataclass
@@ -469,7 +478,9 @@ def _summarize_in_mlflow(
     condition = get_condition(status.conditions, CONDITION_TRACKING_SUMMARIZED)
     job = obs.summary_job
     name = sweep_summary_name(sweep)
-    if job is None and condition is None:
+    if job is None and condition is None and (refused := _summary_refused(obs, mlflow)) is not None:
+        verdict = refused
+    elif job is None and condition is None:
         sweep_name = str(sweep.metadata.name)
         plan = SweepSummaryPlan(
             tracking=mlflow.target(obs.namespace, sweep_name),
@@ -499,6 +510,31 @@ def _summarize_in_mlflow(
         status.conditions, CONDITION_TRACKING_SUMMARIZED, *verdict, obs.now, sweep.metadata.generation
     )
     return status.model_copy(update={"conditions": conditions})
+
+
+def _summary_refused(obs: SweepObservation, mlflow: MlflowTracking) -> tuple[bool, str, str] | None:
+    """Why <sweep>-summary may not run, by the rules every job's pods obey (an allowed image, a
+    credentials Secret its owner opted in), else None: a sweep whose trials were refused must not
+    get, in their stead, a pod that sends the Secret's keys to the server the sweep names."""
+    image = sweep_summary_image(obs.sweep, obs.settings)
+    left = "; the sweep's MLflow run is left without its summary"
+    if not obs.settings.image_allowed(image):
+        return (
+            False,
+            REASON_IMAGE_NOT_ALLOWED,
+            images_message([f"spec.template.resources.image {image}"], obs.settings) + left,
+        )
+    ref = mlflow.secret_ref
+    if ref is None or obs.tracking_secret == SecretAccess.allowed:
+        return None
+    field_ = "spec.tracking.mlflow.secretRef"
+    if obs.tracking_secret == SecretAccess.missing:
+        return (False, REASON_SUMMARY_FAILED, f"Secret {ref.name} ({field_}) does not exist" + left)
+    return (
+        False,
+        REASON_SECRET_NOT_ALLOWED,
+        f'Secret {ref.name} ({field_}) lacks the label {LABEL_TRACKING_CREDENTIALS}: "true"' + left,
+    )
 
 
 def invalid(

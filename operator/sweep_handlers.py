@@ -32,6 +32,7 @@ from kubetune.operator.lifecycle import ANNOTATION_PRUNE
 from kubetune.operator.render import COMPONENT_SERVE, COMPONENT_SWEEP_SUMMARY, LABEL_COMPONENT, LABEL_SWEEP
 from kubetune.operator.settings import Settings
 from kubetune.operator.sweep import (
+    CONDITION_TRACKING_SUMMARIZED,
     LABEL_TRIAL,
     SweepObservation,
     decide,
@@ -40,6 +41,7 @@ from kubetune.operator.sweep import (
     remembered_trials,
     trial_from,
 )
+from kubetune.run.sweep_summary import sweep_tracking
 
 logger = logging.getLogger("kubetune.operator.sweep")
 
@@ -58,6 +60,9 @@ class SweepRuntime:
     retries: dict[SweepKey, asyncio.Task[None]] = field(default_factory=dict)
     # Trials this process created whose watch event has not reached the index yet, by sweep uid.
     in_flight: dict[str, set[int]] = field(default_factory=dict)
+    # (sweep uid, Secret name) of tracking Secrets found opted in: a label once seen is not
+    # read again at every trial's progress report.
+    allowed_secrets: set[tuple[str, str]] = field(default_factory=set)
     # The sweep's own annotations as last written (time suspended, trials deleted), by uid.
     written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -231,6 +236,27 @@ def _retry_later(rt: SweepRuntime, key: SweepKey, again: Any, delay: float = RET
     rt.retries[key] = asyncio.create_task(retry(), name=f"kubetune sweep retry {key}")
 
 
+async def _tracking_secret(
+    rt: SweepRuntime, client: Any, sweep: FineTuneSweep, status: FineTuneSweepStatus
+) -> lifecycle.SecretAccess | None:
+    """The MLflow credentials Secret <sweep>-summary would take, looked at until the summary is
+    decided (the sweep may end in any reconcile, and its summary is decided in the same one)."""
+    mlflow = sweep_tracking(sweep.spec)
+    ref = mlflow.secret_ref if mlflow is not None else None
+    if ref is None or lifecycle.get_condition(status.conditions, CONDITION_TRACKING_SUMMARIZED) is not None:
+        return None
+    uid = str(sweep.metadata.uid or "")
+    if (uid, ref.name) in rt.allowed_secrets:
+        return lifecycle.SecretAccess.allowed
+    namespace = str(sweep.metadata.namespace)
+    access = lifecycle.secret_access(
+        await client.secret_metadata(namespace, ref.name), lifecycle.LABEL_TRACKING_CREDENTIALS
+    )
+    if access == lifecycle.SecretAccess.allowed:
+        rt.allowed_secrets.add((uid, ref.name))
+    return access
+
+
 def sweep_status(rt: SweepRuntime, owner: Mapping[str, Any]) -> FineTuneSweepStatus:
     uid = str(owner["metadata"].get("uid") or "")
     written = rt.written.get(uid)
@@ -283,6 +309,7 @@ async def reconcile_sweep(
     in_flight = rt.in_flight.setdefault(uid, set())
     in_flight -= {t.number for t in found}
     obs = SweepObservation(
+        tracking_secret=await _tracking_secret(rt, client, sweep, status),
         sweep=sweep,
         namespace=namespace,
         now=now,

@@ -748,3 +748,27 @@ def operator_requests(kube: KubeEmulator) -> list[kmock.Request]:
         for r in kube.log
         if str(r.headers.get("User-Agent", "")).startswith(("kopf/", "kubetune-operator/"))
     ]
+
+
+def secret(name: str, ns: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+        "stringData": {"AWS_ACCESS_KEY_ID": "AKIA-TEST-ID", "AWS_SECRET_ACCESS_KEY": "not-for-the-operator"},
+    }
+
+
+def assert_secrets_read_as_metadata_only(kube: KubeEmulator) -> None:
+    secret_requests = [
+        r for r in operator_requests(kube) if r.resource is not None and r.resource.plural == "secrets"
+    ]
+    assert secret_requests, "the operator checked the Secrets"
+    for request in secret_requests:
+        assert (
+            str(request.method.value if hasattr(request.method, "value") else request.method).upper() == "GET"
+        )
+        assert request.name, "a single Secret, never a list or watch"
+        assert str(request.headers.get("Accept")) == (
+            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+        ), "metadata only, with no fallback to the whole Secret"

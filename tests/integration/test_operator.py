@@ -25,6 +25,7 @@ from tests.kube import (  # noqa: F401  (fixtures)
     TEST_SETTINGS,
     KubeEmulator,
     Operator,
+    assert_secrets_read_as_metadata_only,
     complete_job,
     compressjob,
     create,
@@ -37,6 +38,7 @@ from tests.kube import (  # noqa: F401  (fixtures)
     operator,
     operator_requests,
     patch,
+    secret,
     set_deployment_ready,
     start_job,
 )
@@ -459,15 +461,6 @@ async def scenario_spec_edit_before_start(kube: KubeEmulator, ns: str) -> None:
     assert status(kube, ns, "drafted")["observedGeneration"] == 3
 
 
-def secret(name: str, ns: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
-        "stringData": {"AWS_ACCESS_KEY_ID": "AKIA-TEST-ID", "AWS_SECRET_ACCESS_KEY": "not-for-the-operator"},
-    }
-
-
 STORAGE_WITH_SECRET = {"endpoint": "http://minio.storage:9000", "secretRef": {"name": "team-keys"}}
 
 
@@ -493,21 +486,6 @@ async def scenario_storage_secret(kube: KubeEmulator, ns: str) -> None:
     assert not [n for n in kube.names(JOBS, ns) if n.startswith("borrowed")]
     await eventually(lambda: events(kube, ns, "SecretNotAllowed"))
     assert_secrets_read_as_metadata_only(kube)
-
-
-def assert_secrets_read_as_metadata_only(kube: KubeEmulator) -> None:
-    secret_requests = [
-        r for r in operator_requests(kube) if r.resource is not None and r.resource.plural == "secrets"
-    ]
-    assert secret_requests, "the operator checked the Secrets"
-    for request in secret_requests:
-        assert (
-            str(request.method.value if hasattr(request.method, "value") else request.method).upper() == "GET"
-        )
-        assert request.name, "a single Secret, never a list or watch"
-        assert str(request.headers.get("Accept")) == (
-            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
-        ), "metadata only, with no fallback to the whole Secret"
 
 
 REJECTION = (

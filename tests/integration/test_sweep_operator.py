@@ -17,6 +17,7 @@ import pytest
 from tests.kube import (  # noqa: F401  (fixtures)
     KubeEmulator,
     Operator,
+    assert_secrets_read_as_metadata_only,
     complete_job,
     compressjob,
     create,
@@ -28,6 +29,7 @@ from tests.kube import (  # noqa: F401  (fixtures)
     kubeconfig,
     operator,
     patch,
+    secret,
     set_deployment_ready,
 )
 
@@ -372,6 +374,40 @@ async def scenario_mlflow_summary_that_fails_is_reported_and_the_ttl_deletes_it(
     assert (summarized(kube, "unlogged", ns) or {})["reason"] == "SummaryFailed", "remembered without its Job"
 
 
+async def scenario_mlflow_summary_never_takes_a_secret_its_owner_did_not_opt_in(
+    kube: KubeEmulator, ns: str
+) -> None:
+    """The trials are refused an unlabelled Secret; the summary Job must not get it in their stead."""
+    await create(kube, "v1/secrets", secret("deploy-keys", ns))
+    credentials = {
+        "name": "deploy-keys",
+        "usernameKey": "AWS_ACCESS_KEY_ID",
+        "passwordKey": "AWS_SECRET_ACCESS_KEY",
+    }
+    tracking = {
+        "mlflow": {**MLFLOW["mlflow"], "uri": "http://collector.example:5000", "secretRef": credentials}
+    }
+    await create(kube, FTS, sweep("borrowing", ns, maxTrials=1, parallelism=1, tracking=tracking))
+    await eventually(
+        lambda: failed_reason(kube, "borrowing-t0", ns) == "SecretNotAllowed", what="trial refused"
+    )
+    refused = await eventually(
+        lambda: (c := summarized(kube, "borrowing", ns)) and c.get("reason") != "Summarizing" and c,
+        what="summary decided",
+    )
+    assert (refused["status"], refused["reason"]) == ("False", "SecretNotAllowed"), refused
+    assert (
+        'Secret deploy-keys (spec.tracking.mlflow.secretRef) lacks the label kubetune.io/tracking-credentials: "true"'
+        in refused["message"]
+    )
+    assert sweep_status(kube, "borrowing", ns)["phase"] in ("Succeeded", "Failed")
+    assert kube.get(JOBS, ns, "borrowing-summary") is None
+    assert not [
+        e for e in kube.journal if e[1] == "create" and e[2] == "jobs" and e[4] == "borrowing-summary"
+    ]
+    assert_secrets_read_as_metadata_only(kube)
+
+
 Scenario = Callable[[KubeEmulator, str], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "best_of_parallel_trials": scenario_best_of_parallel_trials,
@@ -387,6 +423,9 @@ SCENARIOS: dict[str, Scenario] = {
     "mlflow_summary_job_after_success": scenario_mlflow_summary_job_after_success,
     "mlflow_summary_that_fails_is_reported_and_the_ttl_deletes_it": (
         scenario_mlflow_summary_that_fails_is_reported_and_the_ttl_deletes_it
+    ),
+    "mlflow_summary_never_takes_a_secret_its_owner_did_not_opt_in": (
+        scenario_mlflow_summary_never_takes_a_secret_its_owner_did_not_opt_in
     ),
 }
 

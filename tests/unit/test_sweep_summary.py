@@ -17,7 +17,7 @@ import yaml
 from kubetune.api import FineTuneSweep, Phase
 from kubetune.api.sweep import FineTuneSweepStatus
 from kubetune.operator import sweep as decide_sweep
-from kubetune.operator.lifecycle import JobState, get_condition, job_state
+from kubetune.operator.lifecycle import JobState, SecretAccess, get_condition, job_state
 from kubetune.operator.settings import Settings
 from kubetune.operator.sweep import CONDITION_TRACKING_SUMMARIZED, SweepObservation, trial_from
 from kubetune.run.sweep_summary import ENV_SWEEP_SUMMARY, SweepSummaryPlan
@@ -50,10 +50,21 @@ def decide(
     status: FineTuneSweepStatus | None = None,
     summary_job: JobState | None = None,
     now: datetime = NOW,
+    tracking_secret: SecretAccess | None = SecretAccess.allowed,
+    settings: Settings | None = None,
 ) -> decide_sweep.SweepDecision:
     trials = [t for b in bodies if (t := trial_from(b, s.spec.objective.metric)) is not None]
     return decide_sweep.decide(
-        SweepObservation(s, "team-a", now, status or FineTuneSweepStatus(), trials, summary_job=summary_job)
+        SweepObservation(
+            s,
+            "team-a",
+            now,
+            status or FineTuneSweepStatus(),
+            trials,
+            settings=settings or Settings(),
+            summary_job=summary_job,
+            tracking_secret=tracking_secret,
+        )
     )
 
 
@@ -239,3 +250,49 @@ def test_the_summary_job_runs_the_trainers_command_valid_and_restricted() -> Non
     assert container["command"] == ["python", "-m", "kubetune.trainer", "sweep-summary"]
     assert container["image"] == Settings().trainer_image
     assert json.loads(pod_env(job)[ENV_SWEEP_SUMMARY])["namespace"] == "team-a"
+
+
+@pytest.mark.parametrize(
+    ("access", "reason", "says"),
+    [
+        (
+            SecretAccess.not_allowed,
+            "SecretNotAllowed",
+            "Secret mlflow-credentials (spec.tracking.mlflow.secretRef) lacks the label "
+            'kubetune.io/tracking-credentials: "true"',
+        ),
+        (
+            SecretAccess.missing,
+            "SummaryFailed",
+            "Secret mlflow-credentials (spec.tracking.mlflow.secretRef) does not exist",
+        ),
+        (None, "SecretNotAllowed", "lacks the label"),  # not looked at: refused, never assumed allowed
+    ],
+)
+def test_the_summary_job_takes_only_a_secret_its_owner_opted_in(
+    access: SecretAccess | None, reason: str, says: str
+) -> None:
+    s = tracked({"secretRef": CREDENTIALS})
+    bodies = finished_trials(s, 0.9, 0.4)
+    decision = decide(s, bodies, tracking_secret=access)
+    assert decision.create_summary is None
+    condition = get_condition(decision.status.conditions, CONDITION_TRACKING_SUMMARIZED)
+    assert condition is not None
+    assert (condition.status, condition.reason) == ("False", reason)
+    assert says in condition.message
+    assert decision.status.phase == Phase.succeeded, "tracking never fails the sweep"
+    # Decided once: a later reconcile, the Secret labelled meanwhile, creates nothing either.
+    assert decide(s, bodies, decision.status).create_summary is None
+
+
+def test_the_summary_job_runs_only_an_allowed_image() -> None:
+    template = copy.deepcopy(EXAMPLE["spec"]["template"])
+    template["resources"]["image"] = "evil.example/collector:1"
+    s = tracked(template=template)
+    settings = Settings(allowed_image_prefixes=("ghcr.io/kubetune/",))
+    decision = decide(s, finished_trials(s, 0.9, 0.4), settings=settings)
+    assert decision.create_summary is None
+    condition = get_condition(decision.status.conditions, CONDITION_TRACKING_SUMMARIZED)
+    assert condition is not None
+    assert (condition.status, condition.reason) == ("False", "ImageNotAllowed")
+    assert "spec.template.resources.image evil.example/collector:1 is not allowed" in condition.message
