@@ -18,8 +18,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 # The server imports its whole stack (Flask, SQLAlchemy, alembic migrations of a fresh database)
 # before it answers; on two shared cores that has taken half a minute.
@@ -98,3 +102,22 @@ def running_mlflow_server(root: Path) -> Iterator[MlflowServer]:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
         yield server
+
+
+def sweep_runs(uri: str, experiment: str) -> tuple[Run, list[Run]]:
+    """A sweep's runs in ``experiment``, read back through MLflow's client: its one parent run
+    and the others, each of which must be a child of that parent."""
+    from mlflow import MlflowClient  # here, not at the top: conftest imports this module
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r} at {uri}"
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kubetune.io/role") == "sweep"]
+    assert len(parents) == 1, [r.data.tags for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert all(c.data.tags.get("mlflow.parentRunId") == parent.info.run_id for c in children), [
+        (c.info.run_name, c.data.tags) for c in children
+    ]
+    return parent, children

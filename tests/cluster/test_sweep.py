@@ -11,13 +11,12 @@ import time
 from typing import Any
 
 import pytest
-from mlflow import MlflowClient
 
 from tests.cluster import scenario
 from tests.cluster.conftest import OPERATOR_USER
 from tests.cluster.test_e2e import World, credentials, world  # noqa: F401  (fixtures)
 from tests.e2e.scenario import finetunejob
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import MlflowServer, sweep_runs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -71,17 +70,8 @@ def test_a_sweep_runs_its_trials_finds_the_best_and_survives_an_operator_restart
     summarized = summarized_condition(plane, namespace, "lr", timeout=180)
     assert summarized["status"] == "True", summarized
     assert summarized["reason"] == "Summarized"
-    client = MlflowClient(mlflow_server.uri)
-    experiment = client.get_experiment_by_name(f"{namespace}/lr")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("kubetune.io/role") == "sweep"]
-    assert len(parents) == 1, [r.data.tags for r in runs]
-    parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["kubetune.io/name"] for r in children) == ["lr-t0", "lr-t1"], [
-        (r.info.run_id, r.info.status, r.data.tags) for r in runs
-    ]
+    parent, children = sweep_runs(mlflow_server.uri, f"{namespace}/lr")
+    assert sorted(r.data.tags["kubetune.io/name"] for r in children) == ["lr-t0", "lr-t1"]
     assert parent.info.status == "FINISHED"
     assert float(parent.data.params[f"best.{LR}"]) == objectives_rate(done, best["number"])
     assert parent.data.metrics["eval_loss"] == pytest.approx(best["objective"])
@@ -96,7 +86,7 @@ def summarized_condition(plane: Any, namespace: str, name: str, timeout: float) 
         conditions = scenario.status(plane, FTS, namespace, name).get("conditions") or []
         condition = next((c for c in conditions if c["type"] == "TrackingSummarized"), None)
         if condition is not None and condition["reason"] != "Summarizing":
-            return condition
+            return dict(condition)
         if time.monotonic() > deadline:
             raise AssertionError(f"{name}'s summary did not end within {timeout}s: {condition}")
         time.sleep(0.5)

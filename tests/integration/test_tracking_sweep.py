@@ -23,7 +23,7 @@ from kubetune.local.runner import LocalRunner, RunOptions
 from kubetune.local.sweep import SweepRunner
 from kubetune.run.plan import SweepRef
 from kubetune.trainer.tracking.sweep import finish_sweep, parent_run
-from tests.mlflow_server import MlflowServer, free_port
+from tests.mlflow_server import MlflowServer, free_port, sweep_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,18 +82,10 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial_and_its_winner_is_serv
     best = outcome.best
     assert best is not None
 
-    client = MlflowClient(mlflow_server.uri)
     # The trials share the sweep's experiment, <namespace>/<sweep> by default (local mode: local).
-    experiment = client.get_experiment_by_name(f"local/{name}")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("kubetune.io/role") == "sweep"]
-    assert len(parents) == 1, [r.data.tags for r in runs]
-    parent = parents[0]
+    parent, children = sweep_runs(mlflow_server.uri, f"local/{name}")
     assert parent.info.run_id == outcome.tracking_run_id
-    children = [r for r in runs if r.info.run_id != parent.info.run_id]
     assert sorted(c.info.run_name for c in children) == [f"{name}-t0", f"{name}-t1"]
-    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert sorted(float(c.data.params[LR]) for c in children) == RATES
 
     # The parent: the sweep's identity and search space, then the best trial and its objective.
