@@ -199,7 +199,15 @@ def _camel_path(field: str) -> str:
     return ".".join(to_camel(part) for part in field.split("."))
 
 
-def _immutable_rule(spec: type[KubeModel], fields: tuple[str, ...]) -> CelRule:
+JOB_MAY_CHANGE = (
+    "serve, suspend, maxRestarts, activeDeadlineSeconds, ttlSecondsAfterFinished and the pods' "
+    "requests, limits and placement may change"
+)
+
+
+def immutable_rule(
+    spec: type[KubeModel], fields: tuple[str, ...], noun: str = "job", may_change: str = JOB_MAY_CHANGE
+) -> CelRule:
     comparisons = []
     for field in fields:
         f = _camel_path(field)
@@ -216,9 +224,8 @@ def _immutable_rule(spec: type[KubeModel], fields: tuple[str, ...]) -> CelRule:
     same = " && ".join(comparisons)
     return CelRule(
         f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || ({same})",
-        f"spec.{{{', '.join(camel)}}} cannot change once the job has started; create a new job instead "
-        "(serve, suspend, maxRestarts, activeDeadlineSeconds, ttlSecondsAfterFinished and the pods' "
-        "requests, limits and placement may change)",
+        f"spec.{{{', '.join(camel)}}} cannot change once the {noun} has started; create a new {noun} "
+        f"instead ({may_change})",
         lambda pair: (
             not _started(pair[1])
             or all(attrgetter(f)(pair[0].spec) == attrgetter(f)(pair[1].spec) for f in fields)
@@ -258,7 +265,7 @@ class FineTuneJob(KubetuneResource):
 
     cel_rules = name_rules("FineTuneJob")
 
-    update_rules = (_immutable_rule(FineTuneJobSpec, TRAINING_FIELDS),)
+    update_rules = (immutable_rule(FineTuneJobSpec, TRAINING_FIELDS),)
 
 
 class ModelReference(KubeModel):
@@ -489,7 +496,7 @@ class CompressJob(KubetuneResource):
 
     cel_rules = name_rules("CompressJob")
 
-    update_rules = (_immutable_rule(CompressJobSpec, COMPRESS_FIELDS),)
+    update_rules = (immutable_rule(CompressJobSpec, COMPRESS_FIELDS),)
 
 
 KINDS: dict[str, type[FineTuneJob] | type[CompressJob]] = {

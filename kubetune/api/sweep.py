@@ -34,7 +34,14 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from kubetune.api.base import DNS_LABEL_PATTERN, STRICT, WHOLE_FLOAT, Bool, CelRule, Float, Int, KubeModel
-from kubetune.api.resources import MAX_NAME_LENGTH, FineTuneJobSpec, KubetuneResource, name_rules
+from kubetune.api.resources import (
+    MAX_NAME_LENGTH,
+    TRAINING_FIELDS,
+    FineTuneJobSpec,
+    KubetuneResource,
+    immutable_rule,
+    name_rules,
+)
 from kubetune.api.spec import Serve, Tracking
 from kubetune.api.status import Condition, Phase, ServingStatus
 
@@ -503,3 +510,17 @@ class FineTuneSweep(KubetuneResource):
     status: FineTuneSweepStatus | None = None
 
     cel_rules = name_rules("FineTuneSweep", MAX_SWEEP_NAME_LENGTH, "<name>-t9999-train-r1000-1023")
+
+    # A study compares its trials: one whose template, search space, objective or algorithm changed
+    # midway compares runs of different jobs. The template's fields are the ones a started
+    # FineTuneJob keeps (its storage among them: promote serves with the Secret the trials were
+    # allowed).
+    update_rules = (
+        immutable_rule(
+            FineTuneSweepSpec,
+            (*(f"template.{f}" for f in TRAINING_FIELDS), "parameters", "objective", "algorithm"),
+            noun="sweep",
+            may_change="maxTrials, parallelism, maxFailedTrials, earlyStopping, suspend, deadlines, TTL, "
+            "promote and tracking may change",
+        ),
+    )

@@ -22,7 +22,7 @@ from tests.unit.test_api import INVALID, LORA
 pytestmark = pytest.mark.cluster
 
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml"))
-PLURALS = {"FineTuneJob": "finetunejobs", "CompressJob": "compressjobs"}
+PLURALS = {"FineTuneJob": "finetunejobs", "CompressJob": "compressjobs", "FineTuneSweep": "finetunesweeps"}
 
 
 def resource_path(doc: dict[str, Any], namespace: str, name: str | None = None) -> str:
@@ -117,7 +117,7 @@ def started(plane: ControlPlane, doc: dict[str, Any], namespace: str) -> dict[st
     doc = copy.deepcopy(doc)
     doc["metadata"].pop("namespace", None)
     status, body = plane.request("POST", resource_path(doc, namespace), doc)
-    assert status == 201, body
+    assert status == 201, body.get("message", body)
     name = body["metadata"]["name"]
     patch = {"status": {"startTime": "2026-01-01T00:00:00Z", "phase": "Running"}}
     status, body = plane.request_patch(resource_path(doc, namespace, name) + "/status", patch)
@@ -141,6 +141,23 @@ def test_a_started_job_refuses_changes_to_training_but_takes_serving_edits(
     status, body = kubetune_installed.request_patch(path, {"spec": {"serve": {"replicas": 2}}})
     assert status == 200, body
     assert body["spec"]["serve"]["replicas"] == 2
+
+
+def test_a_started_sweep_refuses_template_changes_but_takes_more_trials(
+    kubetune_installed: ControlPlane, namespace: str
+) -> None:
+    sweep = yaml.safe_load((REPO / "manifests" / "examples" / "sweep-lora.yaml").read_text())
+    doc = started(kubetune_installed, edited(sweep, metadata__name="study"), namespace)
+    path = resource_path(doc, namespace, "study")
+
+    patch = {"spec": {"template": {"storage": {"secretRef": {"name": "other-keys"}}}}}
+    status, body = kubetune_installed.request_patch(path, patch)
+    assert status == 422, body
+    assert "cannot change once the sweep has started" in body["message"]
+
+    status, body = kubetune_installed.request_patch(path, {"spec": {"maxTrials": 40}})
+    assert status == 200, body
+    assert body["spec"]["maxTrials"] == 40
 
 
 def test_a_job_not_yet_started_takes_any_valid_edit(kubetune_installed: ControlPlane, namespace: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.api.sweep import TUNABLE_PATHS
+from kubetune.api.sweep import TUNABLE_PATHS, FineTuneSweep
 from kubetune.api.validation import validate_document
 from tests.documents import edited
 
@@ -138,3 +138,23 @@ def test_a_suspended_template_is_refused_for_the_sweeps_own_suspend() -> None:
     assert "template.suspend" in errors[0], errors[0]
     assert "the sweep's suspend" in errors[0], errors[0]
     assert errors_of(SWEEP["spec"]["parameters"], suspend=True, activeDeadlineSeconds=600) == []
+
+
+def test_a_started_sweep_keeps_its_template_and_search_but_takes_more_trials() -> None:
+    """A study compares its trials; promote serves with the storage its trials were allowed."""
+    old = FineTuneSweep.model_validate(edited(SWEEP, status={"startTime": "2025-01-01T00:00:00Z"}))
+    for change in (
+        {"spec__template__storage__secretRef": {"name": "other-keys"}},
+        {"spec__template__hyperparameters__maxSteps": 900},
+        {"spec__objective": {"metric": "accuracy", "direction": "maximize"}},
+        {"spec__algorithm": {"type": "random", "seed": 1}},
+    ):
+        with pytest.raises(ValueError, match="cannot change once the sweep has started; create a new sweep"):
+            FineTuneSweep.model_validate(edited(SWEEP, **change)).check_update(old)
+    FineTuneSweep.model_validate(edited(SWEEP, spec__maxTrials=40, spec__parallelism=3)).check_update(old)
+    FineTuneSweep.model_validate(edited(SWEEP, spec__promote={"enabled": True})).check_update(old)
+    # Before its first trial, any valid edit.
+    not_started = FineTuneSweep.model_validate(SWEEP)
+    FineTuneSweep.model_validate(edited(SWEEP, spec__template__hyperparameters__maxSteps=900)).check_update(
+        not_started
+    )
