@@ -28,7 +28,7 @@ from kubetune.api import GROUP, KINDS, VERSION, CompressJob, FineTuneJob, Phase
 from kubetune.api.status import JobStatusBase
 from kubetune.api.sweep import FineTuneSweep
 from kubetune.errors import describe_validation_error
-from kubetune.operator import lifecycle, render
+from kubetune.operator import credentials, lifecycle, render
 from kubetune.operator.kube import ApiError, KubeClient, connection
 from kubetune.operator.lifecycle import Decision, Observation
 from kubetune.operator.metrics import Metrics, jobs_of, status_change
@@ -99,7 +99,7 @@ class Runtime:
     # (job uid, ServiceAccount) pairs found labelled kubetune.io/runner: "true".
     allowed_accounts: set[tuple[str, str]] = field(default_factory=set)
     # (job uid, Secret, opt-in label) found labelled "true".
-    allowed_secrets: set[tuple[str, str, str]] = field(default_factory=set)
+    allowed_secrets: credentials.AllowedSecrets = field(default_factory=set)
 
     # The pending look-again of each job, and when it is due (the event loop's clock).
     retries: dict[Key, tuple[asyncio.Task[None], float]] = field(default_factory=dict)
@@ -616,14 +616,9 @@ async def _runner_account(rt: Runtime, job: Job, namespace: str, uid: str) -> li
 async def _secret_access(
     rt: Runtime, namespace: str, uid: str, name: str, label: str
 ) -> lifecycle.SecretAccess:
-    """Whether the job may hand its pods keys of Secret ``name``: its owner opts it in with
-    ``label: "true"``. Reads the Secret's metadata only (labels), never its values."""
-    if (uid, name, label) in rt.allowed_secrets:
-        return lifecycle.SecretAccess.allowed
-    access = lifecycle.secret_access(await rt.client.secret_metadata(namespace, name), label)
-    if access == lifecycle.SecretAccess.allowed:
-        rt.allowed_secrets.add((uid, name, label))
-    return access
+    """Whether the job may hand its pods keys of Secret ``name`` (its owner opts it in with
+    ``label: "true"``)."""
+    return await credentials.opted_in(rt.client, rt.allowed_secrets, uid, namespace, name, label)
 
 
 async def _write_status(

@@ -163,16 +163,6 @@ class KubeClient:
             raise ApiError(406, "NotAcceptable", "the answer was not metadata only", "GET", path)
         return {"metadata": payload.get("metadata") or {}}
 
-    async def secret_metadata(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Secret ``name``'s metadata (never its values); None when it does not exist."""
-        try:
-            found = await self.get_metadata("v1", "Secret", namespace, name)
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(found["metadata"])
-
     async def list_objects(
         self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
     ) -> list[dict[str, Any]]:

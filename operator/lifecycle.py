@@ -472,6 +472,14 @@ class SecretAccess(StrEnum):
 LABEL_TRACKING_CREDENTIALS: Final = "kubetune.io/tracking-credentials"
 
 
+def secret_not_allowed(name: str, field: str, label: str, namespace: str) -> str:
+    """What to say of a Secret whose owner has not opted it in for ``label``'s use."""
+    return (
+        f'Secret {name} ({field}) lacks the label {label}: "true"; whoever owns the Secret in '
+        f"namespace {namespace} adds it to let kubetune jobs' pods receive its keys"
+    )
+
+
 def secret_access(metadata: Mapping[str, Any] | None, label: str) -> SecretAccess:
     """Whether a Secret (its metadata; None: it does not exist) is opted in for the use
     ``label`` names: its owner labels it ``label: "true"``."""

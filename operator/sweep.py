@@ -41,6 +41,7 @@ from kubetune.operator.lifecycle import (
     is_true,
     parse_time,
     rfc3339,
+    secret_not_allowed,
     set_condition,
 )
 from kubetune.operator.policies import serving
@@ -478,7 +479,8 @@ def _summarize_in_mlflow(
     condition = get_condition(status.conditions, CONDITION_TRACKING_SUMMARIZED)
     job = obs.summary_job
     name = sweep_summary_name(sweep)
-    if job is None and condition is None and (refused := _summary_refused(obs, mlflow)) is not None:
+    refused = _summary_refused(obs, mlflow) if job is None and condition is None else None
+    if refused is not None:
         verdict = refused
     elif job is None and condition is None:
         sweep_name = str(sweep.metadata.name)
@@ -530,11 +532,8 @@ def _summary_refused(obs: SweepObservation, mlflow: MlflowTracking) -> tuple[boo
     field_ = "spec.tracking.mlflow.secretRef"
     if obs.tracking_secret == SecretAccess.missing:
         return (False, REASON_SUMMARY_FAILED, f"Secret {ref.name} ({field_}) does not exist" + left)
-    return (
-        False,
-        REASON_SECRET_NOT_ALLOWED,
-        f'Secret {ref.name} ({field_}) lacks the label {LABEL_TRACKING_CREDENTIALS}: "true"' + left,
-    )
+    message = secret_not_allowed(ref.name, field_, LABEL_TRACKING_CREDENTIALS, obs.namespace)
+    return (False, REASON_SECRET_NOT_ALLOWED, message + left)
 
 
 def invalid(

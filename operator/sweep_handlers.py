@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from kubetune.api import API_VERSION, GROUP, VERSION, FineTuneSweep
 from kubetune.api.sweep import FineTuneSweepStatus
 from kubetune.errors import describe_validation_error
-from kubetune.operator import lifecycle
+from kubetune.operator import credentials, lifecycle
 from kubetune.operator.kube import ApiError
 from kubetune.operator.lifecycle import ANNOTATION_PRUNE
 from kubetune.operator.render import COMPONENT_SERVE, COMPONENT_SWEEP_SUMMARY, LABEL_COMPONENT, LABEL_SWEEP
@@ -60,9 +60,8 @@ class SweepRuntime:
     retries: dict[SweepKey, asyncio.Task[None]] = field(default_factory=dict)
     # Trials this process created whose watch event has not reached the index yet, by sweep uid.
     in_flight: dict[str, set[int]] = field(default_factory=dict)
-    # (sweep uid, Secret name) of tracking Secrets found opted in: a label once seen is not
-    # read again at every trial's progress report.
-    allowed_secrets: set[tuple[str, str]] = field(default_factory=set)
+    # Tracking Secrets found opted in (see operator/credentials.py).
+    allowed_secrets: credentials.AllowedSecrets = field(default_factory=set)
     # The sweep's own annotations as last written (time suspended, trials deleted), by uid.
     written_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -167,9 +166,11 @@ async def finetunesweep_event(
 ) -> None:
     if event.get("type") == "DELETED":  # its trials go by garbage collection (ownerReferences)
         rt = sweep_runtime(memo)
-        rt.written.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
-        rt.in_flight.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
-        rt.written_annotations.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        rt.written.pop(uid, None)
+        rt.in_flight.pop(uid, None)
+        rt.written_annotations.pop(uid, None)
+        rt.allowed_secrets = {item for item in rt.allowed_secrets if item[0] != uid}
         rt.locks.pop((namespace or "", name), None)
         return
     await reconcile_key(memo, (namespace or "", name), kwargs)
@@ -245,16 +246,14 @@ async def _tracking_secret(
     ref = mlflow.secret_ref if mlflow is not None else None
     if ref is None or lifecycle.get_condition(status.conditions, CONDITION_TRACKING_SUMMARIZED) is not None:
         return None
-    uid = str(sweep.metadata.uid or "")
-    if (uid, ref.name) in rt.allowed_secrets:
-        return lifecycle.SecretAccess.allowed
-    namespace = str(sweep.metadata.namespace)
-    access = lifecycle.secret_access(
-        await client.secret_metadata(namespace, ref.name), lifecycle.LABEL_TRACKING_CREDENTIALS
+    return await credentials.opted_in(
+        client,
+        rt.allowed_secrets,
+        str(sweep.metadata.uid or ""),
+        str(sweep.metadata.namespace),
+        ref.name,
+        lifecycle.LABEL_TRACKING_CREDENTIALS,
     )
-    if access == lifecycle.SecretAccess.allowed:
-        rt.allowed_secrets.add((uid, ref.name))
-    return access
 
 
 def sweep_status(rt: SweepRuntime, owner: Mapping[str, Any]) -> FineTuneSweepStatus:

@@ -25,6 +25,7 @@ from kubetune.operator.lifecycle import (
     RunnerAccount,
     SecretAccess,
     failed,
+    secret_not_allowed,
     with_phase,
 )
 from kubetune.operator.render import LABEL_RUNNER, LABEL_STORAGE_CREDENTIALS
@@ -117,10 +118,6 @@ def _labelled_secret(
         return None
     if access == SecretAccess.not_allowed:
         return _refuse(
-            obs,
-            status,
-            REASON_SECRET_NOT_ALLOWED,
-            f'Secret {name} ({field}) lacks the label {label}: "true"; whoever owns the Secret in '
-            f"namespace {obs.namespace} adds it to let kubetune jobs' pods receive its keys",
+            obs, status, REASON_SECRET_NOT_ALLOWED, secret_not_allowed(name, field, label, obs.namespace)
         )
     return _wait(status, f"waiting for Secret {name} ({field}) to exist")
