@@ -529,7 +529,9 @@ def _summary_refused(obs: SweepObservation, mlflow: MlflowTracking) -> tuple[boo
     ref = mlflow.secret_ref
     if ref is None or obs.tracking_secret == SecretAccess.allowed:
         return None
-    field_ = "spec.tracking.mlflow.secretRef"
+    # The sweep's tracking, else the template's (sweep_tracking): name the field it came from.
+    own = obs.sweep.spec.tracking is not None and obs.sweep.spec.tracking.mlflow is not None
+    field_ = f"spec.{'' if own else 'template.'}tracking.mlflow.secretRef"
     if obs.tracking_secret == SecretAccess.missing:
         return (False, REASON_SUMMARY_FAILED, f"Secret {ref.name} ({field_}) does not exist" + left)
     message = secret_not_allowed(ref.name, field_, LABEL_TRACKING_CREDENTIALS, obs.namespace)

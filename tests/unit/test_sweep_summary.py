@@ -296,3 +296,14 @@ def test_the_summary_job_runs_only_an_allowed_image() -> None:
     assert condition is not None
     assert (condition.status, condition.reason) == ("False", "ImageNotAllowed")
     assert "spec.template.resources.image evil.example/collector:1 is not allowed" in condition.message
+
+
+def test_a_refused_secret_of_the_templates_tracking_is_named_where_it_is_set() -> None:
+    template = copy.deepcopy(EXAMPLE["spec"]["template"])
+    template["tracking"] = {"mlflow": {**MLFLOW, "secretRef": CREDENTIALS}}
+    s = sweep(template=template)
+    decision = decide(s, finished_trials(s, 0.9, 0.4), tracking_secret=SecretAccess.not_allowed)
+    condition = get_condition(decision.status.conditions, CONDITION_TRACKING_SUMMARIZED)
+    assert condition is not None
+    assert condition.reason == "SecretNotAllowed"
+    assert "Secret mlflow-credentials (spec.template.tracking.mlflow.secretRef)" in condition.message
