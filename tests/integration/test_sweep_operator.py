@@ -315,6 +315,11 @@ async def scenario_promote_serves_the_best_trial(kube: KubeEmulator, ns: str) ->
 MLFLOW = {"mlflow": {"uri": "http://mlflow.mlflow:5000"}}
 
 
+def job_creations(kube: KubeEmulator, name: str) -> list[Any]:
+    """The API journal's creations of batch Job ``name``."""
+    return [e for e in kube.journal if e[1] == "create" and e[2] == "jobs" and e[4] == name]
+
+
 def summarized(kube: KubeEmulator, name: str, ns: str) -> dict[str, Any] | None:
     """The sweep's TrackingSummarized condition."""
     conditions = sweep_status(kube, name, ns).get("conditions") or []
@@ -347,8 +352,7 @@ async def scenario_mlflow_summary_job_after_success(kube: KubeEmulator, ns: str)
     )
     assert (summarized(kube, "logged", ns) or {})["reason"] == "Summarized"
     assert sweep_status(kube, "logged", ns)["phase"] == "Succeeded"
-    creations = [e for e in kube.journal if e[1] == "create" and e[2] == "jobs" and e[4] == "logged-summary"]
-    assert len(creations) == 1, creations
+    assert len(job_creations(kube, "logged-summary")) == 1, job_creations(kube, "logged-summary")
 
 
 async def scenario_mlflow_summary_that_fails_is_reported_and_the_ttl_deletes_it(
@@ -402,9 +406,7 @@ async def scenario_mlflow_summary_never_takes_a_secret_its_owner_did_not_opt_in(
     )
     assert sweep_status(kube, "borrowing", ns)["phase"] in ("Succeeded", "Failed")
     assert kube.get(JOBS, ns, "borrowing-summary") is None
-    assert not [
-        e for e in kube.journal if e[1] == "create" and e[2] == "jobs" and e[4] == "borrowing-summary"
-    ]
+    assert not job_creations(kube, "borrowing-summary")
     assert_secrets_read_as_metadata_only(kube)
 
 
